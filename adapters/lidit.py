@@ -1,0 +1,301 @@
+"""LI-DiT ("Exploring the Role of LLMs in Prompt Encoding for Diffusion Models", arXiv 2406.11831).
+
+LLM tokens -> linguistic token refiner (one per LLM; bidirectional attention removes the causal positional
+bias) -> collaborative refiner (each LLM's branch cross-attends to the others, then the branches are
+concatenated) -> LI-DiT blocks (self-attention -> cross-attention to the refined tokens -> FFN, adaLN from
+timestep + pooled text, QK RMSNorm) on patch tokens whose position comes from a conv ResBlock after patchify,
+so any resolution works. Trained as a flow-matching velocity field: x_t = (1 - t) x_0 + t eps, v = eps - x_0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LIDiTConfig:
+    in_channels: int = 3
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    context_dims: tuple[int, ...] = (4096,)  # one feature size per LLM stream
+    refiner_depth: int = 2
+    refiner_causal: bool = False             # ablation: keep the LLM's causal mask inside the refiner
+    fusion: str = "collaborative"            # "collaborative" | "concat" (several LLMs)
+    pos_kernel_size: int = 3
+
+    def __post_init__(self):
+        self.context_dims = tuple(int(d) for d in self.context_dims)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.fusion not in ("collaborative", "concat"):
+            raise ValueError(f"fusion must be 'collaborative' or 'concat', not '{self.fusion}'")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    "LI-DiT-1B": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2, in_channels=16),
+    "LI-DiT-10B": dict(hidden_size=2816, depth=48, num_heads=44, patch_size=2, in_channels=16),
+}
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # x: [B, T, D], mask: [B, T] -> [B, D]
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> [B, hidden] (sinusoidal frequencies over t * 1000, then an MLP, as in DiT)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_embedding_size // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = (t.float() * 1000)[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with QK RMSNorm; self-attention when no context is given."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                causal: bool = False) -> torch.Tensor:
+        # x: [B, N, dim], context: [B, T, context_dim], key_mask: [B, T] (1 = attend)
+        B, N, _ = x.shape
+        context = x if context is None else context
+        q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(context).view(B, context.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn_mask = None
+        if key_mask is not None:
+            attn_mask = key_mask.bool()[:, None, None, :]                         # [B, 1, 1, T]
+        if causal:
+            tri = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
+            attn_mask = tri if attn_mask is None else attn_mask & tri
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, N, head_dim]
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, mlp_ratio: float):
+        hidden = int(dim * mlp_ratio)
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+class RefinerBlock(nn.Module):
+    """Bidirectional self-attention + FFN whose residuals are scaled by gates that start at zero."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = FeedForward(dim, mlp_ratio)
+        self.adaLN_gates = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        nn.init.zeros_(self.adaLN_gates[1].weight)
+        nn.init.zeros_(self.adaLN_gates[1].bias)
+
+    def forward(self, x, c, mask, causal: bool = False):
+        # x: [B, T, dim], c: [B, dim] (pooled tokens + timestep), mask: [B, T]
+        gate_msa, gate_mlp = self.adaLN_gates(c).chunk(2, dim=-1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(self.norm1(x), key_mask=mask, causal=causal)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(self.norm2(x))
+
+
+class TokenRefiner(nn.Module):
+    """Linguistic token refiner for one LLM: projection to the model width, then `depth` RefinerBlocks."""
+
+    def __init__(self, context_dim: int, dim: int, num_heads: int, depth: int, mlp_ratio: float, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.in_proj = nn.Linear(context_dim, dim)
+        self.pooled_proj = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList([RefinerBlock(dim, num_heads, mlp_ratio) for _ in range(depth)])
+
+    def forward(self, tokens, mask, t_emb):
+        # tokens: [B, T, context_dim] -> [B, T, dim]
+        x = self.in_proj(tokens)
+        c = t_emb + self.pooled_proj(masked_mean(x, mask))
+        for block in self.blocks:
+            x = block(x, c, mask, causal=self.causal)
+        return x
+
+
+class CollaborativeRefiner(nn.Module):
+    """One TokenRefiner per LLM; with several LLMs each branch cross-attends to all other branches
+    (zero-initialised gate) before the branches are concatenated along the token axis."""
+
+    def __init__(self, config: LIDiTConfig):
+        super().__init__()
+        dim, heads = config.hidden_size, config.num_heads
+        self.branches = nn.ModuleList([
+            TokenRefiner(d, dim, heads, config.refiner_depth, config.mlp_ratio, config.refiner_causal)
+            for d in config.context_dims])
+        self.collaborate = len(config.context_dims) > 1 and config.fusion == "collaborative"
+        if self.collaborate:
+            self.cross_norm = nn.ModuleList([nn.LayerNorm(dim, eps=1e-6) for _ in config.context_dims])
+            self.cross_attn = nn.ModuleList([Attention(dim, heads) for _ in config.context_dims])
+            self.cross_gate = nn.Parameter(torch.zeros(len(config.context_dims), dim))
+
+    def forward(self, contexts: list[torch.Tensor], masks: list[torch.Tensor], t_emb: torch.Tensor):
+        refined = [branch(c, m, t_emb) for branch, c, m in zip(self.branches, contexts, masks)]
+        if self.collaborate:
+            fused = []
+            for i, x in enumerate(refined):
+                others = torch.cat([r for j, r in enumerate(refined) if j != i], dim=1)
+                others_mask = torch.cat([m for j, m in enumerate(masks) if j != i], dim=1)
+                attn = self.cross_attn[i](self.cross_norm[i](x), context=others, key_mask=others_mask)
+                fused.append(x + self.cross_gate[i] * attn)
+            refined = fused
+        return torch.cat(refined, dim=1), torch.cat(masks, dim=1)  # [B, sum T_i, dim], [B, sum T_i]
+
+
+class PositionResBlock(nn.Module):
+    """Conv ResBlock on the patch grid: zero padding tells each token where the borders are, so the model needs
+    no fixed-size position table and runs at any resolution."""
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__()
+        pad = kernel_size // 2
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size, padding=pad)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=pad)
+        self.norm = nn.GroupNorm(1, dim)
+
+    def forward(self, x):  # [B, dim, h, w]
+        return x + self.conv2(F.silu(self.conv1(self.norm(x))))
+
+
+class LIDiTBlock(nn.Module):
+    """self-attention -> cross-attention to LLM tokens -> FFN, each modulated by adaLN-Zero."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.self_attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.cross_attn = Attention(dim, num_heads, context_dim=dim)
+        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = FeedForward(dim, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
+        nn.init.zeros_(self.adaLN_modulation[1].weight)
+        nn.init.zeros_(self.adaLN_modulation[1].bias)
+
+    def forward(self, x, c, context, context_mask):
+        # x: [B, N, dim], c: [B, dim], context: [B, T, dim], context_mask: [B, T]
+        (sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3) = self.adaLN_modulation(c).chunk(9, dim=-1)
+        x = x + g1.unsqueeze(1) * self.self_attn(modulate(self.norm1(x), sh1, sc1))
+        x = x + g2.unsqueeze(1) * self.cross_attn(modulate(self.norm2(x), sh2, sc2), context, context_mask)
+        return x + g3.unsqueeze(1) * self.mlp(modulate(self.norm3(x), sh3, sc3))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        for layer in (self.linear, self.adaLN_modulation[1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class LIDiT(nn.Module):
+    def __init__(self, config: LIDiTConfig):
+        super().__init__()
+        self.config = config
+        dim, p = config.hidden_size, config.patch_size
+        self.x_embedder = nn.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
+        self.pos_block = PositionResBlock(dim, config.pos_kernel_size)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.refiner = CollaborativeRefiner(config)
+        self.pooled_text_proj = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList([LIDiTBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(dim, p, config.in_channels)
+
+    def check_contexts(self, contexts: list[torch.Tensor]) -> None:
+        dims = tuple(c.shape[-1] for c in contexts)
+        if dims != self.config.context_dims:
+            raise ValueError(
+                f"LI-DiT expects text encodings with feature sizes {self.config.context_dims} (one per LLM), got "
+                f"{dims}. Encode with the LLM(s) and adapter this model was trained with (see its metadata).")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, contexts: list[torch.Tensor],
+                masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        # x: [B, C, H, W], t: [B] in [0, 1], contexts[i]: [B, T_i, context_dims[i]], masks[i]: [B, T_i]
+        self.check_contexts(contexts)
+        if masks is None:
+            masks = [torch.ones(c.shape[:2], device=c.device, dtype=torch.long) for c in contexts]
+        B, C, H, W = x.shape
+        p = self.config.patch_size
+        x = F.pad(x, (0, (-W) % p, 0, (-H) % p))
+        h = self.pos_block(self.x_embedder(x))                                 # [B, dim, h, w]
+        gh, gw = h.shape[-2:]
+        h = h.flatten(2).transpose(1, 2)                                        # [B, N, dim]
+
+        t_emb = self.t_embedder(t)
+        context, context_mask = self.refiner(contexts, masks, t_emb)           # [B, T, dim]
+        c = t_emb + self.pooled_text_proj(masked_mean(context, context_mask))
+        for block in self.blocks:
+            h = block(h, c, context, context_mask)
+        h = self.final_layer(h, c)                                              # [B, N, p*p*C]
+        h = h.view(B, gh, gw, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, gh * p, gw * p)
+        return h[:, :, :H, :W]
+
+
+def flow_matching_loss(model: LIDiT, x0: torch.Tensor, contexts, masks, generator=None) -> torch.Tensor:
+    """Rectified-flow loss with logit-normal t (SD3): mid-range noise levels matter most for layout."""
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    t = torch.sigmoid(torch.randn(x0.shape[0], generator=generator, device=x0.device))
+    tb = t.view(-1, 1, 1, 1).to(x0.dtype)
+    x_t = (1 - tb) * x0 + tb * noise
+    v = model(x_t, t, contexts, masks)
+    return F.mse_loss(v.float(), (noise - x0).float())
+
+
+@torch.no_grad()
+def sample_euler(model: LIDiT, noise: torch.Tensor, contexts, masks, steps: int = 20, cfg: float = 1.0,
+                 uncond_contexts=None, uncond_masks=None) -> torch.Tensor:
+    """Plain Euler integration from t=1 (noise) to t=0; for training previews and evaluation outside ComfyUI."""
+    x = noise
+    ts = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
+    for i in range(steps):
+        t = ts[i].expand(x.shape[0])
+        v = model(x, t, contexts, masks)
+        if cfg != 1.0:
+            v_u = model(x, t, uncond_contexts, uncond_masks)
+            v = v_u + cfg * (v - v_u)
+        x = x + (ts[i + 1] - ts[i]) * v
+    return x

@@ -1,0 +1,243 @@
+"""A frozen decoder-only LLM as prompt encoder.
+
+Loading (Hugging Face folders with safetensors, single GGUF files) and one forward pass that keeps the output
+of every transformer block (hidden states 0..L, as the LLM Diff Adapter needs), with the LI-DiT instruction
+prefix and the model's chat template. Only the prompt's own tokens are returned: instruction and template
+tokens condition them through causal attention and are then cut off.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text", "mistral", "phi3")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+# LI-DiT, section 3.2: the instruction that makes an instruction-tuned LLM describe rather than continue.
+LI_DIT_INSTRUCTION = (
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, "
+    "and spatial relationships of the objects:"
+)
+INSTRUCTION_PRESETS = {"none": None, "li-dit": LI_DIT_INSTRUCTION}
+_PROMPT_SLOT = "\u2063PROMPT\u2063"
+
+
+class LLMError(ValueError):
+    """Bad input for the LLM side; the message names the problem and the fix."""
+
+
+def check_weights_path(path: str) -> None:
+    if not os.path.exists(path):
+        raise LLMError(f"LLM not found: '{path}'. Put a Hugging Face folder (config.json + *.safetensors + "
+                       "tokenizer) or a .gguf file in ComfyUI's models/LLM folder.")
+    if os.path.isfile(path) and path.lower().endswith(PICKLE_SUFFIXES):
+        raise LLMError(f"Refusing to load '{os.path.basename(path)}': pickled weights can run arbitrary code. "
+                       "Convert the model to .safetensors (or use a .gguf file).")
+    if os.path.isfile(path) and not path.lower().endswith(".gguf"):
+        raise LLMError(f"'{os.path.basename(path)}' is not an LLM: expected a .gguf file or a Hugging Face folder.")
+    if os.path.isdir(path):
+        files = os.listdir(path)
+        if "config.json" not in files:
+            raise LLMError(f"'{path}' has no config.json: it is not a Hugging Face model folder.")
+        if not any(f.endswith(".safetensors") for f in files):
+            pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+            hint = f" It only has pickled weights ({', '.join(pickled)}), which are never loaded." if pickled else ""
+            raise LLMError(f"'{path}' has no .safetensors weights.{hint} Convert the weights to safetensors.")
+
+
+def load_llm(path: str, dtype: torch.dtype = torch.float32):
+    """Returns (causal LM, tokenizer) on the CPU; GGUF weights are dequantized to `dtype`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    check_weights_path(path)
+    if os.path.isfile(path):
+        folder, kwargs = os.path.dirname(path), {"gguf_file": os.path.basename(path)}
+    else:
+        folder, kwargs = path, {"use_safetensors": True}
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    except Exception as e:  # corrupt header, unknown GGUF architecture, broken config.json
+        raise LLMError(f"Cannot read the LLM config of '{path}': {e}. Is the file complete and a supported "
+                       f"architecture ({', '.join(SUPPORTED_MODEL_TYPES)})?") from e
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise LLMError(f"'{path}' is a '{config.model_type}' model; supported decoder-only architectures are "
+                       f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=dtype, trust_remote_code=False,
+                                                     low_cpu_mem_usage=True, **kwargs)
+    except Exception as e:
+        raise LLMError(f"Cannot load the LLM weights of '{path}': {e}. The file may be truncated or corrupt; "
+                       "download it again.") from e
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    return model.get_decoder().layers
+
+
+def num_hidden_states(model) -> int:
+    """Embeddings + one output per transformer block."""
+    return len(decoder_layers(model)) + 1
+
+
+def parse_layers(spec: str, num_states: int) -> list[int]:
+    """'all' | 'last' | one index | a comma list; negative indices count from the last block (-3 = LI-DiT)."""
+    spec = str(spec).strip().lower()
+    if spec == "all":
+        return list(range(num_states))
+    if spec == "last":
+        return [num_states - 1]
+    try:
+        picked = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise LLMError(f"Layer selection '{spec}' is not 'all', 'last' or a comma list of integers like '-3' "
+                       "or '0,10,-1'.") from None
+    out = []
+    for i in picked:
+        if not -num_states <= i < num_states:
+            raise LLMError(f"Layer {i} does not exist: this LLM has hidden states 0..{num_states - 1} "
+                           f"(embeddings and {num_states - 1} blocks).")
+        out.append(i % num_states)
+    if not out:
+        raise LLMError("Layer selection is empty; use 'all', 'last', '-3' or a comma list.")
+    return out
+
+
+def prompt_prefix(tokenizer, instruction: str | None, use_chat_template: bool) -> tuple[str, bool]:
+    """Text that precedes the prompt, and whether it already holds the special tokens (BOS).
+
+    What follows the prompt in a chat template never reaches the prompt's tokens through causal attention,
+    so it is left out of the forward pass altogether.
+    """
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": _PROMPT_SLOT}]
+        if instruction:
+            messages.insert(0, {"role": "system", "content": instruction})
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        except Exception:  # templates without a system role (Gemma 2) take the instruction in the user turn
+            messages = [{"role": "user", "content": f"{instruction}\n{_PROMPT_SLOT}"}]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        return text.split(_PROMPT_SLOT)[0], True
+    return (f"{instruction}\n" if instruction else ""), False
+
+
+@dataclass
+class PromptEncoding:
+    hidden_states: torch.Tensor   # [B, S, T, D] the S selected hidden states of the T prompt tokens
+    attention_mask: torch.Tensor  # [B, T] 1 for a prompt token, 0 for padding
+    layers: list[int]             # which hidden states (0 = embeddings, L = last block)
+    truncated: list[int]          # per prompt: how many tokens the limit cut off
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[str], prefix: str, prefix_has_special: bool,
+                     max_tokens: int) -> tuple[list[int], list[list[int]], list[int]]:
+    prefix_ids = tokenizer(prefix, add_special_tokens=not prefix_has_special)["input_ids"] if (prefix or not prefix_has_special) else []
+    prompt_ids, truncated = [], []
+    for p in prompts:
+        ids = tokenizer(p.strip(), add_special_tokens=False)["input_ids"] if p.strip() else []
+        truncated.append(max(0, len(ids) - max_tokens))
+        prompt_ids.append(ids[:max_tokens])
+    return list(prefix_ids), prompt_ids, truncated
+
+
+@torch.no_grad()
+def encode_prompts(model, tokenizer, prompts: Sequence[str], *, instruction: str | None = None,
+                   use_chat_template: bool = True, layers: str = "all", max_tokens: int = 256,
+                   device: torch.device | None = None,
+                   on_block: Callable[[int, int], None] | None = None) -> PromptEncoding:
+    """One forward pass of [prefix + prompt] per prompt (right-padded batch); returns the prompt tokens only.
+
+    An empty prompt gives a single all-zero token: the unconditional encoding that trainers drop captions to.
+    """
+    if not prompts:
+        raise LLMError("No prompt given.")
+    device = device or next(model.parameters()).device
+    prefix, has_special = prompt_prefix(tokenizer, instruction, use_chat_template)
+    prefix_ids, prompt_ids, truncated = tokenize_prompts(tokenizer, prompts, prefix, has_special, max_tokens)
+    for p, cut in zip(prompts, truncated):
+        if cut:
+            log.warning("Prompt is %d tokens over the %d-token limit; the end was cut off: '...%s'. Raise "
+                        "max_tokens or shorten the prompt.", cut, max_tokens, p.strip()[-40:])
+    picked = parse_layers(layers, num_hidden_states(model))
+
+    lengths = [len(ids) for ids in prompt_ids]
+    width = len(prefix_ids) + max(lengths)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(prompts), max(width, 1)), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for b, ids in enumerate(prompt_ids):
+        row = prefix_ids + ids
+        if row:
+            input_ids[b, :len(row)] = torch.tensor(row)
+            attention[b, :len(row)] = 1
+        else:  # nothing to run for this row; keep one position attended so the softmax stays finite
+            attention[b, 0] = 1
+
+    hidden_dim = model.config.hidden_size
+    tokens = max(1, max(lengths))
+    out = torch.zeros(len(prompts), len(picked), tokens, hidden_dim, dtype=model.dtype)
+    mask = torch.zeros(len(prompts), tokens, dtype=torch.long)
+    if max(lengths) > 0:
+        with report_blocks(model, on_block):
+            states = model.get_decoder()(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                         output_hidden_states=True, use_cache=False).hidden_states
+        start = len(prefix_ids)
+        selected = torch.stack([states[i] for i in picked], dim=1).to(out.device)  # [B, S, width, D]
+        for b, n in enumerate(lengths):
+            out[b, :, :n] = selected[b, :, start:start + n]
+            mask[b, :n] = 1
+    for b, n in enumerate(lengths):
+        if n == 0:
+            mask[b, 0] = 1
+    return PromptEncoding(out, mask, picked, truncated)
+
+
+@contextlib.contextmanager
+def report_blocks(model, on_block: Callable[[int, int], None] | None):
+    """Calls on_block(i, L) after block i; raising there (an interrupt) stops the forward between blocks."""
+    if on_block is None:
+        yield
+        return
+    layers = decoder_layers(model)
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: on_block(i, len(layers)))
+               for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def stream_blocks(model, compute_device: torch.device):
+    """Low-VRAM path: weights stay on their offload device and each block visits `compute_device` in turn.
+
+    Only one block's weights are on the compute device at a time, so an LLM larger than free VRAM still runs;
+    the arithmetic is the same as with the whole model resident.
+    """
+    layers = decoder_layers(model)
+    offload_device = next(layers[0].parameters()).device
+    resident = [m for name, m in model.get_decoder().named_children() if name != "layers"]
+    for m in resident:  # embeddings, final norm, rotary tables: small next to the blocks
+        m.to(compute_device)
+    handles = []
+    for layer in layers:
+        handles.append(layer.register_forward_pre_hook(lambda m, a: m.to(compute_device)))
+        handles.append(layer.register_forward_hook(lambda m, a, o: m.to(offload_device)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m in resident:
+            m.to(offload_device)

@@ -1,0 +1,105 @@
+"""LI-DiT as a ComfyUI MODEL: model base + latent format + flow-matching sampling, so KSampler, every sampler,
+scheduler and CFG of ComfyUI work on it as on any other model."""
+from __future__ import annotations
+
+import torch
+
+import comfy.conds
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.supported_models_base
+from safetensors.torch import load_file
+
+from ..adapters.checkpoint import CheckpointError, read_metadata
+from ..adapters.lidit import LIDiT, LIDiTConfig
+
+LATENT_FORMATS = {3: comfy.latent_formats.ChromaRadiance, 16: comfy.latent_formats.Flux}
+
+
+class LIDiTNet(LIDiT):
+    """The diffusion_model inside ComfyUI's BaseModel: takes ComfyUI's (x, timesteps, context, ...) call."""
+
+    def __init__(self, dtype=None, device=None, operations=None, **config):
+        super().__init__(LIDiTConfig(**config))
+        self.dtype = dtype or torch.float32
+        self.to(device=device, dtype=self.dtype)
+
+    def forward(self, x, timesteps, context=None, attention_mask=None, transformer_options={}, control=None, **kwargs):
+        contexts, masks = split_streams(context, attention_mask, self.config.context_dims)
+        return super().forward(x.to(self.dtype), timesteps, [c.to(self.dtype) for c in contexts], masks)
+
+
+def split_streams(context: torch.Tensor, mask: torch.Tensor | None, dims: tuple[int, ...]):
+    """One conditioning tensor [B, T, sum(dims)] holds the LLM streams side by side (LLM Conditioning Join);
+    its mask is [B, T] for one LLM or [B, n_llm, T] for several."""
+    if context.shape[-1] != sum(dims):
+        raise ValueError(
+            f"This LI-DiT model expects text encodings of {sum(dims)} features "
+            f"({' + '.join(map(str, dims))} from {len(dims)} LLM(s)), but the conditioning has "
+            f"{context.shape[-1]}. Encode the prompt with the LLM and adapter named in the model's metadata "
+            "(the default workflow shows the wiring).")
+    contexts = list(context.split(list(dims), dim=-1))
+    if mask is None:
+        return contexts, None
+    mask = mask.to(context.device)
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(1).expand(-1, len(dims), -1)
+    if mask.shape[-1] != context.shape[1]:  # ComfyUI repeated the tokens to batch cond and uncond together
+        mask = mask.repeat(1, 1, context.shape[1] // mask.shape[-1])
+    return contexts, [mask[:, i] for i in range(len(dims))]
+
+
+class LIDiTBaseModel(comfy.model_base.BaseModel):
+    def __init__(self, model_config, device=None):
+        super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device, unet_model=LIDiTNet)
+
+    def extra_conds(self, **kwargs):
+        out = super().extra_conds(**kwargs)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            out["attention_mask"] = comfy.conds.CONDRegular(mask)
+        return out
+
+
+class LIDiTModelConfig(comfy.supported_models_base.BASE):
+    unet_extra_config = {}
+    sampling_settings = {"shift": 1.0, "multiplier": 1.0}  # the net takes t in [0, 1]
+    memory_usage_factor = 1.0
+    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+
+    def __init__(self, config: LIDiTConfig):
+        if config.in_channels not in LATENT_FORMATS:
+            raise CheckpointError(f"LI-DiT with {config.in_channels} input channels has no latent format; use 3 "
+                                  "(pixel space) or 16 (Flux/SD3 VAE family).")
+        self.latent_format = LATENT_FORMATS[config.in_channels]
+        super().__init__(config.to_dict())
+
+    def get_model(self, state_dict, prefix="", device=None):
+        return LIDiTBaseModel(self, device=device)
+
+
+def load_lidit_patcher(path: str, dtype_choice: str = "auto") -> tuple[comfy.model_patcher.ModelPatcher, dict]:
+    import json
+    meta = read_metadata(path, "li-dit")
+    config = LIDiTConfig(**json.loads(meta["config"]))
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    model_config = LIDiTModelConfig(config)
+    if dtype_choice == "auto":
+        dtype = mm.unet_dtype(supported_dtypes=model_config.supported_inference_dtypes)
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_choice]
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({}, device=offload_device)
+    try:
+        state = load_file(path)
+    except Exception as e:
+        raise CheckpointError(f"'{path}' is corrupt or truncated ({e}); download or export it again.") from e
+    missing, unexpected = model.diffusion_model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"'{path}' does not match its config (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}); the file was edited or is damaged.")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    info = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    return patcher, info

@@ -1,0 +1,221 @@
+"""LLM Loader, LLM Adapter Loader and LLM Prompt Encode."""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..adapters import llm_encoder
+from ..adapters.checkpoint import load_adapter
+from ..adapters.conditioning import hidden_states_to_context
+from . import model_folders
+from .types import LLM, LLM_ADAPTER
+
+log = logging.getLogger(__name__)
+
+
+class LLMModule(torch.nn.Module):
+    """Holds the Hugging Face model for ModelPatcher, which needs to set `.device` (an HF model's is read-only)."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.llm = hf_model
+
+
+class LoadedLLM:
+    """What flows on an LLM wire: the model under ComfyUI's memory manager, its tokenizer and device policy."""
+
+    def __init__(self, name: str, hf_model, tokenizer, device_policy: str):
+        self.name = name
+        self.tokenizer = tokenizer
+        self.hf_model = hf_model
+        load_device = torch.device("cpu") if device_policy == "cpu" else mm.text_encoder_device()
+        self.patcher = comfy.model_patcher.ModelPatcher(LLMModule(hf_model), load_device=load_device,
+                                                        offload_device=mm.text_encoder_offload_device())
+        self.device_policy = device_policy
+
+    @property
+    def num_hidden_states(self) -> int:
+        return llm_encoder.num_hidden_states(self.hf_model)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hf_model.config.hidden_size
+
+    def streams(self) -> bool:
+        """Block-by-block streaming when asked, or (auto) when the weights do not fit in free VRAM."""
+        device = self.patcher.load_device
+        if device.type == "cpu" or self.device_policy == "gpu":
+            return False
+        if self.device_policy == "stream":
+            return True
+        return self.patcher.model_size() > mm.get_free_memory(device) * 0.9
+
+    def encode(self, prompts: list[str], on_block, **options) -> llm_encoder.PromptEncoding:
+        device = self.patcher.load_device
+        if self.streams():
+            mm.free_memory(self.patcher.model_size() // max(1, self.num_hidden_states - 1) * 2, device)
+            with llm_encoder.stream_blocks(self.hf_model, device):
+                return llm_encoder.encode_prompts(self.hf_model, self.tokenizer, prompts, device=device,
+                                                  on_block=on_block, **options)
+        # ComfyUI moves the weights, and pushes them back to the CPU when the diffusion model needs the room.
+        mm.load_models_gpu([self.patcher])
+        return llm_encoder.encode_prompts(self.hf_model, self.tokenizer, prompts, device=device,
+                                          on_block=on_block, **options)
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pick_dtype(choice: str, device_policy: str) -> torch.dtype:
+    if choice != "auto":
+        return DTYPES[choice]
+    device = torch.device("cpu") if device_policy == "cpu" else mm.text_encoder_device()
+    if device.type == "cpu":
+        return torch.float32  # half precision is slow or unsupported for many CPU kernels
+    return torch.bfloat16 if mm.should_use_bf16(device) else torch.float16
+
+
+class LLMLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LLMLoader",
+            display_name="LLM Loader",
+            category="llm_diffusion",
+            description="Loads a decoder-only LLM (Llama, Qwen, Gemma, SmolLM, Mistral, Phi) from models/LLM: a "
+                        ".gguf file or a Hugging Face folder with safetensors weights.",
+            inputs=[
+                io.Combo.Input("llm_name", options=list(model_folders.llm_entries()),
+                               tooltip="A .gguf file or a Hugging Face folder in models/LLM or models/text_encoders."),
+                io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
+                               tooltip="auto: fp32 on the CPU, bf16 (or fp16) on a GPU. GGUF weights are "
+                                       "dequantized to this type."),
+                io.Combo.Input("device", options=["auto", "gpu", "cpu", "stream"], default="auto",
+                               tooltip="auto: GPU through ComfyUI's memory manager, streamed block by block "
+                                       "when it does not fit in free VRAM. stream: always block by block."),
+            ],
+            outputs=[LLM.Output()],
+        )
+
+    @classmethod
+    def execute(cls, llm_name: str, dtype: str, device: str) -> io.NodeOutput:
+        entries = model_folders.llm_entries()
+        if llm_name not in entries:
+            raise llm_encoder.LLMError(f"LLM '{llm_name}' not found in {folder_paths.get_folder_paths('LLM')}. "
+                                       "Put the .gguf file or model folder there and refresh.")
+        hf_model, tokenizer = llm_encoder.load_llm(entries[llm_name], pick_dtype(dtype, device))
+        return io.NodeOutput(LoadedLLM(llm_name, hf_model, tokenizer, device))
+
+
+class LLMAdapterLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LLMAdapterLoader",
+            display_name="LLM Adapter Loader",
+            category="llm_diffusion",
+            description="Loads an LLM Diff Adapter: learned weights over every LLM block and a projection to the "
+                        "diffusion model's context size.",
+            inputs=[io.Combo.Input("adapter_name", options=folder_paths.get_filename_list("llm_adapters"))],
+            outputs=[LLM_ADAPTER.Output()],
+        )
+
+    @classmethod
+    def execute(cls, adapter_name: str) -> io.NodeOutput:
+        adapter, meta = load_adapter(folder_paths.get_full_path_or_raise("llm_adapters", adapter_name))
+        adapter.name = adapter_name
+        adapter.meta = meta
+        return io.NodeOutput(adapter.eval().requires_grad_(False))
+
+
+# Identical (model, text, options) are not encoded twice, also across workflows that differ elsewhere.
+_ENCODING_CACHE: OrderedDict = OrderedDict()
+_ENCODING_CACHE_SIZE = 16
+
+
+class LLMPromptEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LLMPromptEncode",
+            display_name="LLM Prompt Encode",
+            category="llm_diffusion",
+            description="Runs the prompt through the LLM once, keeps the output of every transformer block and "
+                        "returns CONDITIONING: fused by the adapter when one is connected, else the chosen layers.",
+            inputs=[
+                LLM.Input("llm"),
+                io.String.Input("text", multiline=True, default=""),
+                io.Combo.Input("instruction", options=["li-dit", "none", "custom"], default="li-dit",
+                               tooltip="Text put before the prompt (LI-DiT: helps instruction-tuned LLMs describe "
+                                       "rather than continue); its tokens are removed from the output."),
+                io.String.Input("custom_instruction", multiline=True, default="",
+                                tooltip="Used when instruction is 'custom'."),
+                io.Boolean.Input("chat_template", default=True,
+                                 tooltip="Wrap the prompt in the model's chat template when it has one."),
+                io.String.Input("layers", default="all",
+                                tooltip="Hidden states to keep: 'all' (needed by an adapter), 'last', '-3' "
+                                        "(LI-DiT) or a comma list like '0,10,-1'."),
+                io.Int.Input("max_tokens", default=256, min=1, max=8192,
+                             tooltip="Prompt tokens kept; longer prompts are cut with a warning."),
+                LLM_ADAPTER.Input("adapter", optional=True),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, llm: LoadedLLM, text: str, instruction: str, custom_instruction: str, chat_template: bool,
+                layers: str, max_tokens: int, adapter=None) -> io.NodeOutput:
+        if instruction == "custom" and not custom_instruction.strip():
+            raise llm_encoder.LLMError("instruction is 'custom' but custom_instruction is empty: write the "
+                                       "instruction, or pick 'li-dit' or 'none'.")
+        if adapter is not None:
+            check_adapter(adapter, llm, layers)
+        options = dict(instruction=custom_instruction.strip() if instruction == "custom"
+                       else llm_encoder.INSTRUCTION_PRESETS[instruction],
+                       use_chat_template=chat_template, layers=layers, max_tokens=max_tokens)
+        key = (id(llm), id(adapter), text, tuple(sorted(options.items())))
+        if key in _ENCODING_CACHE:
+            _ENCODING_CACHE.move_to_end(key)
+            return io.NodeOutput(_ENCODING_CACHE[key])
+
+        pbar = comfy.utils.ProgressBar(llm.num_hidden_states - 1)
+
+        def on_block(i: int, total: int) -> None:
+            mm.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(i + 1, total)
+
+        enc = llm.encode([text], on_block, **options)
+        with torch.no_grad():
+            context = hidden_states_to_context(enc.hidden_states.float(), adapter)
+        info = {"llm": llm.name, "layers": enc.layers, "adapter": getattr(adapter, "name", None),
+                "truncated_tokens": enc.truncated[0]}
+        cond = [[context.float().cpu(), {"attention_mask": enc.attention_mask.cpu(), "llm_encoding": info}]]
+        _ENCODING_CACHE[key] = cond
+        while len(_ENCODING_CACHE) > _ENCODING_CACHE_SIZE:
+            _ENCODING_CACHE.popitem(last=False)
+        return io.NodeOutput(cond)
+
+
+def check_adapter(adapter, llm: LoadedLLM, layers: str) -> None:
+    want = (adapter.num_hidden_states, adapter.llm_hidden_size)
+    have = (llm.num_hidden_states, llm.hidden_size)
+    if want != have:
+        raise llm_encoder.LLMError(
+            f"Adapter '{adapter.name}' was trained for an LLM with {want[0]} hidden states of size {want[1]} "
+            f"({adapter.meta.get('llm', '?')}), but '{llm.name}' has {have[0]} of size {have[1]}. Load the LLM the "
+            "adapter was made for, or disconnect the adapter.")
+    if layers.strip().lower() != "all":
+        raise llm_encoder.LLMError(f"An adapter fuses every LLM block, but layers is '{layers}': set layers to "
+                                   "'all', or disconnect the adapter.")
+
+
+NODES = [LLMLoader, LLMAdapterLoader, LLMPromptEncode]

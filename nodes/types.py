@@ -1,0 +1,5 @@
+"""The pack's custom ComfyUI types, declared once."""
+from comfy_api.latest import io
+
+LLM = io.Custom("LLM")
+LLM_ADAPTER = io.Custom("LLM_ADAPTER")

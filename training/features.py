@@ -1,0 +1,60 @@
+"""LLM features of every caption, computed once with the frozen LLM and cached in a safetensors file."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from adapters.llm_encoder import INSTRUCTION_PRESETS, encode_prompts, load_llm
+
+log = logging.getLogger(__name__)
+
+
+def encoder_settings(llm_path: str, layers: str, instruction: str, max_tokens: int) -> dict:
+    return {"llm": os.path.basename(llm_path.rstrip("/")), "layers": layers, "instruction": instruction,
+            "chat_template": True, "max_tokens": max_tokens}
+
+
+def caption_features(llm_path: str, captions: list[str], settings: dict, cache_dir: str,
+                     batch_size: int = 16) -> tuple[list[torch.Tensor], int]:
+    """Returns one [S, T_i, D] fp16 tensor per caption (prompt tokens only) and the LLM's hidden-state count."""
+    key = hashlib.sha256(json.dumps([settings, captions]).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"features-{settings['llm']}-{key}.safetensors")
+    if os.path.exists(path):
+        data = load_file(path)
+        return [data[f"c{i}"] for i in range(len(captions))], int(data["num_hidden_states"].item())
+    model, tokenizer = load_llm(llm_path)
+    out = []
+    for start in tqdm(range(0, len(captions), batch_size), desc=f"LLM features ({settings['llm']})"):
+        batch = captions[start:start + batch_size]
+        enc = encode_prompts(model, tokenizer, batch, instruction=INSTRUCTION_PRESETS[settings["instruction"]],
+                             use_chat_template=settings["chat_template"], layers=settings["layers"],
+                             max_tokens=settings["max_tokens"])
+        for b in range(len(batch)):
+            n = int(enc.attention_mask[b].sum())
+            out.append(enc.hidden_states[b, :, :n].to(torch.float16).clone())
+    num_states = model.config.num_hidden_layers + 1
+    tensors = {f"c{i}": t for i, t in enumerate(out)}
+    tensors["num_hidden_states"] = torch.tensor(num_states)
+    os.makedirs(cache_dir, exist_ok=True)
+    save_file(tensors, path + ".partial")
+    os.replace(path + ".partial", path)
+    del model
+    return out, num_states
+
+
+def collate(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pads [S, T_i, D] tensors to [B, S, T, D] with a [B, T] mask."""
+    T = max(f.shape[1] for f in features)
+    S, D = features[0].shape[0], features[0].shape[2]
+    out = torch.zeros(len(features), S, T, D, dtype=torch.float32)
+    mask = torch.zeros(len(features), T, dtype=torch.long)
+    for b, f in enumerate(features):
+        out[b, :, :f.shape[1]] = f.float()
+        mask[b, :f.shape[1]] = 1
+    return out, mask

@@ -1,0 +1,295 @@
+"""Train LI-DiT (with the LLM Diff Adapter) on image-caption data, the LLM(s) frozen.
+
+One device:            python -m training.train_lidit --llm models/LLM/x.gguf --out runs/x
+Several GPUs/machines: accelerate launch -m training.train_lidit ...   (same code, same flags)
+
+Data: the built-in procedural shapes world (`--data shapes`) or a folder of images with same-name .txt
+captions. LLM features of every caption are computed once and cached in --out. Checkpoints are written every
+--save-every steps and picked up again with --resume; the loss log is <out>/loss.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from adapters import shapes_world  # noqa: E402
+from adapters.checkpoint import save_adapter, save_lidit  # noqa: E402
+from adapters.conditioning import hidden_states_to_context  # noqa: E402
+from adapters.diff_adapter import LLMDiffAdapter  # noqa: E402
+from adapters.lidit import LIDiT, LIDiTConfig, flow_matching_loss, sample_euler  # noqa: E402
+from training.features import caption_features, collate, encoder_settings  # noqa: E402
+
+log = logging.getLogger("train_lidit")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--llm", action="append", required=True, help="LLM path (.gguf or HF folder); repeat to fuse several")
+    p.add_argument("--data", default="shapes", help="'shapes' or a folder of images + .txt captions")
+    p.add_argument("--out", required=True)
+    p.add_argument("--name", default="lidit")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--pos-kernel-size", type=int, default=5)
+    p.add_argument("--refiner-depth", type=int, default=2)
+    p.add_argument("--refiner-causal", action="store_true", help="ablation: keep the causal mask in the refiner")
+    p.add_argument("--fusion", default="collaborative", choices=["collaborative", "concat"])
+    p.add_argument("--layers", default="all", help="'all' (through the LLM Diff Adapter), 'last', '-3', ...")
+    p.add_argument("--instruction", default="li-dit", choices=["li-dit", "none"])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--context-dim", type=int, default=128, help="adapter output size")
+    p.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance")
+    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--num-pairs", type=int, default=600, help="shapes world: two-object captions in the pool")
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--eval-samples", type=int, default=24)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    return p.parse_args(argv)
+
+
+class ShapesData:
+    def __init__(self, num_pairs: int, seed: int, resolution: int):
+        self.scenes = shapes_world.scene_pool("train", num_pairs, seed=0)
+        self.captions = [s.caption for s in self.scenes] + [""]
+        self.rng = random.Random(seed)
+        self.resolution = resolution
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, list[int]]:
+        idx = [self.rng.randrange(len(self.scenes)) for _ in range(batch_size)]
+        imgs = [shapes_world.render(shapes_world.layout_jitter(self.scenes[i], self.rng), self.resolution, self.rng)
+                for i in idx]
+        return torch.stack(imgs) * 2 - 1, idx  # pixel space in [-1, 1], as ComfyUI's pixel_space VAE expects
+
+
+class FolderData:
+    EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
+    def __init__(self, folder: str, seed: int, resolution: int):
+        from PIL import Image
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(self.EXTS))
+        self.items = []
+        for f in files:
+            txt = os.path.join(folder, os.path.splitext(f)[0] + ".txt")
+            if os.path.exists(txt):
+                self.items.append((os.path.join(folder, f), open(txt, encoding="utf-8").read().strip()))
+        if not self.items:
+            raise SystemExit(f"No image with a same-name .txt caption in '{folder}'.")
+        self.captions = [c for _, c in self.items] + [""]
+        self.rng = random.Random(seed)
+        self.resolution = resolution
+        self.Image = Image
+
+    def sample(self, batch_size: int):
+        import torchvision.transforms.functional as TF
+        idx = [self.rng.randrange(len(self.items)) for _ in range(batch_size)]
+        imgs = []
+        for i in idx:
+            img = self.Image.open(self.items[i][0]).convert("RGB")
+            img = TF.center_crop(TF.resize(img, self.resolution), self.resolution)
+            imgs.append(TF.to_tensor(img))
+        return torch.stack(imgs) * 2 - 1, idx
+
+
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Trainable(torch.nn.Module):
+    """LI-DiT plus one optional LLM Diff Adapter per LLM: what the optimizer updates."""
+
+    def __init__(self, lidit: LIDiT, adapters: list[LLMDiffAdapter | None]):
+        super().__init__()
+        self.lidit = lidit
+        self.adapters = torch.nn.ModuleList([a if a is not None else torch.nn.Identity() for a in adapters])
+        self.has_adapter = [a is not None for a in adapters]
+
+    def contexts(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [hidden_states_to_context(h, a if use else None)
+                for h, a, use in zip(hidden, self.adapters, self.has_adapter)]
+
+
+def save_training_state(path: str, trainable, ema, opt, step: int, args) -> None:
+    tmp = path + ".partial"
+    os.makedirs(tmp, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in trainable.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
+    opt_state = opt.state_dict()
+    tensors = {}
+    for pid, st in opt_state["state"].items():
+        for name, val in st.items():
+            tensors[f"{pid}.{name}"] = val.detach().reshape(-1) if val.dim() == 0 else val.detach().contiguous()
+    save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({"step": step, "param_groups": opt_state["param_groups"], "args": vars(args)}, f)
+    if os.path.exists(path):
+        os.rename(path, path + ".old")
+    os.rename(tmp, path)
+    if os.path.exists(path + ".old"):
+        import shutil
+        shutil.rmtree(path + ".old")
+
+
+def load_training_state(path: str, trainable, ema, opt) -> int:
+    trainable.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    opt_state = {"state": {}, "param_groups": state["param_groups"]}
+    for key, val in tensors.items():
+        pid, name = key.split(".", 1)
+        opt_state["state"].setdefault(int(pid), {})[name] = val.reshape(()) if name == "step" else val
+    opt.load_state_dict(opt_state)
+    return int(state["step"])
+
+
+@torch.no_grad()
+def evaluate(model: Trainable, features, names, args, device, num: int) -> float:
+    """Held-out single-object prompts, Euler 20 steps, CFG 3: share the checker passes."""
+    scenes = [s for s in shapes_world.scene_pool("heldout", 0) if s.kind == "single"][:num]
+    captions = [s.caption for s in scenes]
+    hidden = [collate([f[c] for c in captions]) for f in features]
+    uncond = [collate([f[""]] * len(captions)) for f in features]
+    g = torch.Generator().manual_seed(1234)
+    noise = torch.randn(len(scenes), 3, args.resolution, args.resolution, generator=g).to(device)
+    ctx = model.contexts([h.to(device) for h, _ in hidden])
+    uctx = model.contexts([h.to(device) for h, _ in uncond])
+    x = sample_euler(model.lidit, noise, ctx, [m.to(device) for _, m in hidden], steps=20, cfg=3.0,
+                     uncond_contexts=uctx, uncond_masks=[m.to(device) for _, m in uncond])
+    imgs = ((x.float().cpu() + 1) / 2).clamp(0, 1)
+    return sum(shapes_world.check(img, s)["overall"] for img, s in zip(imgs, scenes)) / len(scenes)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+
+    data = ShapesData(args.num_pairs, args.seed, args.resolution) if args.data == "shapes" else \
+        FolderData(args.data, args.seed, args.resolution)
+    eval_captions = [s.caption for s in shapes_world.scene_pool("heldout", 0)] if args.data == "shapes" else []
+    all_captions = list(dict.fromkeys(data.captions + eval_captions))
+
+    features, settings, adapters, context_dims = [], [], [], []
+    for llm in args.llm:
+        s = encoder_settings(llm, args.layers, args.instruction, args.max_tokens)
+        with accelerator.main_process_first():
+            feats, num_states = caption_features(llm, all_captions, s, os.path.join(args.out, "cache"))
+        features.append(dict(zip(all_captions, feats)))
+        settings.append(s)
+        S, _, D = feats[0].shape
+        if args.layers == "all":
+            adapters.append(LLMDiffAdapter(D, num_states, args.context_dim))
+            context_dims.append(args.context_dim)
+        else:
+            adapters.append(None)
+            context_dims.append(S * D)
+    config = LIDiTConfig(in_channels=3, patch_size=args.patch_size, hidden_size=args.hidden_size, depth=args.depth,
+                         num_heads=args.num_heads, context_dims=tuple(context_dims), refiner_depth=args.refiner_depth,
+                         refiner_causal=args.refiner_causal, fusion=args.fusion, pos_kernel_size=args.pos_kernel_size)
+    model = Trainable(LIDiT(config), adapters)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    ckpt = os.path.join(args.out, "checkpoint")
+    step = 0
+    if args.resume and os.path.isdir(ckpt):
+        step = load_training_state(ckpt, model, ema, opt)
+        data.rng = random.Random(args.seed * 1_000_003 + step)
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+    model, opt = accelerator.prepare(model, opt)
+    raw = accelerator.unwrap_model(model)
+    ema.to(accelerator.device)
+    n_params = sum(p.numel() for p in raw.parameters())
+    accelerator.print(f"LI-DiT {n_params / 1e6:.2f}M trainable parameters, context dims {context_dims}")
+
+    log_path = os.path.join(args.out, "loss.csv")
+    new_log = not (args.resume and os.path.exists(log_path))
+    log_file = open(log_path, "w" if new_log else "a", newline="")
+    writer = csv.writer(log_file)
+    if new_log:
+        writer.writerow(["step", "loss", "lr", "samples_per_s", "heldout_accuracy"])
+    gen = torch.Generator(device="cpu").manual_seed(args.seed + step)
+    bar = tqdm(total=args.steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+    t0, seen = time.time(), 0
+    while step < args.steps:
+        x0, idx = data.sample(args.batch_size)
+        captions = [data.captions[i] if random.random() >= args.caption_dropout else "" for i in idx]
+        hidden = [collate([f[c] for c in captions]) for f in features]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        with accelerator.autocast():
+            ctx = raw.contexts([h.to(accelerator.device) for h, _ in hidden])
+            loss = flow_matching_loss(raw.lidit, x0.to(accelerator.device), ctx,
+                                      [m.to(accelerator.device) for _, m in hidden], generator=None)
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), raw.parameters()):
+                pe.lerp_(p, 1 - args.ema)
+        step += 1
+        seen += args.batch_size * accelerator.num_processes
+        rate = seen / (time.time() - t0)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", sps=f"{rate:.1f}")
+        acc = ""
+        if step % args.save_every == 0 or step == args.steps:
+            if args.data == "shapes" and args.eval_samples:
+                acc = f"{evaluate(ema, features, None, args, accelerator.device, args.eval_samples):.3f}"
+                accelerator.print(f"step {step}: held-out single-object accuracy (EMA) {acc}")
+            if accelerator.is_main_process:
+                save_training_state(ckpt, raw, ema, opt, step, args)
+        writer.writerow([step, f"{loss.item():.5f}", f"{lr_at(step - 1, args):.6g}", f"{rate:.2f}", acc])
+        log_file.flush()
+    bar.close()
+    log_file.close()
+
+    if accelerator.is_main_process:
+        text_encoders = []
+        for i, (s, use_adapter) in enumerate(zip(settings, raw.has_adapter)):
+            entry = dict(s)
+            entry["adapter"] = f"{args.name}-adapter{'' if i == 0 else i}.safetensors" if use_adapter else None
+            if use_adapter:
+                save_adapter(os.path.join(args.out, entry["adapter"]), ema.adapters[i], s["llm"],
+                             extra={"encoder": s})
+            text_encoders.append(entry)
+        save_lidit(os.path.join(args.out, f"{args.name}.safetensors"), ema.lidit, text_encoders,
+                   extra={"latent": "pixel_space", "resolution": args.resolution, "training": vars(args)})
+        accelerator.print(f"wrote {args.out}/{args.name}.safetensors")
+
+
+if __name__ == "__main__":
+    main()
