@@ -50,7 +50,7 @@ class LIDiTSampler(io.ComfyNode):
                 io.Conditioning.Input("negative"),
                 io.Latent.Input("latent_image"),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
-                io.Int.Input("steps", default=20, min=1, max=1000),
+                io.Int.Input("steps", default=20, min=1, max=10000),
                 io.Float.Input("cfg", default=3.0, min=0.0, max=30.0, step=0.1, round=0.01),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple"),

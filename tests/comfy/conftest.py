@@ -1,0 +1,67 @@
+"""A real ComfyUI server (main.py --cpu) with the pack loaded, shared by the tests of this folder.
+
+Test-only model files (a mismatched adapter, a corrupt LI-DiT file, a folder of pickled LLM weights) live in a
+temporary folder that the server reads through --extra-model-paths-config, so ComfyUI's own folders stay clean.
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, ROOT)
+
+import comfy_client  # noqa: E402
+from adapters.checkpoint import save_adapter  # noqa: E402
+from adapters.diff_adapter import LLMDiffAdapter  # noqa: E402
+
+WORKFLOW_DIR = os.path.join(ROOT, "workflows")
+DEFAULT_WORKFLOW = os.path.join(WORKFLOW_DIR, "lidit_shapes_default.json")
+
+
+def make_test_models(base: str) -> None:
+    os.makedirs(os.path.join(base, "llm_adapters"))
+    torch.manual_seed(0)
+    save_adapter(os.path.join(base, "llm_adapters", "mismatched-adapter.safetensors"),
+                 LLMDiffAdapter(64, 5, 128), "tiny-llm-64x4")
+    os.makedirs(os.path.join(base, "lidit"))
+    with open(os.path.join(base, "lidit", "corrupt.safetensors"), "wb") as f:
+        f.write(b"\x00\x01 this is not a safetensors file" * 10)
+    pickled = os.path.join(base, "LLM", "pickled-llm")
+    os.makedirs(pickled)
+    with open(os.path.join(pickled, "config.json"), "w") as f:
+        json.dump({"model_type": "llama"}, f)
+    with open(os.path.join(pickled, "pytorch_model.bin"), "wb") as f:
+        f.write(b"PK\x03\x04 pickled")
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("test_models"))
+    make_test_models(base)
+    config = os.path.join(base, "extra_model_paths.yaml")
+    with open(config, "w") as f:
+        f.write(f"llm_diffusion_tests:\n  base_path: {base}\n  LLM: LLM\n  llm_adapters: llm_adapters\n"
+                "  lidit: lidit\n")
+    out = str(tmp_path_factory.mktemp("comfy_output"))
+    server = comfy_client.ComfyServer(out, extra_args=["--extra-model-paths-config", config])
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()  # by process group, whatever the tests did
+        assert server.proc.poll() is not None
+
+
+@pytest.fixture(scope="session")
+def object_info(comfy_server):
+    return comfy_server.object_info()
+
+
+@pytest.fixture()
+def default_prompt(object_info):
+    """API-format copy of the default workflow, fresh for each test to modify."""
+    return comfy_client.ui_to_api(comfy_client.load_workflow(DEFAULT_WORKFLOW), object_info)

@@ -1,0 +1,152 @@
+"""The pack inside a real ComfyUI server: node registration, every shared workflow, prompt following of the
+default model, and the errors users see for bad input."""
+import copy
+import glob
+import os
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import comfy_client
+from adapters import shapes_world
+from conftest import WORKFLOW_DIR
+
+PACK_NODES = {
+    "LLMLoader": {"llm_name", "dtype", "device"},
+    "LLMAdapterLoader": {"adapter_name"},
+    "LLMPromptEncode": {"llm", "text", "instruction", "custom_instruction", "chat_template", "layers", "max_tokens",
+                        "adapter"},
+    "LIDiTLoader": {"model_name", "weight_dtype"},
+    "LIDiTSampler": {"model", "positive", "negative", "latent_image", "seed", "steps", "cfg", "sampler_name",
+                     "scheduler", "denoise"},
+    "LLMConditioningJoin": {"first", "second"},
+}
+
+
+def node_id(prompt: dict, class_type: str, index: int = 0) -> str:
+    return [k for k, v in prompt.items() if v["class_type"] == class_type][index]
+
+
+def positive_encode_id(prompt: dict) -> str:
+    return prompt[node_id(prompt, "LIDiTSampler")]["inputs"]["positive"][0]
+
+
+def generated_image(server, entry) -> torch.Tensor:
+    """The saved PNG as [3, 32, 32] in [0, 1] (the workflow upscales the 32 px result for people to look at)."""
+    paths = server.output_images(entry)
+    assert len(paths) == 1 and os.path.getsize(paths[0]) > 0
+    img = torch.from_numpy(__import__("numpy").array(Image.open(paths[0]).convert("RGB"))).permute(2, 0, 1) / 255.0
+    return F.interpolate(img[None].float(), size=(32, 32), mode="area")[0]
+
+
+def test_object_info_lists_every_node_with_its_inputs(object_info):
+    for name, inputs in PACK_NODES.items():
+        assert name in object_info, f"{name} not registered"
+        spec = object_info[name]["input"]
+        declared = set(spec.get("required", {})) | set(spec.get("optional", {}))
+        assert declared == inputs, name
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in object_info["LLMLoader"]["input"]["required"]["llm_name"][1]["options"]
+    assert "lidit-shapes-smollm2.safetensors" in object_info["LIDiTLoader"]["input"]["required"]["model_name"][1]["options"]
+    assert object_info["LLMPromptEncode"]["output"] == ["CONDITIONING"]
+    assert object_info["LIDiTSampler"]["output"] == ["LATENT"]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(WORKFLOW_DIR, "*.json"))), ids=os.path.basename)
+def test_every_shared_workflow_runs_to_an_image(comfy_server, object_info, path):
+    workflow = comfy_client.load_workflow(path)
+    assert "nodes" in workflow and "links" in workflow, "shared workflows are UI format (drag-and-drop)"
+    entry = comfy_server.run(comfy_client.ui_to_api(workflow, object_info))
+    images = comfy_server.output_images(entry)
+    assert images
+    for p in images:
+        with Image.open(p) as im:
+            assert im.size[0] >= 32 and im.getextrema() != ((0, 0), (0, 0), (0, 0))
+
+
+def test_default_workflow_follows_its_prompt(comfy_server, default_prompt):
+    """The default prompt, and a few others, checked by the shapes-world checker (colour and position)."""
+    cases = [shapes_world.single_scene("blue", "square", (0, 2)),   # the default workflow's own prompt
+             shapes_world.single_scene("red", "circle", (1, 0)),
+             shapes_world.single_scene("yellow", "triangle", (2, 1)),
+             shapes_world.single_scene("green", "circle", (2, 2))]
+    enc = positive_encode_id(default_prompt)
+    assert default_prompt[enc]["inputs"]["text"] == cases[0].caption
+    results = []
+    for scene in cases:
+        prompt = copy.deepcopy(default_prompt)
+        prompt[enc]["inputs"]["text"] = scene.caption
+        verdict = shapes_world.check(generated_image(comfy_server, comfy_server.run(prompt)), scene)
+        results.append(verdict["color"] and verdict["position"])
+    assert results[0], "the default workflow's image does not show a blue object in the top right"
+    assert sum(results) >= 3, results
+
+
+def test_same_encoding_is_not_recomputed(comfy_server, default_prompt):
+    """A second run that only changes the seed reuses the cached LLM encoding (ComfyUI's cache)."""
+    comfy_server.run(default_prompt)
+    prompt = copy.deepcopy(default_prompt)
+    prompt[node_id(prompt, "LIDiTSampler")]["inputs"]["seed"] = 7
+    entry = comfy_server.run(prompt)
+    cached = [m for m in entry["status"]["messages"] if m[0] == "execution_cached"][0][1]["nodes"]
+    assert positive_encode_id(prompt) in cached
+
+
+def test_empty_prompt_is_a_valid_unconditional_encoding(comfy_server, default_prompt):
+    prompt = copy.deepcopy(default_prompt)
+    prompt[positive_encode_id(prompt)]["inputs"]["text"] = ""
+    assert comfy_server.output_images(comfy_server.run(prompt))
+
+
+def test_over_long_prompt_is_cut_with_a_warning(comfy_server, default_prompt):
+    prompt = copy.deepcopy(default_prompt)
+    enc = positive_encode_id(prompt)
+    prompt[enc]["inputs"]["text"] = "a blue square in the top right corner with a long tail of words"
+    prompt[enc]["inputs"]["max_tokens"] = 4
+    assert comfy_server.output_images(comfy_server.run(prompt))
+    assert "over the 4-token limit" in comfy_server.log_tail(200_000)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p[node_id(p, "LLMAdapterLoader")]["inputs"].update(adapter_name="mismatched-adapter.safetensors"),
+     "trained for an LLM with 5 hidden states of size 64"),
+    (lambda p: p[node_id(p, "LIDiTLoader")]["inputs"].update(model_name="corrupt.safetensors"), "corrupt"),
+    (lambda p: p[node_id(p, "LLMLoader")]["inputs"].update(llm_name="pickled-llm"), "pickled"),
+    (lambda p: p[node_id(p, "LLMPromptEncode")]["inputs"].update(layers="-3"), "set layers to 'all'"),
+    (lambda p: p[node_id(p, "LLMPromptEncode")]["inputs"].pop("adapter")
+     and p[node_id(p, "LLMPromptEncode")]["inputs"].update(layers="99"), "Layer 99 does not exist"),
+    (lambda p: p.update({"99": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32,
+                                                                             "batch_size": 1}}})
+     or p[node_id(p, "LIDiTSampler")]["inputs"].update(latent_image=["99", 0]), "channels"),
+], ids=["adapter-mismatch", "corrupt-model", "pickled-llm", "adapter-needs-all-layers", "layer-out-of-range",
+        "wrong-latent"])
+def test_bad_input_names_the_problem_and_the_fix(comfy_server, default_prompt, mutate, message):
+    prompt = copy.deepcopy(default_prompt)
+    mutate(prompt)
+    with pytest.raises(comfy_client.WorkflowError, match=message):
+        comfy_server.run(prompt)
+
+
+def test_missing_llm_is_refused_before_running(comfy_server, default_prompt):
+    prompt = copy.deepcopy(default_prompt)
+    prompt[node_id(prompt, "LLMLoader")]["inputs"]["llm_name"] = "no-such-model.gguf"
+    with pytest.raises(comfy_client.WorkflowError, match="no-such-model.gguf"):
+        comfy_server.run(prompt)
+
+
+def test_interrupted_run_loses_nothing(comfy_server, default_prompt):
+    prompt = copy.deepcopy(default_prompt)
+    prompt[node_id(prompt, "LIDiTSampler")]["inputs"]["steps"] = 5000
+    timer = threading.Timer(4.0, lambda: comfy_server.post("/interrupt", {}))
+    timer.start()
+    started = time.time()
+    try:
+        with pytest.raises(comfy_client.WorkflowError, match="nterrupt"):
+            comfy_server.run(prompt)
+    finally:
+        timer.cancel()
+    assert time.time() - started < 120
+    assert comfy_server.output_images(comfy_server.run(default_prompt))  # the server and its models still work

@@ -1,0 +1,127 @@
+"""adapters.diff_adapter (LLM Diff Adapter, gated cross-attention) and adapters.conditioning."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapters.conditioning import hidden_states_to_context
+from adapters.diff_adapter import GatedCrossAttention, LLMDiffAdapter
+
+D, S, C = 24, 4, 16
+
+
+def hidden(B=2, T=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Later blocks at a larger scale, as in a real LLM.
+    scale = torch.arange(1, S + 1, dtype=torch.float32).view(1, S, 1, 1) ** 2
+    return torch.randn(B, S, T, D, generator=g) * scale
+
+
+def test_output_shape():
+    adapter = LLMDiffAdapter(D, S, C)
+    assert adapter(hidden(B=3, T=7)).shape == (3, 7, C)
+
+
+def test_block_weights_are_a_softmax():
+    adapter = LLMDiffAdapter(D, S, C)
+    torch.testing.assert_close(adapter.block_weights(), torch.full((S,), 1 / S))
+    with torch.no_grad():
+        adapter.block_logits.copy_(torch.tensor([2.0, -1.0, 0.5, 3.0]))
+    w = adapter.block_weights()
+    assert (w > 0).all()
+    torch.testing.assert_close(w.sum(), torch.tensor(1.0))
+    torch.testing.assert_close(w, torch.softmax(adapter.block_logits.detach(), 0))
+
+
+def test_forward_matches_definition():
+    """Each block layer-normalised on its own, mixed by the block weights, then norm + projection."""
+    torch.manual_seed(0)
+    adapter = LLMDiffAdapter(D, S, C)
+    with torch.no_grad():
+        adapter.block_logits.normal_()
+    h = hidden()
+    per_block = [F.layer_norm(h[:, s], (D,)) for s in range(S)]
+    fused = sum(w * x for w, x in zip(adapter.block_weights(), per_block))
+    torch.testing.assert_close(adapter(h), adapter.proj(adapter.norm(fused)), atol=1e-5, rtol=1e-5)
+
+
+def test_block_scale_does_not_drown_the_others():
+    adapter = LLMDiffAdapter(D, S, C)
+    h = hidden()
+    louder = h.clone()
+    louder[:, -1] *= 1000
+    torch.testing.assert_close(adapter(h), adapter(louder), atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_reaches_block_logits_and_projection():
+    adapter = LLMDiffAdapter(D, S, C)
+    adapter(hidden()).pow(2).mean().backward()
+    for name in ("block_logits", "proj.weight", "proj.bias", "norm.weight"):
+        grad = dict(adapter.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("shape, got", [((2, S - 1, 5, D), f"{S - 1} of size {D}"),
+                                        ((2, S, 5, D + 8), f"{S} of size {D + 8}")])
+def test_shape_mismatch_names_both_shapes(shape, got):
+    adapter = LLMDiffAdapter(D, S, C)
+    with pytest.raises(ValueError) as err:
+        adapter(torch.zeros(shape))
+    msg = str(err.value)
+    assert f"{S} hidden states of size {D}" in msg
+    assert f"got {got}" in msg
+
+
+def test_hidden_states_to_context():
+    h = hidden(B=2, T=3)
+    adapter = LLMDiffAdapter(D, S, C)
+    torch.testing.assert_close(hidden_states_to_context(h, adapter), adapter(h))
+    side_by_side = hidden_states_to_context(h)
+    assert side_by_side.shape == (2, 3, S * D)
+    torch.testing.assert_close(side_by_side[:, :, D:2 * D], h[:, 1])
+    torch.testing.assert_close(hidden_states_to_context(h[:, -1:]), h[:, -1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GatedCrossAttention
+
+
+def gca_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 6, 32, generator=g), torch.randn(2, 4, C, generator=g)
+
+
+def test_fresh_gated_cross_attention_is_identity():
+    torch.manual_seed(0)
+    gca = GatedCrossAttention(32, C, num_heads=4)
+    x, ctx = gca_inputs()
+    assert torch.equal(gca(x, ctx), x)
+    assert torch.equal(gca(x, ctx, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])), x)
+
+
+def test_open_gate_changes_x_and_respects_mask():
+    torch.manual_seed(0)
+    gca = GatedCrossAttention(32, C, num_heads=4)
+    with torch.no_grad():
+        gca.gate_a.fill_(1.0)
+    x, ctx = gca_inputs()
+    out = gca(x, ctx)
+    assert out.shape == x.shape
+    assert not torch.allclose(out, x)
+
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    garbage = ctx.clone()
+    garbage[0, 2:] = 1e3
+    torch.testing.assert_close(gca(x, garbage, mask), gca(x, ctx, mask), atol=1e-5, rtol=1e-5)
+    # The gate scales the branch by a * exp(b).
+    with torch.no_grad():
+        gca.gate_b.fill_(1.0)
+    torch.testing.assert_close(gca(x, ctx) - x, (out - x) * torch.e, atol=1e-5, rtol=1e-4)
+
+
+def test_gated_cross_attention_gate_gets_gradient_at_zero():
+    gca = GatedCrossAttention(32, C, num_heads=4)
+    x, ctx = gca_inputs()
+    gca(x, ctx).pow(2).sum().backward()
+    assert gca.gate_a.grad is not None and gca.gate_a.grad.abs() > 0

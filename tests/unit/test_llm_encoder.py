@@ -1,0 +1,341 @@
+"""adapters.llm_encoder on tiny offline models of every supported architecture."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+
+from adapters.llm_encoder import (
+    INSTRUCTION_PRESETS,
+    LI_DIT_INSTRUCTION,
+    SUPPORTED_MODEL_TYPES,
+    LLMError,
+    encode_prompts,
+    load_llm,
+    num_hidden_states,
+    parse_layers,
+    report_blocks,
+    stream_blocks,
+)
+
+PROMPT = "a red circle on the left and a blue square at the top"
+
+
+def prompt_ids(tok, prompt: str) -> list[int]:
+    return tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+def find_last(seq: list[int], sub: list[int]) -> int:
+    for start in range(len(seq) - len(sub), -1, -1):
+        if seq[start:start + len(sub)] == sub:
+            return start
+    raise AssertionError(f"{sub} not in {seq}")
+
+
+def reference_states(model, tok, prompt: str, instruction: str | None, chat: bool) -> torch.Tensor:
+    """Plain transformers: the whole conversation (template suffix included) in one forward pass, sliced at the
+    prompt's positions. [L+1, T, D]."""
+    if chat:
+        messages = [{"role": "user", "content": prompt}]
+        if instruction:
+            messages.insert(0, {"role": "system", "content": instruction})
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False)
+        except Exception:  # no system role: the instruction leads the user turn
+            text = tok.apply_chat_template([{"role": "user", "content": f"{instruction}\n{prompt}"}], tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tok(f"{instruction}\n{prompt}" if instruction else prompt)["input_ids"]
+    sub = prompt_ids(tok, prompt)
+    start = find_last(ids, sub)
+    with torch.no_grad():
+        states = model.get_decoder()(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    return torch.stack([s[0, start:start + len(sub)] for s in states])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading and shapes, every architecture
+
+
+def test_load_every_architecture(arch, arch_specs, llm_loader):
+    model, tok = llm_loader(arch)
+    hidden, layers, _ = arch_specs[arch]
+    assert model.config.model_type == ("gemma3_text" if arch == "gemma3" else arch)
+    assert model.config.model_type in SUPPORTED_MODEL_TYPES
+    assert num_hidden_states(model) == layers + 1
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+
+    prompts = ["a red circle", "two blue squares on the left"]
+    enc = encode_prompts(model, tok, prompts, layers="all")
+    T = max(len(prompt_ids(tok, p)) for p in prompts)
+    assert enc.hidden_states.shape == (2, layers + 1, T, hidden)
+    assert enc.layers == list(range(layers + 1))
+    assert enc.truncated == [0, 0]
+    assert torch.isfinite(enc.hidden_states).all()
+
+
+@pytest.mark.parametrize("instruction", ["none", "li-dit"])
+def test_prompt_tokens_match_plain_transformers(arch, instruction, arch_specs, llm_loader):
+    model, tok = llm_loader(arch)
+    chat = arch_specs[arch][2] is not None
+    instr = INSTRUCTION_PRESETS[instruction]
+    enc = encode_prompts(model, tok, [PROMPT], instruction=instr, use_chat_template=True, layers="all")
+    ref = reference_states(model, tok, PROMPT, instr, chat)
+    assert enc.hidden_states.shape[1:] == ref.shape
+    torch.testing.assert_close(enc.hidden_states[0], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_chat_template_can_be_turned_off(arch, llm_loader):
+    model, tok = llm_loader(arch)
+    enc = encode_prompts(model, tok, [PROMPT], instruction=LI_DIT_INSTRUCTION, use_chat_template=False)
+    ref = reference_states(model, tok, PROMPT, LI_DIT_INSTRUCTION, chat=False)
+    torch.testing.assert_close(enc.hidden_states[0], ref, atol=1e-5, rtol=1e-5)
+    with_template = encode_prompts(model, tok, [PROMPT], instruction=LI_DIT_INSTRUCTION, use_chat_template=True)
+    assert not torch.allclose(enc.hidden_states[0, -1], with_template.hidden_states[0, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])  # no template, ChatML, template without system
+def test_instruction_tokens_are_stripped_but_condition_the_prompt(arch, llm_loader):
+    model, tok = llm_loader(arch)
+    n = len(prompt_ids(tok, PROMPT))
+    plain = encode_prompts(model, tok, [PROMPT], instruction=None)
+    instructed = encode_prompts(model, tok, [PROMPT], instruction=LI_DIT_INSTRUCTION)
+    for enc in (plain, instructed):
+        assert enc.hidden_states.shape[2] == n
+        assert enc.attention_mask.tolist() == [[1] * n]
+    # Same tokens (identical embeddings, hidden state 0) ...
+    torch.testing.assert_close(plain.hidden_states[:, 0], instructed.hidden_states[:, 0], atol=0, rtol=0)
+    # ... that the instruction changes through causal attention in every block.
+    for block in range(1, plain.hidden_states.shape[1]):
+        assert not torch.allclose(plain.hidden_states[:, block], instructed.hidden_states[:, block], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches, masks, empty and long prompts
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "phi3"])
+def test_batch_padding_masks_and_independence(arch, llm_loader):
+    model, tok = llm_loader(arch)
+    prompts = ["a red circle", PROMPT, "three green triangles"]
+    counts = [len(prompt_ids(tok, p)) for p in prompts]
+    enc = encode_prompts(model, tok, prompts, instruction=LI_DIT_INSTRUCTION)
+    assert enc.hidden_states.shape[2] == max(counts)
+    assert enc.attention_mask.sum(1).tolist() == counts
+    for b, (p, n) in enumerate(zip(prompts, counts)):
+        assert enc.attention_mask[b, :n].eq(1).all() and enc.attention_mask[b, n:].eq(0).all()
+        assert enc.hidden_states[b, :, n:].eq(0).all()
+        alone = encode_prompts(model, tok, [p], instruction=LI_DIT_INSTRUCTION)
+        torch.testing.assert_close(enc.hidden_states[b, :, :n], alone.hidden_states[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_empty_prompt_is_one_zero_token(arch, arch_specs, llm_loader):
+    model, tok = llm_loader(arch)
+    hidden, layers, _ = arch_specs[arch]
+    alone = encode_prompts(model, tok, [""], instruction=LI_DIT_INSTRUCTION)
+    assert alone.hidden_states.shape == (1, layers + 1, 1, hidden)
+    assert alone.hidden_states.eq(0).all()
+    assert alone.attention_mask.tolist() == [[1]]
+
+    mixed = encode_prompts(model, tok, ["   ", "a red circle"], instruction=LI_DIT_INSTRUCTION)
+    assert mixed.attention_mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert mixed.hidden_states[0].eq(0).all()
+    assert mixed.hidden_states[1].abs().sum() > 0
+
+
+def test_long_prompt_is_truncated_with_a_warning(llm_loader, caplog):
+    model, tok = llm_loader("llama")
+    n = len(prompt_ids(tok, PROMPT))
+    limit = 5
+    with caplog.at_level(logging.WARNING, logger="adapters.llm_encoder"):
+        enc = encode_prompts(model, tok, [PROMPT, "a red circle"], max_tokens=limit)
+    assert enc.truncated == [n - limit, 0]
+    assert enc.hidden_states.shape[2] == limit
+    assert enc.attention_mask.sum(1).tolist() == [limit, 3]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "limit" in warnings[0].getMessage() and str(n - limit) in warnings[0].getMessage()
+    # The kept tokens are the prompt's first `limit` words (one word = one token here), encoded as usual.
+    head = encode_prompts(model, tok, [" ".join(PROMPT.split()[:limit])])
+    torch.testing.assert_close(enc.hidden_states[0], head.hidden_states[0], atol=1e-5, rtol=1e-5)
+
+
+def test_no_prompt_is_an_error(llm_loader):
+    model, tok = llm_loader("llama")
+    with pytest.raises(LLMError, match="No prompt"):
+        encode_prompts(model, tok, [])
+
+
+def test_layer_selection_picks_hidden_states(llm_loader):
+    model, tok = llm_loader("llama")
+    full = encode_prompts(model, tok, [PROMPT], layers="all")
+    for spec, picked in (("last", [3]), ("-3", [1]), ("0,2,-1", [0, 2, 3])):
+        enc = encode_prompts(model, tok, [PROMPT], layers=spec)
+        assert enc.layers == picked
+        torch.testing.assert_close(enc.hidden_states, full.hidden_states[:, picked], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parse_layers
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("all", [0, 1, 2, 3, 4]), (" ALL ", [0, 1, 2, 3, 4]), ("last", [4]), ("-3", [2]), ("0,2,-1", [0, 2, 4]),
+    ("4", [4]), ("-5", [0]), ("1, 3", [1, 3]),
+])
+def test_parse_layers(spec, expected):
+    assert parse_layers(spec, 5) == expected
+
+
+@pytest.mark.parametrize("spec", ["5", "-6", "0,7", "100"])
+def test_parse_layers_out_of_range_names_the_valid_range(spec):
+    with pytest.raises(LLMError, match=r"0\.\.4"):
+        parse_layers(spec, 5)
+
+
+@pytest.mark.parametrize("spec", ["abc", "1,x", "first", "1.5"])
+def test_parse_layers_garbage(spec):
+    with pytest.raises(LLMError, match="'all', 'last'"):
+        parse_layers(spec, 5)
+
+
+def test_parse_layers_empty_list():
+    with pytest.raises(LLMError, match="empty"):
+        parse_layers(",", 5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(LLMError, match="not found"):
+        load_llm(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("name", ["model.bin", "model.pt", "model.pth", "model.ckpt"])
+def test_pickled_file_is_refused(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\x80\x04\x95" + os.urandom(64))
+    with pytest.raises(LLMError, match="pickled"):
+        load_llm(str(path))
+
+
+def test_other_file_is_refused(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(LLMError, match="not an LLM"):
+        load_llm(str(path))
+
+
+def test_folder_with_only_pickled_weights_is_refused(tmp_path, tiny_llm_dirs):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(os.path.join(tiny_llm_dirs["llama"], "config.json"), folder)
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04\x95" + os.urandom(64))
+    with pytest.raises(LLMError, match="no .safetensors.*pytorch_model.bin"):
+        load_llm(str(folder))
+
+
+def test_folder_without_config_is_refused(tmp_path, tiny_llm_dirs):
+    folder = tmp_path / "noconfig"
+    folder.mkdir()
+    shutil.copy(os.path.join(tiny_llm_dirs["llama"], "model.safetensors"), folder)
+    with pytest.raises(LLMError, match="no config.json"):
+        load_llm(str(folder))
+
+
+def test_corrupt_gguf(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(LLMError, match="Cannot read the LLM config"):
+        load_llm(str(path))
+
+
+def test_truncated_safetensors_in_folder(tmp_path, tiny_llm_dirs):
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llm_dirs["llama"], folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(LLMError, match="truncated or corrupt"):
+        load_llm(str(folder))
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(
+        folder, safe_serialization=True)
+    with pytest.raises(LLMError) as err:
+        load_llm(str(folder))
+    msg = str(err.value)
+    assert "'gpt2'" in msg
+    assert all(t in msg for t in SUPPORTED_MODEL_TYPES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block hooks: low-VRAM streaming and per-block progress / interrupts
+
+
+def no_hooks_left(model) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_stream_blocks_gives_the_same_states(arch, llm_loader):
+    model, tok = llm_loader(arch)
+    prompts = ["a red circle", PROMPT]
+    normal = encode_prompts(model, tok, prompts, instruction=LI_DIT_INSTRUCTION)
+    with stream_blocks(model, torch.device("cpu")):
+        assert not no_hooks_left(model)
+        streamed = encode_prompts(model, tok, prompts, instruction=LI_DIT_INSTRUCTION)
+    torch.testing.assert_close(streamed.hidden_states, normal.hidden_states, atol=0, rtol=0)
+    assert no_hooks_left(model)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_report_blocks_calls_once_per_block_in_order(arch_specs, llm_loader):
+    model, tok = llm_loader("llama")
+    calls = []
+    enc = encode_prompts(model, tok, [PROMPT, "a red circle"], on_block=lambda i, n: calls.append((i, n)))
+    L = arch_specs["llama"][1]
+    assert calls == [(i, L) for i in range(L)]
+    assert no_hooks_left(model)
+    torch.testing.assert_close(enc.hidden_states, encode_prompts(model, tok, [PROMPT, "a red circle"]).hidden_states,
+                               atol=0, rtol=0)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_exception_in_on_block_stops_the_forward(llm_loader):
+    model, tok = llm_loader("llama")
+    calls, final_norm_ran = [], []
+    norm_hook = model.get_decoder().norm.register_forward_hook(lambda *a: final_norm_ran.append(True))
+
+    def on_block(i, n):
+        calls.append(i)
+        if i == 0:
+            raise Interrupted
+
+    try:
+        with pytest.raises(Interrupted):
+            encode_prompts(model, tok, [PROMPT], on_block=on_block)
+    finally:
+        norm_hook.remove()
+    assert calls == [0]
+    assert not final_norm_ran
+    assert no_hooks_left(model)
+
+
+def test_report_blocks_without_callback_adds_no_hooks(llm_loader):
+    model, _ = llm_loader("llama")
+    with report_blocks(model, None):
+        assert no_hooks_left(model)
