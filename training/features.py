@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from adapters.llm_encoder import INSTRUCTION_PRESETS, encode_prompts, load_llm
+from adapters.llm_encoder import INSTRUCTION_PRESETS, encode_prompts, load_llm, parse_layers
 
 log = logging.getLogger(__name__)
 
@@ -22,18 +22,26 @@ def encoder_settings(llm_path: str, layers: str, instruction: str, max_tokens: i
 
 def caption_features(llm_path: str, captions: list[str], settings: dict, cache_dir: str,
                      batch_size: int = 16) -> tuple[list[torch.Tensor], int]:
-    """Returns one [S, T_i, D] fp16 tensor per caption (prompt tokens only) and the LLM's hidden-state count."""
-    key = hashlib.sha256(json.dumps([settings, captions]).encode()).hexdigest()[:16]
+    """Returns one [S, T_i, D] fp16 tensor per caption (prompt tokens only, the S layers that settings['layers']
+    selects) and the LLM's hidden-state count. The cache holds every layer, so layer ablations share it."""
+    cached = {k: v for k, v in settings.items() if k != "layers"}
+    key = hashlib.sha256(json.dumps([cached, captions]).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"features-{settings['llm']}-{key}.safetensors")
-    if os.path.exists(path):
-        data = load_file(path)
-        return [data[f"c{i}"] for i in range(len(captions))], int(data["num_hidden_states"].item())
+    if not os.path.exists(path):
+        _encode_to_cache(llm_path, captions, settings, path, batch_size)
+    data = load_file(path)
+    num_states = int(data["num_hidden_states"].item())
+    picked = parse_layers(settings["layers"], num_states)
+    return [data[f"c{i}"][picked] for i in range(len(captions))], num_states
+
+
+def _encode_to_cache(llm_path: str, captions: list[str], settings: dict, path: str, batch_size: int) -> None:
     model, tokenizer = load_llm(llm_path)
     out = []
     for start in tqdm(range(0, len(captions), batch_size), desc=f"LLM features ({settings['llm']})"):
         batch = captions[start:start + batch_size]
         enc = encode_prompts(model, tokenizer, batch, instruction=INSTRUCTION_PRESETS[settings["instruction"]],
-                             use_chat_template=settings["chat_template"], layers=settings["layers"],
+                             use_chat_template=settings["chat_template"], layers="all",
                              max_tokens=settings["max_tokens"])
         for b in range(len(batch)):
             n = int(enc.attention_mask[b].sum())
@@ -41,11 +49,9 @@ def caption_features(llm_path: str, captions: list[str], settings: dict, cache_d
     num_states = model.config.num_hidden_layers + 1
     tensors = {f"c{i}": t for i, t in enumerate(out)}
     tensors["num_hidden_states"] = torch.tensor(num_states)
-    os.makedirs(cache_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file(tensors, path + ".partial")
     os.replace(path + ".partial", path)
-    del model
-    return out, num_states
 
 
 def collate(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--num-pairs", type=int, default=600, help="shapes world: two-object captions in the pool")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--eval-samples", type=int, default=24)
+    p.add_argument("--cache-dir", default=None, help="LLM feature cache (default <out>/cache); runs may share it")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     return p.parse_args(argv)
@@ -206,7 +207,7 @@ def main(argv=None):
     for llm in args.llm:
         s = encoder_settings(llm, args.layers, args.instruction, args.max_tokens)
         with accelerator.main_process_first():
-            feats, num_states = caption_features(llm, all_captions, s, os.path.join(args.out, "cache"))
+            feats, num_states = caption_features(llm, all_captions, s, args.cache_dir or os.path.join(args.out, "cache"))
         features.append(dict(zip(all_captions, feats)))
         settings.append(s)
         S, _, D = feats[0].shape

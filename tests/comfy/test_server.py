@@ -150,3 +150,11 @@ def test_interrupted_run_loses_nothing(comfy_server, default_prompt):
         timer.cancel()
     assert time.time() - started < 120
     assert comfy_server.output_images(comfy_server.run(default_prompt))  # the server and its models still work
+
+
+def test_shared_workflows_are_in_the_template_browser(comfy_server):
+    names = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(WORKFLOW_DIR, "*.json"))}
+    templates = comfy_server.get("/workflow_templates")
+    assert set(templates["llm_diffusion"]) == names
+    served = comfy_server.get("/api/workflow_templates/llm_diffusion/lidit_shapes_default.json")
+    assert served == comfy_client.load_workflow(os.path.join(WORKFLOW_DIR, "lidit_shapes_default.json"))

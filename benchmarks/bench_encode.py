@@ -1,0 +1,293 @@
+"""Prompt-encoding benchmark: what the pack's LLM path costs over a plain transformers forward.
+
+Run from the repository root (CPU; a few minutes, most of it the one-off GGUF dequantisation):
+
+    .venv/bin/python benchmarks/bench_encode.py                       # SmolLM2 from .comfyui/models/LLM
+    .venv/bin/python benchmarks/bench_encode.py --quick --threads 1   # 2 timed repeats, while other jobs run
+    .venv/bin/python benchmarks/bench_encode.py --device cuda         # + streamed and offloaded rows
+
+Variants, all on the same LLM weights and the same prompt(s):
+
+  (a) plain      `model.get_decoder()(ids, output_hidden_states=True)` on the very token sequence that (b) builds
+                 (instruction + chat-template prefix + prompt): the floor for one forward keeping every state.
+  (b) encode     adapters.llm_encoder.encode_prompts(layers='all'): what LLM Prompt Encode runs (tokenising,
+                 prefix, forward, cutting the prompt tokens out of all hidden states).
+  (c) +adapter   (b) followed by a randomly initialised LLMDiffAdapter (context 128) through
+                 adapters.conditioning.hidden_states_to_context: the node's full output.
+  (d) stream     (b) inside llm_encoder.stream_blocks: on the CPU this measures the hook overhead only; on CUDA
+                 the weights stay in CPU memory and each block visits the GPU in turn (low-VRAM path).
+  (e) offload    CUDA only: weights in CPU memory, `model.to(cuda)` before and `.to(cpu)` after every call (what
+                 a memory manager that swaps the whole LLM does).
+
+Columns: median wall-clock ms of --repeats calls after --warmup calls; the ratio to (a); memory; and the largest
+absolute difference of the returned prompt-token hidden states from (a) (0 = the same arithmetic).
+
+Memory. Each variant runs in a fresh process (multiprocessing 'spawn'), so one variant's allocations cannot
+hide another's. CPU: growth of resource.getrusage(RUSAGE_SELF).ru_maxrss over the variant's warm-up and repeats;
+the process resets its high-water mark after loading the LLM (writing 5 to /proc/self/clear_refs) because
+loading peaks far above any forward; where that is not possible the column is marked '*' (then it usually reads
+0: the load peak hides the forward). CUDA: torch.cuda.max_memory_allocated during the variant, and its growth
+over what was allocated before the first call (the resident weights).
+
+A GGUF file is dequantised once (in its own process) into a temporary fp32 safetensors folder that every variant
+process then loads in a second or two instead of a minute: the same weights, the same tokenizer and chat
+template (--no-convert loads the GGUF in every process instead). The folder is deleted at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from adapters import llm_encoder  # noqa: E402
+from adapters.conditioning import hidden_states_to_context  # noqa: E402
+from adapters.diff_adapter import LLMDiffAdapter  # noqa: E402
+
+DEFAULT_LLM = os.path.join(ROOT, ".comfyui", "models", "LLM", "SmolLM2-135M-Instruct.Q4_1.gguf")
+DEFAULT_PROMPT = "a blue square in the top right corner"
+CONTEXT_DIM = 128
+VARIANTS = {
+    "plain": "(a) plain decoder forward",
+    "encode": "(b) encode_prompts layers='all'",
+    "adapter": "(c) (b) + LLMDiffAdapter",
+    "stream": "(d) (b) in stream_blocks",
+    "offload": "(e) (b) offloaded (.to per call)",
+}
+
+
+def _rss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def _current_rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _convert(gguf_path: str, out_dir: str) -> None:
+    """Runs in its own process: dequantise once and save as an fp32 Hugging Face folder."""
+    model, tokenizer = llm_encoder.load_llm(gguf_path, torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_variant(cfg: dict) -> dict:
+    """One variant in a fresh process: load, reset the memory high-water marks, warm up, time, measure."""
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    dtype = getattr(torch, cfg["dtype"])
+    variant = cfg["variant"]
+    model, tokenizer = llm_encoder.load_llm(cfg["llm"], dtype)
+    weights_on_gpu = device.type == "cuda" and variant in ("plain", "encode", "adapter")
+    if weights_on_gpu:
+        model.to(device)
+    decoder = model.get_decoder()
+    prompts = cfg["prompts"]
+    instruction = llm_encoder.INSTRUCTION_PRESETS[cfg["instruction"]]
+    options = dict(instruction=instruction, use_chat_template=True, layers="all", max_tokens=cfg["max_tokens"])
+
+    # The token sequence encode_prompts builds, for the plain forward.
+    prefix, has_special = llm_encoder.prompt_prefix(tokenizer, instruction, True)
+    prefix_ids, prompt_ids, _ = llm_encoder.tokenize_prompts(tokenizer, prompts, prefix, has_special,
+                                                             cfg["max_tokens"])
+    rows = [prefix_ids + ids for ids in prompt_ids]
+    width = max(len(r) for r in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+        mask[b, :len(r)] = 1
+    padded = bool((mask == 0).any())
+    ids, mask = ids.to(device), mask.to(device)
+    start, n0 = len(prefix_ids), len(prompt_ids[0])
+
+    adapter = None
+    if variant == "adapter":
+        torch.manual_seed(0)
+        adapter = LLMDiffAdapter(model.config.hidden_size, llm_encoder.num_hidden_states(model), CONTEXT_DIM)
+        adapter.to(device).eval().requires_grad_(False)
+
+    def call():
+        if variant == "plain":
+            with torch.no_grad():
+                out = decoder(ids, attention_mask=mask if padded else None, output_hidden_states=True)
+            return torch.stack(out.hidden_states, 1)[0, :, start:start + n0]
+        if variant == "stream":
+            with llm_encoder.stream_blocks(model, device):
+                enc = llm_encoder.encode_prompts(model, tokenizer, prompts, device=device, **options)
+            return enc.hidden_states[0, :, :n0]
+        if variant == "offload":
+            model.to(device)
+            try:
+                enc = llm_encoder.encode_prompts(model, tokenizer, prompts, device=device, **options)
+            finally:
+                model.to("cpu")
+            return enc.hidden_states[0, :, :n0]
+        enc = llm_encoder.encode_prompts(model, tokenizer, prompts, device=device, **options)
+        if variant == "adapter":
+            with torch.no_grad():
+                return hidden_states_to_context(enc.hidden_states.float(), adapter)
+        return enc.hidden_states[0, :, :n0]
+
+    rss_loaded = _current_rss_kib()
+    reset_ok = _reset_peak_rss()
+    rss_before = _rss_kib()
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda_before = torch.cuda.memory_allocated(device)
+    for _ in range(cfg["warmup"]):
+        out = call()
+    _sync(device)
+    times = []
+    for _ in range(cfg["repeats"]):
+        t0 = time.perf_counter()
+        out = call()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1000)
+    result = {
+        "variant": variant, "times_ms": times, "tokens": width, "prompt_tokens": n0, "prefix_tokens": start,
+        "rss_loaded_mib": rss_loaded / 1024, "rss_growth_mib": (_rss_kib() - rss_before) / 1024,
+        "rss_reset": reset_ok,
+        "states": None if variant == "adapter" else out.detach().float().cpu(),
+        "output_shape": tuple(out.shape),
+    }
+    if device.type == "cuda":
+        result["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        result["cuda_growth_mib"] = (torch.cuda.max_memory_allocated(device) - cuda_before) / 2 ** 20
+    return result
+
+
+def in_fresh_process(fn, *args):
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--llm", default=DEFAULT_LLM, help="a .gguf file or Hugging Face folder")
+    p.add_argument("--prompt", action="append", help=f"repeat for a batch (default: '{DEFAULT_PROMPT}')")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: float32 on the CPU, bfloat16 on CUDA (as LLM Loader's 'auto')")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="2 repeats after 1 warm-up call")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per variant process (0 = default)")
+    p.add_argument("--instruction", default="li-dit", choices=sorted(llm_encoder.INSTRUCTION_PRESETS))
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--variants", default=None, help="comma list of " + ",".join(VARIANTS))
+    p.add_argument("--no-convert", action="store_true", help="load the GGUF file in every variant process")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup = 2, 1
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch.cuda.is_available() is False")
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    args.prompt = args.prompt or [DEFAULT_PROMPT]
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    llm_encoder.check_weights_path(args.llm)
+    variants = args.variants.split(",") if args.variants else \
+        ["plain", "encode", "adapter", "stream"] + (["offload"] if args.device == "cuda" else [])
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; pick from {list(VARIANTS)}")
+    if "offload" in variants and args.device != "cuda":
+        raise SystemExit("the offload variant needs --device cuda")
+
+    tmp = None
+    llm_path = args.llm
+    try:
+        if os.path.isfile(args.llm) and not args.no_convert:
+            tmp = tempfile.mkdtemp(prefix="bench_encode_llm_")
+            t0 = time.perf_counter()
+            in_fresh_process(_convert, args.llm, tmp)
+            print(f"dequantised {os.path.basename(args.llm)} to a temporary fp32 folder in "
+                  f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
+            llm_path = tmp
+        results = {}
+        for v in variants:
+            cfg = dict(variant=v, llm=llm_path, device=args.device, dtype=args.dtype, prompts=args.prompt,
+                       instruction=args.instruction, max_tokens=args.max_tokens, repeats=args.repeats,
+                       warmup=args.warmup, threads=args.threads)
+            results[v] = in_fresh_process(run_variant, cfg)
+            print(f"{VARIANTS[v]}: median {statistics.median(results[v]['times_ms']):.1f} ms", file=sys.stderr)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    print_table(args, results)
+    return results
+
+
+def print_table(args, results: dict) -> None:
+    first = next(iter(results.values()))
+    base = statistics.median(results["plain"]["times_ms"]) if "plain" in results else None
+    ref = results.get("plain", {}).get("states")
+    print(f"\n### Prompt encoding: {os.path.basename(args.llm.rstrip('/'))} on {args.device} ({args.dtype}, "
+          f"{torch.get_num_threads() if not args.threads else args.threads} threads)\n")
+    print(f"{len(args.prompt)} prompt(s), {first['tokens']} tokens per forward ({first['prefix_tokens']} "
+          f"instruction/template + {first['prompt_tokens']} prompt), layers='all'; median of {args.repeats} "
+          f"after {args.warmup} warm-up.\n")
+    cuda = args.device == "cuda"
+    head = ["variant", "median ms", "min ms", "vs (a)", "peak RSS growth MiB"]
+    head += ["peak CUDA MiB", "CUDA growth MiB"] if cuda else []
+    head += ["max abs diff vs (a)", "output"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|")
+    for v, r in results.items():
+        med = statistics.median(r["times_ms"])
+        ratio = f"{med / base:.2f}x" if base else "-"
+        rss = f"{r['rss_growth_mib']:.1f}" + ("" if r["rss_reset"] else "*")
+        if r["states"] is not None and ref is not None and r["states"].shape == ref.shape:
+            diff = f"{(r['states'] - ref).abs().max().item():.2e}"
+        else:
+            diff = "-"
+        row = [VARIANTS[v], f"{med:.1f}", f"{min(r['times_ms']):.1f}", ratio, rss]
+        if cuda:
+            row += [f"{r['cuda_peak_mib']:.0f}", f"{r['cuda_growth_mib']:.0f}"]
+        row += [diff, "x".join(map(str, r["output_shape"]))]
+        print("| " + " | ".join(row) + " |")
+    print(f"\nRSS with the LLM loaded: {first['rss_loaded_mib']:.0f} MiB. Output: hidden states [S, T, D] of the "
+          "first prompt's tokens ((c): adapter context [B, T, 128]).")
+    if not all(r["rss_reset"] for r in results.values()):
+        print("* the peak RSS could not be reset after loading; the load peak may hide the forward's.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The two real LLMs that registries ship (installed by scripts/setup.sh): SmolLM2-135M-Instruct and
+Gemma-3-270M, both GGUF, loaded offline and encoded block by block."""
+import os
+
+import pytest
+import torch
+
+from adapters import llm_encoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMOLLM2 = os.path.join(ROOT, ".comfyui", "models", "LLM", "SmolLM2-135M-Instruct.Q4_1.gguf")
+GEMMA3 = os.path.join(ROOT, ".cache", "gemma-3-270m.Q4_K_M.gguf")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    assert os.path.exists(SMOLLM2), "run scripts/setup.sh: it installs the default LLM"
+    return llm_encoder.load_llm(SMOLLM2)
+
+
+def test_smollm2_is_the_real_model(smollm2):
+    model, tokenizer = smollm2
+    assert model.config.model_type == "llama" and model.config.hidden_size == 576
+    assert llm_encoder.num_hidden_states(model) == 31
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_smollm2_encoding_matches_plain_transformers(smollm2):
+    model, tokenizer = smollm2
+    prompt = "a red circle on the left"
+    enc = llm_encoder.encode_prompts(model, tokenizer, [prompt], instruction=llm_encoder.LI_DIT_INSTRUCTION)
+    prefix, has_special = llm_encoder.prompt_prefix(tokenizer, llm_encoder.LI_DIT_INSTRUCTION, True)
+    assert "Describe the image" in prefix and prefix.endswith("user\n")  # SmolLM2's chat template
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ref = model.get_decoder()(torch.tensor([prefix_ids + prompt_ids]), output_hidden_states=True).hidden_states
+    assert enc.hidden_states.shape == (1, 31, len(prompt_ids), 576)
+    for i in (0, 15, 30):
+        torch.testing.assert_close(enc.hidden_states[0, i], ref[i][0, len(prefix_ids):], rtol=1e-4, atol=1e-4)
+
+
+def test_gemma3_270m_from_the_four_wheels():
+    assert os.path.exists(GEMMA3), "run scripts/setup.sh: it assembles the Gemma GGUF"
+    model, tokenizer = llm_encoder.load_llm(GEMMA3)
+    assert model.config.model_type in ("gemma3", "gemma3_text")
+    assert model.config.hidden_size == 640
+    n = llm_encoder.num_hidden_states(model)
+    enc = llm_encoder.encode_prompts(model, tokenizer, ["a blue square", "two green triangles at the top"],
+                                     instruction=llm_encoder.LI_DIT_INSTRUCTION, layers="all")
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"])
+               for p in ("a blue square", "two green triangles at the top")]
+    assert enc.hidden_states.shape == (2, n, max(lengths), 640)
+    assert enc.attention_mask.sum(1).tolist() == lengths
+    assert torch.isfinite(enc.hidden_states).all()
