@@ -1,0 +1,112 @@
+"""Small-scale ablations of the papers' claims, all with the same trainer, data, budget and seed, evaluated by
+evaluation/evaluate.py on held-out prompts. Prints one markdown table and writes loss curves and image grids.
+
+    .venv/bin/python -m evaluation.ablations --out runs/ablations --docs docs/images
+
+Each row changes one thing against the row it builds on (see ABLATIONS). The budget is small (a few minutes of
+CPU per run), so differences of a few points are within noise: read the table with that in mind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from evaluation import evaluate as ev  # noqa: E402
+from evaluation.plots import loss_svg, read_loss  # noqa: E402
+from training import train_lidit  # noqa: E402
+
+SMOLLM2 = os.path.join(ROOT, ".comfyui", "models", "LLM", "SmolLM2-135M-Instruct.Q4_1.gguf")
+GEMMA3 = os.path.join(ROOT, ".cache", "gemma-3-270m.Q4_K_M.gguf")
+
+# name -> (what it tests, trainer flags)
+ABLATIONS = {
+    "last-layer": ("last hidden layer only, no instruction, no refiner",
+                   ["--layers", "last", "--instruction", "none", "--refiner-depth", "0"]),
+    "layer-3": ("third-to-last layer (LI-DiT), no instruction, no refiner",
+                ["--layers", "-3", "--instruction", "none", "--refiner-depth", "0"]),
+    "all-blocks": ("all blocks through the LLM Diff Adapter, no instruction, no refiner",
+                   ["--layers", "all", "--instruction", "none", "--refiner-depth", "0"]),
+    "+refiner": ("all blocks + token refiner (2 bidirectional blocks)",
+                 ["--layers", "all", "--instruction", "none", "--refiner-depth", "2"]),
+    "+instruction": ("all blocks + refiner + LI-DiT instruction (the default model's recipe)",
+                     ["--layers", "all", "--instruction", "li-dit", "--refiner-depth", "2"]),
+    "causal-refiner": ("as +instruction, but the refiner keeps the causal mask",
+                       ["--layers", "all", "--instruction", "li-dit", "--refiner-depth", "2", "--refiner-causal"]),
+    "2llm-collab": ("SmolLM2 + Gemma-3-270M, collaborative refiner",
+                    ["--llm", GEMMA3, "--layers", "all", "--instruction", "li-dit", "--refiner-depth", "2",
+                     "--fusion", "collaborative"]),
+    "2llm-concat": ("SmolLM2 + Gemma-3-270M, plain concatenation",
+                    ["--llm", GEMMA3, "--layers", "all", "--instruction", "li-dit", "--refiner-depth", "2",
+                     "--fusion", "concat"]),
+}
+
+BUDGET = ["--hidden-size", "96", "--depth", "4", "--num-heads", "4", "--patch-size", "4", "--batch-size", "32",
+          "--lr", "1e-3", "--warmup", "50", "--ema", "0.99", "--eval-samples", "0", "--num-pairs", "600"]
+
+
+def run(name: str, args, feature_cache: dict) -> dict:
+    out = os.path.join(args.out, name)
+    model = os.path.join(out, f"{name}.safetensors")
+    flags = ABLATIONS[name][1]
+    if not os.path.exists(model):
+        train_lidit.main(["--llm", SMOLLM2, *flags, *BUDGET, "--steps", str(args.steps), "--save-every",
+                          str(args.steps), "--seed", str(args.seed), "--out", out, "--name", name,
+                          "--cache-dir", args.cache_dir, "--threads", str(args.threads), "--resume"])
+    grid = os.path.join(args.docs, f"ablation-{name}.png") if args.docs else None
+    return ev.evaluate(model, num_pairs=args.num_pairs, num_binding=args.num_binding,
+                       images_per_prompt=args.images_per_prompt, seed=args.seed, cache_dir=args.cache_dir,
+                       feature_cache=feature_cache, save_grid=grid, json_path=os.path.join(out, "eval.json"))
+
+
+def table(results: dict) -> str:
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
+    lines = ["| run | what changes | single | pair | count | binding | overall | 1st vs 2nd object (pair) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        c = r["categories"]
+        bias = r["positional_bias"].get("pair") or next(iter(r["positional_bias"].values()), None)
+        gap = f"{pct(bias['first'])} / {pct(bias['second'])}" if bias else "-"
+        lines.append(f"| {name} | {ABLATIONS[name][0]} | {pct(c['single']['overall'])} | "
+                     f"{pct(c['pair']['overall'])} | {pct(c['count']['overall'])} | {pct(c['binding']['overall'])} | "
+                     f"**{pct(r['overall_mean'])}** | {gap} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "ablations"))
+    p.add_argument("--cache-dir", default=os.path.join(ROOT, "runs", "cache"))
+    p.add_argument("--docs", default=None, help="write grids and loss curves (SVG) here")
+    p.add_argument("--only", nargs="*", default=None, help="run these ablations only")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--num-pairs", type=int, default=32)
+    p.add_argument("--num-binding", type=int, default=16)
+    p.add_argument("--images-per-prompt", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.docs:
+        os.makedirs(args.docs, exist_ok=True)
+    names = args.only or list(ABLATIONS)
+    feature_cache, results = {}, {}
+    started = time.time()
+    for name in names:
+        results[name] = run(name, args, feature_cache)
+        print(f"[{time.time() - started:.0f}s] {name}: overall {results[name]['overall_mean']:.3f}", flush=True)
+    print(table(results))
+    with open(os.path.join(args.out, "ablations.json"), "w") as f:
+        json.dump({k: {kk: vv for kk, vv in v.items() if kk != "records"} for k, v in results.items()}, f, indent=1)
+    if args.docs:
+        curves = {n: read_loss(os.path.join(args.out, n, "loss.csv")) for n in names}
+        with open(os.path.join(args.docs, "ablation-loss.svg"), "w") as f:
+            f.write(loss_svg(curves, "Ablations: flow-matching loss (moving average of 25 steps)"))
+
+
+if __name__ == "__main__":
+    main()
