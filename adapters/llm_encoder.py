@@ -71,7 +71,7 @@ def load_llm(path: str, dtype: torch.dtype = torch.float32):
                        f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=dtype, trust_remote_code=False,
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False,
                                                      low_cpu_mem_usage=True, **kwargs)
     except Exception as e:
         raise LLMError(f"Cannot load the LLM weights of '{path}': {e}. The file may be truncated or corrupt; "
@@ -209,8 +209,13 @@ def report_blocks(model, on_block: Callable[[int, int], None] | None):
         yield
         return
     layers = decoder_layers(model)
-    handles = [layer.register_forward_hook(lambda m, a, o, i=i: on_block(i, len(layers)))
-               for i, layer in enumerate(layers)]
+
+    def after(i):
+        def hook(module, args, output):  # returns None: a hook's return value would replace the block's output
+            on_block(i, len(layers))
+        return hook
+
+    handles = [layer.register_forward_hook(after(i)) for i, layer in enumerate(layers)]
     try:
         yield
     finally:
@@ -230,10 +235,15 @@ def stream_blocks(model, compute_device: torch.device):
     resident = [m for name, m in model.get_decoder().named_children() if name != "layers"]
     for m in resident:  # embeddings, final norm, rotary tables: small next to the blocks
         m.to(compute_device)
+    def move_to(device):
+        def hook(module, *_):  # must return None: a hook's return value replaces the block's input/output
+            module.to(device)
+        return hook
+
     handles = []
     for layer in layers:
-        handles.append(layer.register_forward_pre_hook(lambda m, a: m.to(compute_device)))
-        handles.append(layer.register_forward_hook(lambda m, a, o: m.to(offload_device)))
+        handles.append(layer.register_forward_pre_hook(move_to(compute_device)))
+        handles.append(layer.register_forward_hook(move_to(offload_device)))
     try:
         yield
     finally:

@@ -20,12 +20,21 @@ def encoder_settings(llm_path: str, layers: str, instruction: str, max_tokens: i
             "chat_template": True, "max_tokens": max_tokens}
 
 
+def llm_fingerprint(llm_path: str) -> list:
+    """Which weights the features come from: the LLM's absolute path and the size and mtime of its files, so that
+    two LLMs with the same file or folder name never share cached features."""
+    path = os.path.abspath(llm_path)
+    files = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in sorted(os.listdir(path))]
+    return [path] + [[os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)] for f in files
+                     if os.path.isfile(f)]
+
+
 def caption_features(llm_path: str, captions: list[str], settings: dict, cache_dir: str,
                      batch_size: int = 16) -> tuple[list[torch.Tensor], int]:
     """Returns one [S, T_i, D] fp16 tensor per caption (prompt tokens only, the S layers that settings['layers']
     selects) and the LLM's hidden-state count. The cache holds every layer, so layer ablations share it."""
     cached = {k: v for k, v in settings.items() if k != "layers"}
-    key = hashlib.sha256(json.dumps([cached, captions]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([cached, captions, llm_fingerprint(llm_path)]).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"features-{settings['llm']}-{key}.safetensors")
     if not os.path.exists(path):
         _encode_to_cache(llm_path, captions, settings, path, batch_size)

@@ -227,7 +227,10 @@ def main(argv=None):
     step = 0
     if args.resume and os.path.isdir(ckpt):
         step = load_training_state(ckpt, model, ema, opt)
+        # continue the noise, dropout and data streams instead of replaying the first run's
         data.rng = random.Random(args.seed * 1_000_003 + step)
+        torch.manual_seed(args.seed * 1_000_003 + step)
+        random.seed(args.seed * 1_000_003 + step)
         accelerator.print(f"resumed from {ckpt} at step {step}")
     model, opt = accelerator.prepare(model, opt)
     raw = accelerator.unwrap_model(model)
@@ -237,11 +240,15 @@ def main(argv=None):
 
     log_path = os.path.join(args.out, "loss.csv")
     new_log = not (args.resume and os.path.exists(log_path))
+    if not new_log:  # drop rows logged after the checkpoint (a crash between two saves): they are redone
+        with open(log_path, newline="") as f:
+            rows = list(csv.reader(f))
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerows(rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step])
     log_file = open(log_path, "w" if new_log else "a", newline="")
     writer = csv.writer(log_file)
     if new_log:
         writer.writerow(["step", "loss", "lr", "samples_per_s", "heldout_accuracy"])
-    gen = torch.Generator(device="cpu").manual_seed(args.seed + step)
     bar = tqdm(total=args.steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     t0, seen = time.time(), 0
     while step < args.steps:

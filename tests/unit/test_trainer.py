@@ -1,0 +1,178 @@
+"""training/train_lidit.py, run in-process on tiny offline LLMs: artefacts, resume, layer selection, two LLMs."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adapters.checkpoint import load_adapter, load_lidit
+from adapters.conditioning import hidden_states_to_context
+from adapters.llm_encoder import INSTRUCTION_PRESETS, encode_prompts, load_llm
+from training.features import caption_features, encoder_settings
+from training.train_lidit import main
+
+TINY = ["--batch-size", "4", "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--context-dim", "16",
+        "--num-pairs", "5", "--save-every", "3", "--eval-samples", "2", "--resolution", "16", "--threads", "1"]
+
+
+def train(out, llms, steps: int, *extra: str) -> str:
+    argv = [a for path in llms for a in ("--llm", path)]
+    main(argv + ["--out", str(out), "--steps", str(steps), *TINY, *extra])
+    return str(out)
+
+
+def loss_rows(out: str) -> list[dict]:
+    with open(os.path.join(out, "loss.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def checkpoint_state(out: str) -> dict:
+    with open(os.path.join(out, "checkpoint", "state.json")) as f:
+        return json.load(f)
+
+
+def optimizer_steps(out: str) -> set[int]:
+    tensors = load_file(os.path.join(out, "checkpoint", "optimizer.safetensors"))
+    return {int(v.item()) for k, v in tensors.items() if k.endswith(".step")}
+
+
+@pytest.fixture(scope="module")
+def run6(tmp_path_factory, tiny_llm_dirs):
+    """Six steps on the tiny llama, checkpoints at 3 and 6."""
+    return train(tmp_path_factory.mktemp("run6") / "out", [tiny_llm_dirs["llama"]], 6)
+
+
+def test_loss_log(run6):
+    rows = loss_rows(run6)
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    assert all(float(r["loss"]) > 0 for r in rows)
+    # Held-out accuracy is measured at every checkpoint only.
+    assert [r["step"] for r in rows if r["heldout_accuracy"]] == ["3", "6"]
+    assert all(0 <= float(r["heldout_accuracy"]) <= 1 for r in rows if r["heldout_accuracy"])
+
+
+def test_training_checkpoint(run6):
+    files = set(os.listdir(os.path.join(run6, "checkpoint")))
+    assert {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json"} <= files
+    assert checkpoint_state(run6)["step"] == 6
+    assert optimizer_steps(run6) == {6}
+    assert not [f for f in os.listdir(run6) if f.endswith((".partial", ".old"))]
+
+
+def test_exported_model_and_adapter(run6, arch_specs):
+    model, info = load_lidit(os.path.join(run6, "lidit.safetensors"))
+    assert model.config.context_dims == (16,)
+    assert (model.config.hidden_size, model.config.depth, model.config.num_heads) == (32, 1, 2)
+    (encoder,) = info["text_encoders"]
+    assert encoder["llm"] == "llama" and encoder["layers"] == "all" and encoder["instruction"] == "li-dit"
+    assert encoder["adapter"] == "lidit-adapter.safetensors"
+    assert info["resolution"] == 16 and info["latent"] == "pixel_space"
+
+    adapter, meta = load_adapter(os.path.join(run6, encoder["adapter"]))
+    hidden, layers, _ = arch_specs["llama"]
+    assert (adapter.llm_hidden_size, adapter.num_hidden_states, adapter.context_dim) == (hidden, layers + 1, 16)
+    assert meta["llm"] == "llama" and json.loads(meta["encoder"])["layers"] == "all"
+
+    # The export is the EMA of the last checkpoint, stored in fp16.
+    ema = load_file(os.path.join(run6, "checkpoint", "ema.safetensors"))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ema[f"lidit.{k}"].half().float(), atol=0, rtol=0)
+    for k, v in adapter.state_dict().items():
+        torch.testing.assert_close(v, ema[f"adapters.0.{k}"], atol=0, rtol=0)
+
+
+def test_exported_model_runs_on_a_live_encoding(run6, tiny_llm_dirs):
+    """What the metadata says is enough to encode a new prompt and run the exported model on it."""
+    model, info = load_lidit(os.path.join(run6, "lidit.safetensors"))
+    (encoder,) = info["text_encoders"]
+    adapter, _ = load_adapter(os.path.join(run6, encoder["adapter"]))
+    llm, tok = load_llm(tiny_llm_dirs[encoder["llm"]])
+    enc = encode_prompts(llm, tok, ["a red circle in the center", ""], layers=encoder["layers"],
+                         instruction=INSTRUCTION_PRESETS[encoder["instruction"]],
+                         use_chat_template=encoder["chat_template"], max_tokens=encoder["max_tokens"])
+    with torch.no_grad():
+        context = hidden_states_to_context(enc.hidden_states, adapter)
+        out = model(torch.randn(2, 3, 16, 16), torch.tensor([0.5, 0.5]), [context], [enc.attention_mask])
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+
+
+def test_resume_continues_where_it_stopped(run6, tmp_path, tiny_llm_dirs, capsys):
+    out = shutil.copytree(run6, tmp_path / "out")
+    caches = sorted(os.listdir(os.path.join(out, "cache")))
+    capsys.readouterr()
+    train(out, [tiny_llm_dirs["llama"]], 8, "--resume")
+    assert "at step 6" in capsys.readouterr().out
+    rows = loss_rows(str(out))
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    # The first six rows are the original run's, untouched.
+    assert rows[:6] == loss_rows(run6)
+    assert checkpoint_state(str(out))["step"] == 8
+    assert optimizer_steps(str(out)) == {8}  # Adam's step count continued rather than restarted
+    assert sorted(os.listdir(os.path.join(out, "cache"))) == caches  # the LLM features were reused
+
+
+def test_resume_after_a_crash_does_not_duplicate_log_rows(tmp_path, tiny_llm_dirs):
+    """Killed after logging step 5 with the last checkpoint at step 3: resuming must not log steps 4-5 twice."""
+    llm = [tiny_llm_dirs["llama"]]
+    out = train(tmp_path / "out", llm, 3, "--eval-samples", "0")
+    at_step_3 = shutil.copytree(os.path.join(out, "checkpoint"), tmp_path / "checkpoint-3")
+    train(out, llm, 5, "--resume", "--eval-samples", "0")
+    shutil.rmtree(os.path.join(out, "checkpoint"))
+    shutil.copytree(at_step_3, os.path.join(out, "checkpoint"))  # the state a crash before step 6 leaves
+    train(out, llm, 6, "--resume", "--eval-samples", "0")
+    assert [int(r["step"]) for r in loss_rows(out)] == list(range(1, 7))
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path, tiny_llm_dirs):
+    out = train(tmp_path / "out", [tiny_llm_dirs["llama"]], 3, "--resume", "--eval-samples", "0")
+    assert [int(r["step"]) for r in loss_rows(out)] == [1, 2, 3]
+    assert checkpoint_state(out)["step"] == 3
+
+
+def test_single_layer_without_adapter(tmp_path, tiny_llm_dirs, arch_specs):
+    out = train(tmp_path / "out", [tiny_llm_dirs["llama"]], 3, "--layers", "-3", "--eval-samples", "0")
+    model, info = load_lidit(os.path.join(out, "lidit.safetensors"))
+    assert model.config.context_dims == (arch_specs["llama"][0],)
+    (encoder,) = info["text_encoders"]
+    assert encoder["layers"] == "-3" and encoder["adapter"] is None
+    assert not [f for f in os.listdir(out) if "adapter" in f]
+    assert not any(r["heldout_accuracy"] for r in loss_rows(out))
+
+
+def test_two_llms_use_the_collaborative_refiner(tmp_path, tiny_llm_dirs, arch_specs):
+    first, second = "llama", "qwen2"
+    assert arch_specs[first][0] != arch_specs[second][0]
+    out = train(tmp_path / "out", [tiny_llm_dirs[first], tiny_llm_dirs[second]], 3, "--eval-samples", "0")
+    model, info = load_lidit(os.path.join(out, "lidit.safetensors"))
+    assert model.config.context_dims == (16, 16) and model.config.fusion == "collaborative"
+    assert model.refiner.collaborate
+    # The branches' cross-attention gate starts at zero and is trained (fp32 training state; after three
+    # warm-up steps it is still too small for the fp16 export).
+    trained = load_file(os.path.join(out, "checkpoint", "model.safetensors"))
+    assert trained["lidit.refiner.cross_gate"].abs().sum() > 0
+    assert [e["llm"] for e in info["text_encoders"]] == [first, second]
+    for entry, arch in zip(info["text_encoders"], (first, second)):
+        adapter, meta = load_adapter(os.path.join(out, entry["adapter"]))
+        hidden, layers, _ = arch_specs[arch]
+        assert (adapter.llm_hidden_size, adapter.num_hidden_states) == (hidden, layers + 1)
+        assert meta["llm"] == arch
+    assert info["text_encoders"][0]["adapter"] != info["text_encoders"][1]["adapter"]
+
+
+def test_feature_cache_tells_llms_with_the_same_name_apart(tmp_path, tiny_llm_dirs):
+    """Two different LLMs whose folders share a name (a shared --cache-dir makes this likely) must not share
+    cached features."""
+    first = str(shutil.copytree(tiny_llm_dirs["llama"], tmp_path / "a" / "model"))
+    second = str(shutil.copytree(tiny_llm_dirs["qwen2"], tmp_path / "b" / "model"))
+    captions = ["a red circle", "two blue squares"]
+    cache = str(tmp_path / "cache")
+    for path in (first, second):
+        feats, num_states = caption_features(path, captions, encoder_settings(path, "all", "none", 16), cache)
+        model, _ = load_llm(path)
+        assert feats[0].shape[-1] == model.config.hidden_size
+        assert num_states == model.config.num_hidden_layers + 1
