@@ -29,11 +29,14 @@ class LIDiTConfig:
     refiner_causal: bool = False             # ablation: keep the LLM's causal mask inside the refiner
     fusion: str = "collaborative"            # "collaborative" | "concat" (several LLMs)
     pos_kernel_size: int = 3
+    pos_embed: str = "conv"                  # "conv" (LI-DiT) | "conv+sincos" (adds normalised 2D sin-cos)
 
     def __post_init__(self):
         self.context_dims = tuple(int(d) for d in self.context_dims)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.pos_embed not in ("conv", "conv+sincos"):
+            raise ValueError(f"pos_embed must be 'conv' or 'conv+sincos', not '{self.pos_embed}'")
         if self.fusion not in ("collaborative", "concat"):
             raise ValueError(f"fusion must be 'collaborative' or 'concat', not '{self.fusion}'")
 
@@ -194,6 +197,19 @@ class PositionResBlock(nn.Module):
         return x + self.conv2(F.silu(self.conv1(self.norm(x))))
 
 
+def sincos_2d(dim: int, gh: int, gw: int, device) -> torch.Tensor:
+    """[gh * gw, dim] sin-cos embedding of each patch's centre in normalised image coordinates (0..1), so a
+    position means the same place at every resolution."""
+    quarter = dim // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
+    ys = (torch.arange(gh, device=device, dtype=torch.float32) + 0.5) / gh * 16
+    xs = (torch.arange(gw, device=device, dtype=torch.float32) + 0.5) / gw * 16
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    y, x = y.reshape(-1, 1) * freqs, x.reshape(-1, 1) * freqs               # [N, quarter]
+    emb = torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)           # [N, 4 * quarter]
+    return F.pad(emb, (0, dim - emb.shape[1]))
+
+
 class LIDiTBlock(nn.Module):
     """self-attention -> cross-attention to LLM tokens -> FFN, each modulated by adaLN-Zero."""
 
@@ -264,6 +280,10 @@ class LIDiT(nn.Module):
         h = self.pos_block(self.x_embedder(x))                                 # [B, dim, h, w]
         gh, gw = h.shape[-2:]
         h = h.flatten(2).transpose(1, 2)                                        # [B, N, dim]
+        if self.config.pos_embed == "conv+sincos":
+            # At small token grids zero-padding cues reach the centre only through several convs; explicit
+            # normalised coordinates let a small model learn "left" or "top" in a few hundred steps.
+            h = h + sincos_2d(h.shape[-1], gh, gw, h.device).to(h.dtype)
 
         t_emb = self.t_embedder(t)
         context, context_mask = self.refiner(contexts, masks, t_emb)           # [B, T, dim]

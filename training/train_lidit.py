@@ -54,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--pos-kernel-size", type=int, default=5)
+    p.add_argument("--pos-embed", default="conv+sincos", choices=["conv", "conv+sincos"])
+    p.add_argument("--mix", default="0.5,0.35,0.15",
+                   help="shapes world: share of single-object, two-object and count scenes in a batch")
     p.add_argument("--refiner-depth", type=int, default=2)
     p.add_argument("--refiner-causal", action="store_true", help="ablation: keep the causal mask in the refiner")
     p.add_argument("--fusion", default="collaborative", choices=["collaborative", "concat"])
@@ -73,14 +76,19 @@ def parse_args(argv=None):
 
 
 class ShapesData:
-    def __init__(self, num_pairs: int, seed: int, resolution: int):
+    KINDS = ("single", "pair", "count")
+
+    def __init__(self, num_pairs: int, seed: int, resolution: int, mix: str = "0.5,0.35,0.15"):
         self.scenes = shapes_world.scene_pool("train", num_pairs, seed=0)
         self.captions = [s.caption for s in self.scenes] + [""]
         self.rng = random.Random(seed)
         self.resolution = resolution
+        self.by_kind = {k: [i for i, s in enumerate(self.scenes) if s.kind == k] for k in self.KINDS}
+        self.mix = [float(w) for w in mix.split(",")]
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, list[int]]:
-        idx = [self.rng.randrange(len(self.scenes)) for _ in range(batch_size)]
+        kinds = self.rng.choices(self.KINDS, weights=self.mix, k=batch_size)
+        idx = [self.rng.choice(self.by_kind[k]) for k in kinds]
         imgs = [shapes_world.render(shapes_world.layout_jitter(self.scenes[i], self.rng), self.resolution, self.rng)
                 for i in idx]
         return torch.stack(imgs) * 2 - 1, idx  # pixel space in [-1, 1], as ComfyUI's pixel_space VAE expects
@@ -198,7 +206,7 @@ def main(argv=None):
     random.seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
 
-    data = ShapesData(args.num_pairs, args.seed, args.resolution) if args.data == "shapes" else \
+    data = ShapesData(args.num_pairs, args.seed, args.resolution, args.mix) if args.data == "shapes" else \
         FolderData(args.data, args.seed, args.resolution)
     eval_captions = [s.caption for s in shapes_world.scene_pool("heldout", 0)] if args.data == "shapes" else []
     all_captions = list(dict.fromkeys(data.captions + eval_captions))
@@ -219,7 +227,8 @@ def main(argv=None):
             context_dims.append(S * D)
     config = LIDiTConfig(in_channels=3, patch_size=args.patch_size, hidden_size=args.hidden_size, depth=args.depth,
                          num_heads=args.num_heads, context_dims=tuple(context_dims), refiner_depth=args.refiner_depth,
-                         refiner_causal=args.refiner_causal, fusion=args.fusion, pos_kernel_size=args.pos_kernel_size)
+                         refiner_causal=args.refiner_causal, fusion=args.fusion, pos_kernel_size=args.pos_kernel_size,
+                         pos_embed=args.pos_embed)
     model = Trainable(LIDiT(config), adapters)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
