@@ -13,7 +13,8 @@ Variants, all on the same LLM weights and the same prompt(s):
   (b) encode     adapters.llm_encoder.encode_prompts(layers='all'): what LLM Prompt Encode runs (tokenising,
                  prefix, forward, cutting the prompt tokens out of all hidden states).
   (c) +adapter   (b) followed by a randomly initialised LLMDiffAdapter (context 128) through
-                 adapters.conditioning.hidden_states_to_context: the node's full output.
+                 adapters.conditioning.hidden_states_to_context: the node's full output (the adapter runs on
+                 the CPU on the float32 states, as in the node).
   (d) stream     (b) inside llm_encoder.stream_blocks: on the CPU this measures the hook overhead only; on CUDA
                  the weights stay in CPU memory and each block visits the GPU in turn (low-VRAM path).
   (e) offload    CUDA only: weights in CPU memory, `model.to(cuda)` before and `.to(cpu)` after every call (what
@@ -133,8 +134,9 @@ def run_variant(cfg: dict) -> dict:
     adapter = None
     if variant == "adapter":
         torch.manual_seed(0)
+        # On the CPU, as LLM Prompt Encode runs it (the adapter is never moved; encodings come back to the CPU).
         adapter = LLMDiffAdapter(model.config.hidden_size, llm_encoder.num_hidden_states(model), CONTEXT_DIM)
-        adapter.to(device).eval().requires_grad_(False)
+        adapter.eval().requires_grad_(False)
 
     def call():
         if variant == "plain":
@@ -158,6 +160,9 @@ def run_variant(cfg: dict) -> dict:
                 return hidden_states_to_context(enc.hidden_states.float(), adapter)
         return enc.hidden_states[0, :, :n0]
 
+    with torch.no_grad():  # page in memory-mapped weights now, or the first call's RSS growth is the model
+        for p in model.parameters():
+            p.sum()
     rss_loaded = _current_rss_kib()
     reset_ok = _reset_peak_rss()
     rss_before = _rss_kib()
@@ -208,6 +213,9 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--variants", default=None, help="comma list of " + ",".join(VARIANTS))
     p.add_argument("--no-convert", action="store_true", help="load the GGUF file in every variant process")
+    p.add_argument("--convert-dir", default=None,
+                   help="keep the dequantised fp32 folder here and reuse it on later runs (default: a temporary "
+                        "folder, deleted at the end)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup = 2, 1
@@ -234,18 +242,27 @@ def main(argv=None) -> dict:
     llm_path = args.llm
     try:
         if os.path.isfile(args.llm) and not args.no_convert:
-            tmp = tempfile.mkdtemp(prefix="bench_encode_llm_")
-            t0 = time.perf_counter()
-            in_fresh_process(_convert, args.llm, tmp)
-            print(f"dequantised {os.path.basename(args.llm)} to a temporary fp32 folder in "
-                  f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
-            llm_path = tmp
+            if args.convert_dir:
+                llm_path = args.convert_dir
+            else:
+                llm_path = tmp = tempfile.mkdtemp(prefix="bench_encode_llm_")
+            if not os.path.isfile(os.path.join(llm_path, "config.json")):
+                os.makedirs(llm_path, exist_ok=True)
+                t0 = time.perf_counter()
+                in_fresh_process(_convert, args.llm, llm_path)
+                print(f"dequantised {os.path.basename(args.llm)} to fp32 safetensors in {llm_path} in "
+                      f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
         results = {}
         for v in variants:
             cfg = dict(variant=v, llm=llm_path, device=args.device, dtype=args.dtype, prompts=args.prompt,
                        instruction=args.instruction, max_tokens=args.max_tokens, repeats=args.repeats,
                        warmup=args.warmup, threads=args.threads)
-            results[v] = in_fresh_process(run_variant, cfg)
+            try:
+                results[v] = in_fresh_process(run_variant, cfg)
+            except Exception as e:  # one broken path must not hide the others' numbers
+                results[v] = {"variant": v, "error": f"{type(e).__name__}: {e}"}
+                print(f"{VARIANTS[v]}: FAILED {results[v]['error']}", file=sys.stderr)
+                continue
             print(f"{VARIANTS[v]}: median {statistics.median(results[v]['times_ms']):.1f} ms", file=sys.stderr)
     finally:
         if tmp:
@@ -256,9 +273,12 @@ def main(argv=None) -> dict:
 
 
 def print_table(args, results: dict) -> None:
-    first = next(iter(results.values()))
-    base = statistics.median(results["plain"]["times_ms"]) if "plain" in results else None
-    ref = results.get("plain", {}).get("states")
+    ok = {v: r for v, r in results.items() if "error" not in r}
+    if not ok:
+        raise SystemExit("every variant failed: " + "; ".join(r["error"] for r in results.values()))
+    first = next(iter(ok.values()))
+    base = statistics.median(ok["plain"]["times_ms"]) if "plain" in ok else None
+    ref = ok.get("plain", {}).get("states")
     print(f"\n### Prompt encoding: {os.path.basename(args.llm.rstrip('/'))} on {args.device} ({args.dtype}, "
           f"{torch.get_num_threads() if not args.threads else args.threads} threads)\n")
     print(f"{len(args.prompt)} prompt(s), {first['tokens']} tokens per forward ({first['prefix_tokens']} "
@@ -271,6 +291,10 @@ def print_table(args, results: dict) -> None:
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|")
     for v, r in results.items():
+        if "error" in r:
+            msg = r["error"].splitlines()[0][:120].replace("|", "/")
+            print("| " + " | ".join([VARIANTS[v], "failed"] + ["-"] * (len(head) - 3) + [msg]) + " |")
+            continue
         med = statistics.median(r["times_ms"])
         ratio = f"{med / base:.2f}x" if base else "-"
         rss = f"{r['rss_growth_mib']:.1f}" + ("" if r["rss_reset"] else "*")
@@ -285,7 +309,7 @@ def print_table(args, results: dict) -> None:
         print("| " + " | ".join(row) + " |")
     print(f"\nRSS with the LLM loaded: {first['rss_loaded_mib']:.0f} MiB. Output: hidden states [S, T, D] of the "
           "first prompt's tokens ((c): adapter context [B, T, 128]).")
-    if not all(r["rss_reset"] for r in results.values()):
+    if not all(r["rss_reset"] for r in ok.values()):
         print("* the peak RSS could not be reset after loading; the load peak may hide the forward's.")
 
 

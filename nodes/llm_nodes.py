@@ -41,6 +41,9 @@ class LoadedLLM:
         self.patcher = comfy.model_patcher.ModelPatcher(LLMModule(hf_model), load_device=load_device,
                                                         offload_device=mm.text_encoder_offload_device())
         self.device_policy = device_policy
+        # Identical (text, options, adapter) are not encoded twice, also across workflows that differ elsewhere;
+        # the cache lives and dies with this LLM.
+        self.encodings: OrderedDict = OrderedDict()
 
     @property
     def num_hidden_states(self) -> int:
@@ -137,9 +140,7 @@ class LLMAdapterLoader(io.ComfyNode):
         return io.NodeOutput(adapter.eval().requires_grad_(False))
 
 
-# Identical (model, text, options) are not encoded twice, also across workflows that differ elsewhere.
-_ENCODING_CACHE: OrderedDict = OrderedDict()
-_ENCODING_CACHE_SIZE = 16
+ENCODING_CACHE_SIZE = 16
 
 
 class LLMPromptEncode(io.ComfyNode):
@@ -182,10 +183,10 @@ class LLMPromptEncode(io.ComfyNode):
         options = dict(instruction=custom_instruction.strip() if instruction == "custom"
                        else llm_encoder.INSTRUCTION_PRESETS[instruction],
                        use_chat_template=chat_template, layers=layers, max_tokens=max_tokens)
-        key = (id(llm), id(adapter), text, tuple(sorted(options.items())))
-        if key in _ENCODING_CACHE:
-            _ENCODING_CACHE.move_to_end(key)
-            return io.NodeOutput(_ENCODING_CACHE[key])
+        key = (id(adapter), text, tuple(sorted(options.items())))
+        if key in llm.encodings:
+            llm.encodings.move_to_end(key)
+            return io.NodeOutput(llm.encodings[key][1])
 
         pbar = comfy.utils.ProgressBar(llm.num_hidden_states - 1)
 
@@ -199,9 +200,9 @@ class LLMPromptEncode(io.ComfyNode):
         info = {"llm": llm.name, "layers": enc.layers, "adapter": getattr(adapter, "name", None),
                 "truncated_tokens": enc.truncated[0]}
         cond = [[context.float().cpu(), {"attention_mask": enc.attention_mask.cpu(), "llm_encoding": info}]]
-        _ENCODING_CACHE[key] = cond
-        while len(_ENCODING_CACHE) > _ENCODING_CACHE_SIZE:
-            _ENCODING_CACHE.popitem(last=False)
+        llm.encodings[key] = (adapter, cond)  # holding the adapter keeps its id from being reused
+        while len(llm.encodings) > ENCODING_CACHE_SIZE:
+            llm.encodings.popitem(last=False)
         return io.NodeOutput(cond)
 
 

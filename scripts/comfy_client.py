@@ -31,8 +31,8 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, output_dir: str, port: int | None = None, log_path: str | None = None,
-                 extra_args: list[str] | None = None):
-        self.extra_args = list(extra_args or [])
+                 extra_args: list[str] | None = None, cpu: bool = True):
+        self.extra_args = list(extra_args or []) + (["--cpu"] if cpu else [])
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.output_dir = output_dir
@@ -42,7 +42,7 @@ class ComfyServer:
     def start(self, timeout: float = 180) -> "ComfyServer":
         os.makedirs(self.output_dir, exist_ok=True)
         self._log = open(self.log_path, "w")
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
                "--output-directory", self.output_dir, "--disable-auto-launch", *self.extra_args]
         self.proc = subprocess.Popen(cmd, cwd=COMFY_DIR, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

@@ -1,0 +1,403 @@
+"""Prompt-following evaluation of an LI-DiT checkpoint on the shapes world (GenEval-style).
+
+Run from the repository root:
+
+    .venv/bin/python evaluation/evaluate.py                                   # the default model
+    .venv/bin/python evaluation/evaluate.py --model runs/x/x.safetensors --images-per-prompt 4 \\
+        --save-grid out/grid.png --json out/eval.json
+    .venv/bin/python evaluation/evaluate.py --model /tmp/run_smoke/smoke.safetensors --limit 1 \\
+        --images-per-prompt 1                                                 # 4 prompts: a smoke test
+
+From Python (an ablation driver): `from evaluation.evaluate import evaluate` (repository root on sys.path),
+`result = evaluate("runs/x/x.safetensors", images_per_prompt=4)`; pass the same `feature_cache={}` dict to several
+calls to encode each caption once per LLM and instruction (every layer is kept, so layer ablations share it).
+
+What it does. The checkpoint's metadata (`text_encoders`) names, per LLM stream, the LLM file, its layers,
+instruction, chat template, max_tokens and LLM Diff Adapter. The LLM is looked up in --llm-dir (default
+.comfyui/models/LLM, then .cache), the adapter next to the model file or in models/llm_adapters. Every caption
+(and the empty, unconditional caption) is encoded as the trainer does (training/features.py: batches of 16 through
+adapters.llm_encoder.encode_prompts, prompt tokens kept in fp16); nothing is written to disk unless --cache-dir
+is given. Images are sampled with adapters.lidit.sample_euler (default 20 steps, CFG 3); image k of every prompt
+starts from the same noise (seed + k), so categories and models are compared on equal noise. Each image is
+scored by adapters.shapes_world.check against the scene its caption was made from.
+
+Prompt sets:
+  single   held-out single objects (colour, shape, position never seen together in training)
+  pair     held-out two-object captions (at least one object is a held-out triple)
+  count    "two/three <colour> <shape>s" for a few colours and shapes
+  binding  attribute binding: two objects of different colours and different shapes, each caption together
+           with its colour-swapped twin ("a red circle ... and a blue square ..." / "a blue circle ... and a red
+           square ..."), captions seen in training left out; only correct binding passes both
+
+Table 1, accuracy (share of images that pass): colour = an object of every asked colour exists; shape = the
+object in the asked cell has the asked outline; position = an object of the asked colour sits in the asked cell;
+count = as many objects of the colour as asked; overall = every criterion that applies. The last rows are the
+share over all images and the mean of the category accuracies (GenEval's overall).
+
+Table 2, LI-DiT's positional-bias test: in each two-object image, the first-mentioned and the second-mentioned
+object are checked on their own as single objects (colour + position + shape). A causal LLM encodes the second
+object with the first in its context but not the other way round; a model that inherits that bias follows the
+first-mentioned object better (gap > 0). The token refiner's bidirectional attention is meant to close the gap.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from adapters import shapes_world  # noqa: E402
+from adapters.checkpoint import load_adapter, load_lidit  # noqa: E402
+from adapters.conditioning import hidden_states_to_context  # noqa: E402
+from adapters.lidit import sample_euler  # noqa: E402
+from adapters.llm_encoder import INSTRUCTION_PRESETS, encode_prompts, load_llm, parse_layers  # noqa: E402
+from adapters.shapes_world import COLORS, POSITIONS, SHAPES, Scene, ShapeObject  # noqa: E402
+
+DEFAULT_MODEL = os.path.join(ROOT, "models", "lidit", "lidit-shapes-smollm2.safetensors")
+DEFAULT_LLM_DIRS = [os.path.join(ROOT, ".comfyui", "models", "LLM"), os.path.join(ROOT, ".cache")]
+ADAPTER_DIRS = [os.path.join(ROOT, "models", "llm_adapters"), os.path.join(ROOT, ".comfyui", "models", "llm_adapters")]
+COUNT_SPECS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]
+CATEGORIES = ("single", "pair", "count", "binding")
+CRITERIA = ("color", "shape", "position", "count", "overall")
+ENCODER_KEYS = ("llm", "layers", "instruction", "chat_template", "max_tokens")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt sets
+
+
+def binding_scenes(num: int, seed: int = 0, exclude: set[str] | None = None) -> list[Scene]:
+    """`num` captions in colour-swapped twins: objects of different colours and shapes in different cells."""
+    rng = random.Random(seed + 7)
+    exclude = exclude or set()
+    out, seen = [], set()
+    cells = list(POSITIONS)
+    for _ in range(num * 100):
+        if len(out) >= num:
+            break
+        c1, c2 = rng.sample(list(COLORS), 2)
+        s1, s2 = rng.sample(SHAPES, 2)
+        p1, p2 = rng.sample(cells, 2)
+        twin = [shapes_world.pair_scene(ShapeObject(c1, s1, p1), ShapeObject(c2, s2, p2)),
+                shapes_world.pair_scene(ShapeObject(c2, s1, p1), ShapeObject(c1, s2, p2))]
+        if any(s.caption in seen or s.caption in exclude for s in twin):
+            continue
+        seen.update(s.caption for s in twin)
+        out.extend(twin)
+    return out[:num]
+
+
+def prompt_sets(num_pairs: int = 32, num_binding: int = 16, limit: int | None = None, seed: int = 0,
+                train_pairs: int = 600) -> dict[str, list[Scene]]:
+    pool = shapes_world.scene_pool("heldout", num_pairs)
+    rng = random.Random(seed + 3)
+    counts = [shapes_world.count_scene(c, s, rng.sample(list(POSITIONS), n))
+              for c, s in COUNT_SPECS for n in sorted(shapes_world.NUMBERS)]
+    train = {s.caption for s in shapes_world.scene_pool("train", train_pairs)}
+    sets = {"single": [s for s in pool if s.kind == "single"], "pair": [s for s in pool if s.kind == "pair"],
+            "count": counts, "binding": [Scene(s.objects, s.caption, "binding")
+                                         for s in binding_scenes(num_binding, seed, exclude=train)]}
+    if limit is not None:
+        sets = {k: v[:limit] for k, v in sets.items()}
+    return sets
+
+
+def as_checked(scene: Scene) -> Scene:
+    """The checker knows single / pair / count; a binding caption is checked as the pair it is."""
+    return Scene(scene.objects, scene.caption, "pair") if scene.kind == "binding" else scene
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def find_llm(name: str, llm_dirs: list[str]) -> str:
+    for d in llm_dirs:
+        path = os.path.join(d, name)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"LLM '{name}' (named in the model's metadata) is not in {llm_dirs}; pass --llm-dir.")
+
+
+def find_adapter(name: str, model_path: str) -> str:
+    for d in [os.path.dirname(os.path.abspath(model_path))] + ADAPTER_DIRS:
+        path = os.path.join(d, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"Adapter '{name}' (named in the model's metadata) is neither next to "
+                            f"'{model_path}' nor in {ADAPTER_DIRS}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode_captions(llm_path: str, settings: dict, captions: list[str], device: torch.device,
+                    cache_dir: str | None = None, batch_size: int = 16) -> tuple[dict[str, torch.Tensor], int]:
+    """caption -> [L+1, T_i, D] fp16 (every hidden state of the prompt tokens), batched as training/features.py
+    does, and the number of hidden states. With cache_dir, training.features.caption_features (and its cache)."""
+    if cache_dir:
+        from training.features import caption_features
+        feats, num_states = caption_features(llm_path, captions, {**settings, "layers": "all"}, cache_dir,
+                                             batch_size)
+        return dict(zip(captions, feats)), num_states
+    model, tokenizer = load_llm(llm_path)
+    model.to(device)
+    out = {}
+    for start in range(0, len(captions), batch_size):
+        batch = captions[start:start + batch_size]
+        enc = encode_prompts(model, tokenizer, batch, instruction=INSTRUCTION_PRESETS[settings["instruction"]],
+                             use_chat_template=settings["chat_template"], layers="all",
+                             max_tokens=settings["max_tokens"], device=device)
+        for b, caption in enumerate(batch):
+            n = int(enc.attention_mask[b].sum())
+            out[caption] = enc.hidden_states[b, :, :n].to(torch.float16).clone()
+    num_states = len(enc.layers)
+    del model
+    gc.collect()
+    return out, num_states
+
+
+def collate(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    from training.features import collate as _collate
+    return _collate(features)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(model_path: str = DEFAULT_MODEL, *, num_pairs: int = 32, num_binding: int = 16,
+             images_per_prompt: int = 4, steps: int = 20, cfg: float = 3.0, seed: int = 0,
+             llm_dirs: list[str] | None = None, device: str | torch.device | None = None, batch_size: int = 64,
+             limit: int | None = None, cache_dir: str | None = None, feature_cache: dict | None = None,
+             save_grid: str | None = None, json_path: str | None = None, oracle: bool = False,
+             log=None) -> dict:
+    """Samples and scores every prompt set; returns (and optionally writes as JSON) the results dict:
+    categories[cat][criterion] and positional_bias[cat]{first, second, gap, both} accuracies, overall,
+    overall_mean, per-image records and timings.
+
+    oracle=True scores renders of the scenes themselves (with the training data's jitter) instead of samples: the
+    checker's ceiling, no LLM and no model weights needed (model_path may then be None).
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    llm_dirs = llm_dirs or DEFAULT_LLM_DIRS
+    feature_cache = {} if feature_cache is None else feature_cache
+    timings = {}
+
+    if oracle:
+        model, info = None, {"text_encoders": [], "resolution": 32}
+        if model_path and os.path.isfile(model_path):
+            from adapters.checkpoint import read_metadata
+            info.update({k: json.loads(v) for k, v in read_metadata(model_path, "li-dit").items() if k != "format"})
+    else:
+        model, info = load_lidit(model_path)
+        model.eval().requires_grad_(False).to(device)
+        latent = info.get("latent", "pixel_space")
+        if latent != "pixel_space" or model.config.in_channels != 3:
+            raise ValueError(f"'{model_path}' works in '{latent}' space; this evaluation scores pixel-space "
+                             "models.")
+    resolution = int(info.get("resolution", 32))
+    train_pairs = int((info.get("training") or {}).get("num_pairs", 600))
+    sets = prompt_sets(num_pairs, num_binding, limit, seed, train_pairs)
+    scenes = [s for cat in CATEGORIES for s in sets[cat]]
+    captions = list(dict.fromkeys([s.caption for s in scenes] + [""]))
+    name = "oracle renders" if oracle else os.path.basename(model_path)
+    log(f"evaluating {name}: " + ", ".join(f"{len(sets[c])} {c}" for c in CATEGORIES)
+        + f" prompts x {images_per_prompt} images, {steps} steps, cfg {cfg:g}, on {device}")
+
+    # Text encodings, one LLM (and adapter) per stream.
+    t0 = time.perf_counter()
+    streams = []
+    for entry in [] if oracle else info["text_encoders"]:
+        settings = {k: entry[k] for k in ENCODER_KEYS}
+        key = json.dumps({k: v for k, v in settings.items() if k != "layers"}, sort_keys=True)
+        cached = feature_cache.setdefault(key, {"features": {}, "num_states": None})
+        missing = [c for c in captions if c not in cached["features"]]
+        if missing:
+            llm_path = find_llm(settings["llm"], llm_dirs)
+            log(f"encoding {len(missing)} captions with {settings['llm']}")
+            feats, cached["num_states"] = encode_captions(llm_path, settings, missing, device, cache_dir)
+            cached["features"].update(feats)
+        picked = parse_layers(settings["layers"], cached["num_states"])
+        have = {c: cached["features"][c][picked] for c in captions}
+        adapter = None
+        if entry.get("adapter"):
+            adapter, _ = load_adapter(find_adapter(entry["adapter"], model_path))
+            adapter.eval().requires_grad_(False).to(device)
+        streams.append((have, adapter))
+    timings["encode_s"] = time.perf_counter() - t0
+
+    def contexts(batch_captions: list[str]):
+        ctx, masks = [], []
+        for feats, adapter in streams:
+            hidden, mask = collate([feats[c] for c in batch_captions])
+            with torch.no_grad():
+                ctx.append(hidden_states_to_context(hidden.to(device), adapter))
+            masks.append(mask.to(device))
+        return ctx, masks
+
+    # Sampling: image k of every prompt starts from the same noise.
+    t0 = time.perf_counter()
+    jobs = [(i, k) for i in range(len(scenes)) for k in range(images_per_prompt)]
+    images = [None] * len(jobs)
+    if oracle:
+        for j, (i, k) in enumerate(jobs):
+            rng = random.Random((seed + k) * 1_000_003 + i)
+            images[j] = shapes_world.render(as_checked(scenes[i]), resolution, rng)
+    else:
+        noise = [torch.randn(model.config.in_channels, resolution, resolution,
+                             generator=torch.Generator().manual_seed(seed + k)) for k in range(images_per_prompt)]
+    for start in range(0, 0 if oracle else len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        batch_captions = [scenes[i].caption for i, _ in chunk]
+        ctx, masks = contexts(batch_captions)
+        uctx, umasks = contexts([""] * len(chunk))
+        x = torch.stack([noise[k] for _, k in chunk]).to(device)
+        with torch.no_grad():
+            x = sample_euler(model, x, ctx, masks, steps=steps, cfg=cfg, uncond_contexts=uctx, uncond_masks=umasks)
+        imgs = ((x.float().cpu() + 1) / 2).clamp(0, 1)
+        for j in range(len(chunk)):
+            images[start + j] = imgs[j]
+        log(f"sampled {min(start + batch_size, len(jobs))}/{len(jobs)} images")
+    timings["sample_s"] = time.perf_counter() - t0
+
+    # Scoring.
+    t0 = time.perf_counter()
+    records = []
+    for (i, k), img in zip(jobs, images):
+        scene = scenes[i]
+        rec = {"category": scene.kind, "caption": scene.caption, "image": k,
+               "result": shapes_world.check(img, as_checked(scene))}
+        if len(scene.objects) == 2 and scene.kind != "count":
+            for which, obj in zip(("first", "second"), scene.objects):
+                rec[which] = shapes_world.check(img, Scene((obj,), "", "single"))["overall"]
+        records.append(rec)
+    timings["score_s"] = time.perf_counter() - t0
+
+    result = {"model": "oracle renders" if oracle else os.path.abspath(model_path),
+              "text_encoders": info["text_encoders"],
+              "settings": {"num_pairs": num_pairs, "num_binding": num_binding, "limit": limit,
+                           "images_per_prompt": images_per_prompt, "steps": steps, "cfg": cfg, "seed": seed,
+                           "resolution": resolution, "device": str(device), "oracle": oracle},
+              "categories": {}, "positional_bias": {}, "timings": timings, "records": records}
+    for cat in CATEGORIES:
+        recs = [r for r in records if r["category"] == cat]
+        if not recs:
+            continue
+        row = {"prompts": len(sets[cat]), "images": len(recs)}
+        for crit in CRITERIA:
+            vals = [r["result"][crit] for r in recs if crit in r["result"]]
+            if vals:
+                row[crit] = sum(vals) / len(vals)
+        result["categories"][cat] = row
+    result["overall"] = sum(r["result"]["overall"] for r in records) / max(1, len(records))
+    cats = result["categories"].values()
+    result["overall_mean"] = sum(c["overall"] for c in cats) / max(1, len(cats))
+    for name, wanted in (("pair", {"pair"}), ("binding", {"binding"}), ("all two-object", {"pair", "binding"})):
+        recs = [r for r in records if r["category"] in wanted and "first" in r]
+        if not recs:
+            continue
+        first = sum(r["first"] for r in recs) / len(recs)
+        second = sum(r["second"] for r in recs) / len(recs)
+        result["positional_bias"][name] = {
+            "prompts": len({r["caption"] for r in recs}), "images": len(recs), "first": first, "second": second,
+            "gap": first - second, "both": sum(r["first"] and r["second"] for r in recs) / len(recs)}
+
+    if save_grid:
+        from torchvision.utils import save_image
+        os.makedirs(os.path.dirname(os.path.abspath(save_grid)), exist_ok=True)
+        grid = F.interpolate(torch.stack(images), size=(64, 64), mode="nearest")
+        save_image(grid, save_grid, nrow=images_per_prompt * max(1, 8 // images_per_prompt), padding=2,
+                   pad_value=0.5)
+        with open(os.path.splitext(save_grid)[0] + ".txt", "w") as f:
+            f.write("".join(f"{scenes[i].kind}\t{scenes[i].caption}\n" for i in range(len(scenes))))
+        result["grid"] = os.path.abspath(save_grid)
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def format_tables(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"### Prompt following: {os.path.basename(result['model'])}", "",
+             (f"{s['images_per_prompt']} render(s) per prompt (the checker's ceiling)" if s.get("oracle") else
+              f"{s['images_per_prompt']} image(s) per prompt, Euler {s['steps']} steps, CFG {s['cfg']:g}")
+             + f", seed {s['seed']}, {s['resolution']} px; accuracy in % of images.", "",
+             "| category | prompts | images | colour | shape | position | count | overall |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for cat, row in result["categories"].items():
+        lines.append(f"| {cat} | {row['prompts']} | {row['images']} | "
+                     + " | ".join(_pct(row.get(c)) for c in CRITERIA) + " |")
+    n = sum(r["images"] for r in result["categories"].values())
+    lines.append(f"| **overall (all images)** | | {n} | | | | | **{_pct(result['overall'])}** |")
+    lines.append(f"| **overall (mean of categories)** | | | | | | | **{_pct(result['overall_mean'])}** |")
+    if result["positional_bias"]:
+        lines += ["", "### Positional bias: each object of a two-object prompt checked alone "
+                      "(colour + position + shape)", "",
+                  "| set | prompts | images | first-mentioned | second-mentioned | gap (first - second) | both |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, row in result["positional_bias"].items():
+            lines.append(f"| {name} | {row['prompts']} | {row['images']} | {_pct(row['first'])} | "
+                         f"{_pct(row['second'])} | {100 * row['gap']:+.1f} | {_pct(row['both'])} |")
+    t = result["timings"]
+    lines += ["", f"encode {t['encode_s']:.1f}s, sample {t['sample_s']:.1f}s, score {t['score_s']:.1f}s"]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="LI-DiT .safetensors")
+    p.add_argument("--num-pairs", type=int, default=32, help="held-out two-object prompts")
+    p.add_argument("--num-binding", type=int, default=16, help="attribute-binding prompts (colour-swapped twins)")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0, help="image k of every prompt starts from noise seed + k")
+    p.add_argument("--limit", type=int, default=None, help="at most this many prompts per category (quick runs)")
+    p.add_argument("--llm-dir", action="append", default=None,
+                   help="where the LLM files named in the metadata are (repeat; default: .comfyui/models/LLM, "
+                        ".cache)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=64, help="images sampled together")
+    p.add_argument("--cache-dir", default=None, help="cache the LLM features here (default: cache nothing)")
+    p.add_argument("--save-grid", default=None, help="PNG grid of the images (64 px each), prompts in PATH.txt")
+    p.add_argument("--json", default=None, help="write the results (with per-image records) here")
+    p.add_argument("--oracle", action="store_true",
+                   help="score renders of the scenes instead of samples: the checker's ceiling (no LLM, no model)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = evaluate(args.model, num_pairs=args.num_pairs, num_binding=args.num_binding,
+                      images_per_prompt=args.images_per_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
+                      llm_dirs=args.llm_dir, device=args.device, batch_size=args.batch_size, limit=args.limit,
+                      cache_dir=args.cache_dir, save_grid=args.save_grid, json_path=args.json,
+                      oracle=args.oracle)
+    print(format_tables(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
