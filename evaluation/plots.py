@@ -52,3 +52,17 @@ def loss_svg(curves: dict[str, tuple[list[int], list[float]]], title: str, width
         parts.append(f'<text x="{width - right + 34}" y="{ly + 4}">{name}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def main(argv=None) -> None:
+    """python -m evaluation.plots OUT.svg NAME=loss.csv [NAME=loss.csv ...]"""
+    import sys
+    args = argv if argv is not None else sys.argv[1:]
+    out, runs = args[0], [a.split("=", 1) for a in args[1:]]
+    with open(out, "w") as f:
+        f.write(loss_svg({name: read_loss(path) for name, path in runs},
+                         "Flow-matching loss (moving average of 25 steps)"))
+
+
+if __name__ == "__main__":
+    main()

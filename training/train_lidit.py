@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--context-dim", type=int, default=128, help="adapter output size")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance")
     p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--export-weights", default="ema", choices=["ema", "raw"],
+                   help="which weights go into the exported model files")
     p.add_argument("--num-pairs", type=int, default=600, help="shapes world: two-object captions in the pool")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--eval-samples", type=int, default=24)
@@ -295,15 +297,16 @@ def main(argv=None):
     log_file.close()
 
     if accelerator.is_main_process:
+        export = ema if args.export_weights == "ema" else raw
         text_encoders = []
         for i, (s, use_adapter) in enumerate(zip(settings, raw.has_adapter)):
             entry = dict(s)
             entry["adapter"] = f"{args.name}-adapter{'' if i == 0 else i}.safetensors" if use_adapter else None
             if use_adapter:
-                save_adapter(os.path.join(args.out, entry["adapter"]), ema.adapters[i], s["llm"],
+                save_adapter(os.path.join(args.out, entry["adapter"]), export.adapters[i], s["llm"],
                              extra={"encoder": s})
             text_encoders.append(entry)
-        save_lidit(os.path.join(args.out, f"{args.name}.safetensors"), ema.lidit, text_encoders,
+        save_lidit(os.path.join(args.out, f"{args.name}.safetensors"), export.lidit, text_encoders,
                    extra={"latent": "pixel_space", "resolution": args.resolution, "training": vars(args)})
         accelerator.print(f"wrote {args.out}/{args.name}.safetensors")
 
