@@ -62,6 +62,7 @@ from adapters.conditioning import hidden_states_to_context  # noqa: E402
 from adapters.lidit import sample_euler  # noqa: E402
 from adapters.llm_encoder import INSTRUCTION_PRESETS, encode_prompts, load_llm, parse_layers  # noqa: E402
 from adapters.shapes_world import COLORS, POSITIONS, SHAPES, Scene, ShapeObject  # noqa: E402
+from training.features import collate  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(ROOT, "models", "lidit", "lidit-shapes-smollm2.safetensors")
 DEFAULT_LLM_DIRS = [os.path.join(ROOT, ".comfyui", "models", "LLM"), os.path.join(ROOT, ".cache")]
@@ -166,11 +167,6 @@ def encode_captions(llm_path: str, settings: dict, captions: list[str], device: 
     del model
     gc.collect()
     return out, num_states
-
-
-def collate(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    from training.features import collate as _collate
-    return _collate(features)
 
 
 # ---------------------------------------------------------------------------------------------------------------
