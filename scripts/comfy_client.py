@@ -90,7 +90,8 @@ class ComfyServer:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
-                return json.loads(r.read())
+                body = r.read()
+                return json.loads(body) if body.strip() else None  # /interrupt answers with no body
         except urllib.error.HTTPError as e:
             raise WorkflowError(f"POST {path} failed ({e.code}): {e.read().decode(errors='replace')}") from e
 
