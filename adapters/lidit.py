@@ -9,7 +9,7 @@ so any resolution works. Trained as a flow-matching velocity field: x_t = (1 - t
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn

@@ -355,7 +355,7 @@ def main(argv=None) -> None:
         if model is None:
             model = LIDiT(default_config(training_defaults().context_dim))
         rows = preset_flops(args, model)
-        print(f"### (c) Forward FLOPs per image (counted on the meta device, not timed)\n")
+        print("### (c) Forward FLOPs per image (counted on the meta device, not timed)\n")
         table(["model", "image", "text tokens", "GFLOP / forward", "vs (a)'s model"], rows, numeric_from=3)
         print(f"A {args.steps}-step sample with CFG costs 2 x {args.steps} forwards.")
 
