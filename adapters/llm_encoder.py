@@ -8,6 +8,7 @@ tokens condition them through causal attention and are then cut off.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -52,8 +53,58 @@ def check_weights_path(path: str) -> None:
             raise LLMError(f"'{path}' has no .safetensors weights.{hint} Convert the weights to safetensors.")
 
 
-def load_llm(path: str, dtype: torch.dtype = torch.float32):
-    """Returns (causal LM, tokenizer) on the CPU; GGUF weights are dequantized to `dtype`."""
+def load_llm(path: str, dtype: torch.dtype = torch.float32, gguf_cache: str | None = None):
+    """Returns (causal LM, tokenizer) on the CPU; GGUF weights are dequantized to `dtype`.
+
+    gguf_cache: a folder where a GGUF file is kept converted (safetensors, in `dtype`, with its tokenizer), so
+    that later loads skip transformers' GGUF parsing, which takes about a minute even for a 135M model. The cache
+    entry is keyed by the file's path, size and mtime and the transformers version; it costs the disk space of
+    the model in `dtype`.
+    """
+    check_weights_path(path)
+    if gguf_cache and os.path.isfile(path):
+        converted = _converted_gguf_path(path, dtype, gguf_cache)
+        if os.path.isdir(converted):
+            try:
+                return _load_llm(converted, dtype)
+            except LLMError as e:  # a damaged cache entry is rebuilt from the GGUF file
+                log.warning("Ignoring the converted copy of %s (%s); converting again.", path, e)
+                import shutil
+                shutil.rmtree(converted, ignore_errors=True)
+        model, tokenizer = _load_llm(path, dtype)
+        _save_converted(model, tokenizer, converted)
+        return model, tokenizer
+    return _load_llm(path, dtype)
+
+
+def _converted_gguf_path(path: str, dtype: torch.dtype, cache: str) -> str:
+    import hashlib
+
+    import transformers
+
+    st = os.stat(path)
+    key = json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns, transformers.__version__, str(dtype)])
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join(cache, f"{stem}-{str(dtype).removeprefix('torch.')}-"
+                               f"{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+
+
+def _save_converted(model, tokenizer, folder: str) -> None:
+    import shutil
+
+    partial = f"{folder}.partial-{os.getpid()}"
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, folder)
+        log.info("Kept a converted copy of the GGUF file in %s for faster loads.", folder)
+    except OSError as e:  # a full disk or read-only cache costs speed next time, never this load
+        log.warning("Could not keep a converted copy of the GGUF file in %s: %s", folder, e)
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _load_llm(path: str, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_weights_path(path)

@@ -114,7 +114,8 @@ class LLMLoader(io.ComfyNode):
         if llm_name not in entries:
             raise llm_encoder.LLMError(f"LLM '{llm_name}' not found in {folder_paths.get_folder_paths('LLM')}. "
                                        "Put the .gguf file or model folder there and refresh.")
-        hf_model, tokenizer = llm_encoder.load_llm(entries[llm_name], pick_dtype(dtype, device))
+        hf_model, tokenizer = llm_encoder.load_llm(entries[llm_name], pick_dtype(dtype, device),
+                                                   gguf_cache=model_folders.gguf_cache())
         return io.NodeOutput(LoadedLLM(llm_name, hf_model, tokenizer, device))
 
 

@@ -61,3 +61,8 @@ def llm_entries() -> dict[str, str]:
                     name = f if rel == "." else f"{rel}/{f}".replace(os.sep, "/")
                     found.setdefault(name, os.path.join(dirpath, f))
     return dict(sorted(found.items()))
+
+
+def gguf_cache() -> str:
+    """Where GGUF files are kept converted to safetensors (ComfyUI's system cache, not served over HTTP)."""
+    return os.path.join(folder_paths.get_system_user_directory("cache"), "llm_diffusion", "gguf")

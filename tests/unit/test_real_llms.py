@@ -13,9 +13,14 @@ GEMMA3 = os.path.join(ROOT, ".cache", "gemma-3-270m.Q4_K_M.gguf")
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def gguf_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("gguf_cache"))
+
+
+@pytest.fixture(scope="module")
+def smollm2(gguf_cache):
     assert os.path.exists(SMOLLM2), "run scripts/setup.sh: it installs the default LLM"
-    return llm_encoder.load_llm(SMOLLM2)
+    return llm_encoder.load_llm(SMOLLM2, gguf_cache=gguf_cache)  # from the GGUF file, keeping a converted copy
 
 
 def test_smollm2_is_the_real_model(smollm2):
@@ -55,3 +60,41 @@ def test_gemma3_270m_from_the_four_wheels():
     assert enc.hidden_states.shape == (2, n, max(lengths), 640)
     assert enc.attention_mask.sum(1).tolist() == lengths
     assert torch.isfinite(enc.hidden_states).all()
+
+
+def test_smollm2_converted_copy_encodes_identically(smollm2, gguf_cache, monkeypatch):
+    model, tokenizer = smollm2
+    (entry,) = os.listdir(gguf_cache)
+    assert entry.startswith("SmolLM2-135M-Instruct.Q4_1-float32-")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(os.path.join(gguf_cache, entry)))
+    loaded_from = []
+    real_load = llm_encoder._load_llm
+    monkeypatch.setattr(llm_encoder, "_load_llm", lambda p, d: loaded_from.append(p) or real_load(p, d))
+    cached_model, cached_tokenizer = llm_encoder.load_llm(SMOLLM2, gguf_cache=gguf_cache)
+    assert loaded_from == [os.path.join(gguf_cache, entry)]  # the GGUF file was not parsed again
+    prompts = ["a red circle on the left", "two blue squares"]
+    assert llm_encoder.prompt_prefix(cached_tokenizer, llm_encoder.LI_DIT_INSTRUCTION, True) == \
+        llm_encoder.prompt_prefix(tokenizer, llm_encoder.LI_DIT_INSTRUCTION, True)
+    ref = llm_encoder.encode_prompts(model, tokenizer, prompts, instruction=llm_encoder.LI_DIT_INSTRUCTION)
+    got = llm_encoder.encode_prompts(cached_model, cached_tokenizer, prompts,
+                                     instruction=llm_encoder.LI_DIT_INSTRUCTION)
+    assert torch.equal(got.attention_mask, ref.attention_mask)
+    assert torch.equal(got.hidden_states, ref.hidden_states)
+
+
+def test_damaged_converted_copy_is_rebuilt(smollm2, gguf_cache, monkeypatch):
+    (entry,) = os.listdir(gguf_cache)
+    folder = os.path.join(gguf_cache, entry)
+    os.remove(os.path.join(folder, "model.safetensors"))  # e.g. a disk that filled up while copying
+    loaded_from = []
+    real_load = llm_encoder._load_llm
+    # the GGUF parse itself is covered above; here it returns the module's model to keep the test fast
+    monkeypatch.setattr(llm_encoder, "_load_llm",
+                        lambda p, d: loaded_from.append(p) or (smollm2 if p == SMOLLM2 else real_load(p, d)))
+    model, _ = llm_encoder.load_llm(SMOLLM2, gguf_cache=gguf_cache)
+    assert loaded_from == [folder, SMOLLM2]
+    assert model is smollm2[0]
+    assert os.listdir(gguf_cache) == [entry] and os.path.exists(os.path.join(folder, "model.safetensors"))
+    rebuilt, _ = real_load(folder, torch.float32)
+    torch.testing.assert_close(rebuilt.get_input_embeddings().weight, model.get_input_embeddings().weight,
+                               rtol=0, atol=0)
