@@ -1,10 +1,13 @@
 """Small-scale ablations of the papers' claims, all with the same trainer, data, budget and seed, evaluated by
-evaluation/evaluate.py on held-out prompts. Prints one markdown table and writes loss curves and image grids.
+evaluation/evaluate.py on held-out prompts. Prints one markdown table; writes each run's held-out image grid
+(<out>/<run>/heldout.png) and, with --docs, a side-by-side grid of all runs and their loss curves.
 
     .venv/bin/python -m evaluation.ablations --out runs/ablations --docs docs/images
 
-Each row changes one thing against the row it builds on (see ABLATIONS). The budget is small (a few minutes of
-CPU per run), so differences of a few points are within noise: read the table with that in mind.
+A stopped sweep resumes where it stopped: finished models and evaluations are reused.
+
+Each row changes one thing against the row it builds on (see ABLATIONS). The budget is small (about 8 minutes of
+2-core CPU per run), so differences of a few points are within noise: read the table with that in mind.
 """
 from __future__ import annotations
 
@@ -58,33 +61,75 @@ def run(name: str, args, feature_cache: dict) -> dict:
         train_lidit.main(["--llm", SMOLLM2, *flags, *BUDGET, "--steps", str(args.steps), "--save-every",
                           str(args.steps), "--seed", str(args.seed), "--out", out, "--name", name,
                           "--cache-dir", args.cache_dir, "--threads", str(args.threads), "--resume"])
-    grid = os.path.join(args.docs, f"ablation-{name}.png") if args.docs else None
+    grid = os.path.join(out, "heldout.png")
+    scores = os.path.join(out, "eval.json")
+    # an interrupted sweep picks up where it stopped: a run's evaluation is reused while its model is unchanged
+    if os.path.exists(scores) and os.path.getmtime(scores) > os.path.getmtime(model) and os.path.exists(grid):
+        with open(scores) as f:
+            return json.load(f)
     return ev.evaluate(model, num_pairs=args.num_pairs, num_binding=args.num_binding,
                        images_per_prompt=args.images_per_prompt, seed=args.seed, cache_dir=args.cache_dir,
-                       feature_cache=feature_cache, save_grid=grid, json_path=os.path.join(out, "eval.json"))
+                       feature_cache=feature_cache, save_grid=grid, json_path=scores)
 
 
 def table(results: dict) -> str:
+    """Category accuracies (all criteria of an image must pass), with the single-object criteria broken out:
+    at a small budget colour and position are learned long before shape, and the breakdown shows that."""
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
-    lines = ["| run | what changes | single | pair | count | binding | overall | 1st vs 2nd object (pair) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | what changes | single: colour / position / shape | single | pair | count | binding | "
+             "overall | 1st vs 2nd object (pair) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         c = r["categories"]
+        s = c["single"]
         bias = r["positional_bias"].get("pair") or next(iter(r["positional_bias"].values()), None)
         gap = f"{pct(bias['first'])} / {pct(bias['second'])}" if bias else "-"
-        lines.append(f"| {name} | {ABLATIONS[name][0]} | {pct(c['single']['overall'])} | "
-                     f"{pct(c['pair']['overall'])} | {pct(c['count']['overall'])} | {pct(c['binding']['overall'])} | "
+        lines.append(f"| {name} | {ABLATIONS[name][0]} | {pct(s['color'])} / {pct(s['position'])} / "
+                     f"{pct(s['shape'])} | {pct(s['overall'])} | {pct(c['pair']['overall'])} | "
+                     f"{pct(c['count']['overall'])} | {pct(c['binding']['overall'])} | "
                      f"**{pct(r['overall_mean'])}** | {gap} |")
     return "\n".join(lines)
+
+
+# held-out prompts shown side by side for every run: indices into the prompt order of evaluate's grids
+COMPARISON_PROMPTS = {"single": (0, 3, 6, 9, 12), "pair": (0, 5), "count": (1,), "binding": (0,)}
+
+
+def comparison_grid(args, names: list[str], path: str) -> None:
+    """One row per run, one column per prompt of COMPARISON_PROMPTS (first image of each), labelled; the prompts
+    go to a same-name .txt file."""
+    from PIL import Image, ImageDraw
+
+    with open(os.path.join(args.out, names[0], "heldout.txt")) as f:
+        prompts = [line.rstrip("\n").split("\t") for line in f]
+    first_of = {}
+    for i, (kind, _) in enumerate(prompts):
+        first_of.setdefault(kind, i)
+    picked = [first_of[kind] + j for kind, js in COMPARISON_PROMPTS.items() for j in js]
+    label_w, cell, pad = 120, ev.GRID_CELL, 4
+    sheet = Image.new("RGB", (label_w + len(picked) * (cell + pad), 16 + len(names) * (cell + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for col in range(len(picked)):
+        draw.text((label_w + col * (cell + pad) + cell // 2 - 3, 2), str(col + 1), fill="black")
+    for row, name in enumerate(names):
+        grid = Image.open(os.path.join(args.out, name, "heldout.png")).convert("RGB")
+        y = 16 + row * (cell + pad)
+        draw.text((4, y + cell // 2 - 6), name, fill="black")
+        for col, i in enumerate(picked):
+            sheet.paste(ev.grid_cell(grid, i * args.images_per_prompt, args.images_per_prompt),
+                        (label_w + col * (cell + pad), y))
+    sheet.save(path)
+    with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+        f.write("".join(f"{col + 1}\t{prompts[i][0]}\t{prompts[i][1]}\n" for col, i in enumerate(picked)))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "ablations"))
     p.add_argument("--cache-dir", default=os.path.join(ROOT, "runs", "cache"))
-    p.add_argument("--docs", default=None, help="write grids and loss curves (SVG) here")
+    p.add_argument("--docs", default=None, help="write the comparison grid and the loss curves (SVG) here")
     p.add_argument("--only", nargs="*", default=None, help="run these ablations only")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--num-pairs", type=int, default=32)
@@ -103,6 +148,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "ablations.json"), "w") as f:
         json.dump({k: {kk: vv for kk, vv in v.items() if kk != "records"} for k, v in results.items()}, f, indent=1)
     if args.docs:
+        comparison_grid(args, names, os.path.join(args.docs, "ablation-grid.png"))
         curves = {n: read_loss(os.path.join(args.out, n, "loss.csv")) for n in names}
         with open(os.path.join(args.docs, "ablation-loss.svg"), "w") as f:
             f.write(loss_svg(curves, "Ablations: flow-matching loss (moving average of 25 steps)"))

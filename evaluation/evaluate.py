@@ -69,6 +69,7 @@ DEFAULT_LLM_DIRS = [os.path.join(ROOT, ".comfyui", "models", "LLM"), os.path.joi
 ADAPTER_DIRS = [os.path.join(ROOT, "models", "llm_adapters"), os.path.join(ROOT, ".comfyui", "models", "llm_adapters")]
 COUNT_SPECS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]
 CATEGORIES = ("single", "pair", "count", "binding")
+GRID_CELL, GRID_PAD = 64, 2  # --save-grid: images of 64 px, prompt by prompt, images_per_prompt of each
 CRITERIA = ("color", "shape", "position", "count", "overall")
 ENCODER_KEYS = ("llm", "layers", "instruction", "chat_template", "max_tokens")
 
@@ -314,8 +315,8 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, num_pairs: int = 32, num_bindin
     if save_grid:
         from torchvision.utils import save_image
         os.makedirs(os.path.dirname(os.path.abspath(save_grid)), exist_ok=True)
-        grid = F.interpolate(torch.stack(images), size=(64, 64), mode="nearest")
-        save_image(grid, save_grid, nrow=images_per_prompt * max(1, 8 // images_per_prompt), padding=2,
+        grid = F.interpolate(torch.stack(images), size=(GRID_CELL, GRID_CELL), mode="nearest")
+        save_image(grid, save_grid, nrow=images_per_prompt * max(1, 8 // images_per_prompt), padding=GRID_PAD,
                    pad_value=0.5)
         with open(os.path.splitext(save_grid)[0] + ".txt", "w") as f:
             f.write("".join(f"{scenes[i].kind}\t{scenes[i].caption}\n" for i in range(len(scenes))))
@@ -325,6 +326,14 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, num_pairs: int = 32, num_bindin
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
     return result
+
+
+def grid_cell(grid, index: int, images_per_prompt: int):
+    """The index-th image of a --save-grid PNG (a PIL image), in the order of the prompts in its .txt file."""
+    per_row = images_per_prompt * max(1, 8 // images_per_prompt)
+    step = GRID_CELL + GRID_PAD
+    x, y = GRID_PAD + step * (index % per_row), GRID_PAD + step * (index // per_row)
+    return grid.crop((x, y, x + GRID_CELL, y + GRID_CELL))
 
 
 def _pct(v) -> str:
