@@ -63,7 +63,7 @@ def load_llm(path: str, dtype: torch.dtype = torch.float32, gguf_cache: str | No
     """
     check_weights_path(path)
     if gguf_cache and os.path.isfile(path):
-        converted = _converted_gguf_path(path, dtype, gguf_cache)
+        converted = converted_gguf_path(path, dtype, gguf_cache)
         if os.path.isdir(converted):
             try:
                 return _load_llm(converted, dtype)
@@ -77,7 +77,8 @@ def load_llm(path: str, dtype: torch.dtype = torch.float32, gguf_cache: str | No
     return _load_llm(path, dtype)
 
 
-def _converted_gguf_path(path: str, dtype: torch.dtype, cache: str) -> str:
+def converted_gguf_path(path: str, dtype: torch.dtype, cache: str) -> str:
+    """Where load_llm(path, dtype, gguf_cache=cache) keeps its converted copy of a GGUF file."""
     import hashlib
 
     import transformers

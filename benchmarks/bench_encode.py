@@ -30,7 +30,8 @@ loading peaks far above any forward; where that is not possible the column is ma
 0: the load peak hides the forward). CUDA: torch.cuda.max_memory_allocated during the variant, and its growth
 over what was allocated before the first call (the resident weights).
 
-A GGUF file is dequantised once (in its own process) into a temporary fp32 safetensors folder that every variant
+A GGUF file is dequantised once (in its own process, into LLM Loader's converted copy: load_llm's gguf_cache,
+here a temporary folder) as fp32 safetensors that every variant
 process then loads in a second or two instead of a minute: the same weights, the same tokenizer and chat
 template (--no-convert loads the GGUF in every process instead). The folder is deleted at the end.
 """
@@ -87,11 +88,9 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _convert(gguf_path: str, out_dir: str) -> None:
-    """Runs in its own process: dequantise once and save as an fp32 Hugging Face folder."""
-    model, tokenizer = llm_encoder.load_llm(gguf_path, torch.float32)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+def _convert(gguf_path: str, cache: str) -> None:
+    """Runs in its own process: dequantise once into load_llm's converted copy (fp32 safetensors)."""
+    llm_encoder.load_llm(gguf_path, torch.float32, gguf_cache=cache)
 
 
 def _sync(device: torch.device) -> None:
@@ -242,16 +241,15 @@ def main(argv=None) -> dict:
     llm_path = args.llm
     try:
         if os.path.isfile(args.llm) and not args.no_convert:
-            if args.convert_dir:
-                llm_path = args.convert_dir
-            else:
-                llm_path = tmp = tempfile.mkdtemp(prefix="bench_encode_llm_")
-            if not os.path.isfile(os.path.join(llm_path, "config.json")):
-                os.makedirs(llm_path, exist_ok=True)
+            cache = args.convert_dir or (tmp := tempfile.mkdtemp(prefix="bench_encode_llm_"))
+            converted = llm_encoder.converted_gguf_path(args.llm, torch.float32, cache)
+            if not os.path.isdir(converted):
                 t0 = time.perf_counter()
-                in_fresh_process(_convert, args.llm, llm_path)
-                print(f"dequantised {os.path.basename(args.llm)} to fp32 safetensors in {llm_path} in "
+                in_fresh_process(_convert, args.llm, cache)
+                print(f"dequantised {os.path.basename(args.llm)} to fp32 safetensors in {converted} in "
                       f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
+            if os.path.isdir(converted):  # else (no room to keep it) every variant loads the GGUF file
+                llm_path = converted
         results = {}
         for v in variants:
             cfg = dict(variant=v, llm=llm_path, device=args.device, dtype=args.dtype, prompts=args.prompt,
