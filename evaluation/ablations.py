@@ -156,7 +156,8 @@ def main(argv=None):
         comparison_grid(args, names, os.path.join(args.docs, "ablation-grid.png"))
         curves = {n: read_loss(os.path.join(args.out, n, "loss.csv")) for n in names}
         with open(os.path.join(args.docs, "ablation-loss.svg"), "w") as f:
-            f.write(loss_svg(curves, "Ablations: flow-matching loss (moving average of 25 steps)"))
+            f.write(loss_svg(curves, "Ablations: flow-matching loss (moving average of 25 steps, log scale)",
+                             log_y=True))
 
 
 if __name__ == "__main__":

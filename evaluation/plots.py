@@ -21,10 +21,13 @@ def read_loss(path: str, smooth: int = 25) -> tuple[list[int], list[float]]:
 
 
 def loss_svg(curves: dict[str, tuple[list[int], list[float]]], title: str, width: int = 640,
-             height: int = 360) -> str:
+             height: int = 360, log_y: bool = False) -> str:
+    """log_y: a log scale, where late differences of a few hundredths stay visible beside a start near 1."""
     left, right, top, bottom = 60, 180, 30, 40
+    if log_y:
+        curves = {k: (s, [math.log10(y) if y > 0 else math.nan for y in l]) for k, (s, l) in curves.items()}
     xs = [x for s, _ in curves.values() for x in s]
-    ys = [y for _, l in curves.values() for y in l]
+    ys = [y for _, l in curves.values() for y in l if math.isfinite(y)]
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     pad = (y1 - y0) * 0.05 or 0.1
@@ -38,7 +41,8 @@ def loss_svg(curves: dict[str, tuple[list[int], list[float]]], title: str, width
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>']
     for i in range(5):
         y = y0 + (y1 - y0) * i / 4
-        parts.append(f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3f}</text>')
+        label = f"{10 ** y:.3g}" if log_y else f"{y:.3f}"
+        parts.append(f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{label}</text>')
         x = x0 + (x1 - x0) * i / 4
         parts.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{int(x)}</text>')
     parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">step</text>')

@@ -92,3 +92,20 @@ def test_comparison_grid_picks_the_same_prompts_from_every_run(tmp_path):
         for col, prompt in enumerate(expected):
             x, y = 120 + col * 68 + 32, 16 + r * 68 + 32
             assert sheet.getpixel((x, y)) == round(r * 100 + prompt), (r, col)
+
+
+def test_loss_plot_log_scale_keeps_small_losses_apart():
+    from evaluation.plots import loss_svg
+    curves = {"a": ([1, 2, 3], [1.0, 0.1, 0.01]), "b": ([1, 2, 3], [1.0, 0.1, 0.02])}
+    linear, log = loss_svg(curves, "t"), loss_svg(curves, "t", log_y=True)
+
+    def last_y(svg, k):
+        return float(svg.split("<polyline")[k + 1].split('points="')[1].split('"')[0].split()[-1].split(",")[1])
+
+    # 0.01 vs 0.02 are about 2 px apart on a linear axis from 0 to 1, a tenth of the height on a log axis
+    assert abs(last_y(linear, 0) - last_y(linear, 1)) < 3
+    assert abs(last_y(log, 0) - last_y(log, 1)) > 25
+    ticks = [float(t.split(">")[1].split("<")[0]) for t in log.split("<text")[1:] if 'text-anchor="end"' in t]
+    assert len(ticks) == 5 and ticks[0] < 0.01 and ticks[-1] > 1
+    ratios = [b / a for a, b in zip(ticks, ticks[1:])]
+    assert max(ratios) / min(ratios) < 1.02  # evenly spaced on the log axis
