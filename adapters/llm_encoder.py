@@ -8,9 +8,11 @@ tokens condition them through causal attention and are then cut off.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -61,15 +63,13 @@ def load_llm(path: str, dtype: torch.dtype = torch.float32, gguf_cache: str | No
     entry is keyed by the file's path, size and mtime and the transformers version; it costs the disk space of
     the model in `dtype`.
     """
-    check_weights_path(path)
-    if gguf_cache and os.path.isfile(path):
+    if gguf_cache and os.path.isfile(path) and path.lower().endswith(".gguf"):
         converted = converted_gguf_path(path, dtype, gguf_cache)
         if os.path.isdir(converted):
             try:
                 return _load_llm(converted, dtype)
             except LLMError as e:  # a damaged cache entry is rebuilt from the GGUF file
                 log.warning("Ignoring the converted copy of %s (%s); converting again.", path, e)
-                import shutil
                 shutil.rmtree(converted, ignore_errors=True)
         model, tokenizer = _load_llm(path, dtype)
         _save_converted(model, tokenizer, converted)
@@ -79,8 +79,6 @@ def load_llm(path: str, dtype: torch.dtype = torch.float32, gguf_cache: str | No
 
 def converted_gguf_path(path: str, dtype: torch.dtype, cache: str) -> str:
     """Where load_llm(path, dtype, gguf_cache=cache) keeps its converted copy of a GGUF file."""
-    import hashlib
-
     import transformers
 
     st = os.stat(path)
@@ -91,8 +89,6 @@ def converted_gguf_path(path: str, dtype: torch.dtype, cache: str) -> str:
 
 
 def _save_converted(model, tokenizer, folder: str) -> None:
-    import shutil
-
     partial = f"{folder}.partial-{os.getpid()}"
     try:
         shutil.rmtree(partial, ignore_errors=True)

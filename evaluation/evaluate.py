@@ -60,9 +60,10 @@ from adapters import shapes_world  # noqa: E402
 from adapters.checkpoint import load_adapter, load_lidit  # noqa: E402
 from adapters.conditioning import hidden_states_to_context  # noqa: E402
 from adapters.lidit import sample_euler  # noqa: E402
-from adapters.llm_encoder import INSTRUCTION_PRESETS, encode_prompts, load_llm, parse_layers  # noqa: E402
+from adapters.llm_encoder import load_llm, num_hidden_states, parse_layers  # noqa: E402
 from adapters.shapes_world import COLORS, POSITIONS, SHAPES, Scene, ShapeObject  # noqa: E402
-from training.features import collate  # noqa: E402
+from training import features  # noqa: E402
+from training.features import caption_features, collate  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(ROOT, "models", "lidit", "lidit-shapes-smollm2.safetensors")
 DEFAULT_LLM_DIRS = [os.path.join(ROOT, ".comfyui", "models", "LLM"), os.path.join(ROOT, ".cache")]
@@ -146,28 +147,18 @@ def find_adapter(name: str, model_path: str) -> str:
 
 def encode_captions(llm_path: str, settings: dict, captions: list[str], device: torch.device,
                     cache_dir: str | None = None, batch_size: int = 16) -> tuple[dict[str, torch.Tensor], int]:
-    """caption -> [L+1, T_i, D] fp16 (every hidden state of the prompt tokens), batched as training/features.py
-    does, and the number of hidden states. With cache_dir, training.features.caption_features (and its cache)."""
+    """caption -> [L+1, T_i, D] fp16 (every hidden state of the prompt tokens), encoded as the trainer does, and
+    the number of hidden states. With cache_dir, through the trainer's feature cache."""
+    settings = {**settings, "layers": "all"}
     if cache_dir:
-        from training.features import caption_features
-        feats, num_states = caption_features(llm_path, captions, {**settings, "layers": "all"}, cache_dir,
-                                             batch_size)
+        feats, num_states = caption_features(llm_path, captions, settings, cache_dir, batch_size)
         return dict(zip(captions, feats)), num_states
     model, tokenizer = load_llm(llm_path)
-    model.to(device)
-    out = {}
-    for start in range(0, len(captions), batch_size):
-        batch = captions[start:start + batch_size]
-        enc = encode_prompts(model, tokenizer, batch, instruction=INSTRUCTION_PRESETS[settings["instruction"]],
-                             use_chat_template=settings["chat_template"], layers="all",
-                             max_tokens=settings["max_tokens"], device=device)
-        for b, caption in enumerate(batch):
-            n = int(enc.attention_mask[b].sum())
-            out[caption] = enc.hidden_states[b, :, :n].to(torch.float16).clone()
-    num_states = len(enc.layers)
+    feats = features.encode_captions(model.to(device), tokenizer, captions, settings, batch_size, device)
+    num_states = num_hidden_states(model)
     del model
     gc.collect()
-    return out, num_states
+    return dict(zip(captions, feats)), num_states
 
 
 # ---------------------------------------------------------------------------------------------------------------

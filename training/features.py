@@ -44,17 +44,24 @@ def caption_features(llm_path: str, captions: list[str], settings: dict, cache_d
     return [data[f"c{i}"][picked] for i in range(len(captions))], num_states
 
 
-def _encode_to_cache(llm_path: str, captions: list[str], settings: dict, path: str, batch_size: int) -> None:
-    model, tokenizer = load_llm(llm_path)
+def encode_captions(model, tokenizer, captions: list[str], settings: dict, batch_size: int = 16,
+                    device=None) -> list[torch.Tensor]:
+    """One [L+1, T_i, D] fp16 tensor per caption: every hidden state of the prompt tokens, on the CPU."""
     out = []
     for start in tqdm(range(0, len(captions), batch_size), desc=f"LLM features ({settings['llm']})"):
         batch = captions[start:start + batch_size]
         enc = encode_prompts(model, tokenizer, batch, instruction=INSTRUCTION_PRESETS[settings["instruction"]],
                              use_chat_template=settings["chat_template"], layers="all",
-                             max_tokens=settings["max_tokens"])
+                             max_tokens=settings["max_tokens"], device=device)
         for b in range(len(batch)):
             n = int(enc.attention_mask[b].sum())
-            out.append(enc.hidden_states[b, :, :n].to(torch.float16).clone())
+            out.append(enc.hidden_states[b, :, :n].to(torch.float16).cpu().clone())
+    return out
+
+
+def _encode_to_cache(llm_path: str, captions: list[str], settings: dict, path: str, batch_size: int) -> None:
+    model, tokenizer = load_llm(llm_path)
+    out = encode_captions(model, tokenizer, captions, settings, batch_size)
     num_states = model.config.num_hidden_layers + 1
     tensors = {f"c{i}": t for i, t in enumerate(out)}
     tensors["num_hidden_states"] = torch.tensor(num_states)
