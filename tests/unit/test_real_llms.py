@@ -20,7 +20,9 @@ def gguf_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def smollm2(gguf_cache):
     assert os.path.exists(SMOLLM2), "run scripts/setup.sh: it installs the default LLM"
-    return llm_encoder.load_llm(SMOLLM2, gguf_cache=gguf_cache)  # from the GGUF file, keeping a converted copy
+    with pytest.MonkeyPatch.context() as mp:  # keep a converted copy however fast this transformers converts
+        mp.setattr(llm_encoder, "KEEP_CONVERTED_AFTER_S", 0.0)
+        return llm_encoder.load_llm(SMOLLM2, gguf_cache=gguf_cache)
 
 
 def test_smollm2_is_the_real_model(smollm2):
@@ -89,6 +91,7 @@ def test_damaged_converted_copy_is_rebuilt(smollm2, gguf_cache, monkeypatch):
     loaded_from = []
     real_load = llm_encoder._load_llm
     # the GGUF parse itself is covered above; here it returns the module's model to keep the test fast
+    monkeypatch.setattr(llm_encoder, "KEEP_CONVERTED_AFTER_S", 0.0)
     monkeypatch.setattr(llm_encoder, "_load_llm",
                         lambda p, d: loaded_from.append(p) or (smollm2 if p == SMOLLM2 else real_load(p, d)))
     model, _ = llm_encoder.load_llm(SMOLLM2, gguf_cache=gguf_cache)
@@ -98,3 +101,10 @@ def test_damaged_converted_copy_is_rebuilt(smollm2, gguf_cache, monkeypatch):
     rebuilt, _ = real_load(folder, torch.float32)
     torch.testing.assert_close(rebuilt.get_input_embeddings().weight, model.get_input_embeddings().weight,
                                rtol=0, atol=0)
+
+
+def test_fast_conversion_keeps_no_copy(smollm2, tmp_path, monkeypatch):
+    # transformers 5 converts SmolLM2 in about a second: a 540 MB copy would save nothing there
+    monkeypatch.setattr(llm_encoder, "_load_llm", lambda p, d: smollm2)
+    assert llm_encoder.load_llm(SMOLLM2, gguf_cache=str(tmp_path))[0] is smollm2[0]
+    assert os.listdir(tmp_path) == []
