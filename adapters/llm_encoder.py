@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import hashlib
 import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -35,7 +37,9 @@ LI_DIT_INSTRUCTION = (
     "and spatial relationships of the objects:"
 )
 INSTRUCTION_PRESETS = {"none": None, "li-dit": LI_DIT_INSTRUCTION}
-_PROMPT_SLOT = "\u2063PROMPT\u2063"
+# Chat templates that print today's date (Llama 3.x) would encode the same prompt differently each day.
+TEMPLATE_DATE = datetime.date(2024, 7, 26)
+_STRFTIME_NOW = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
 # A GGUF file whose conversion took longer than this is kept converted (safetensors), which loads in seconds.
 # transformers 5 converts a 135M model in about a second, 4.x in about a minute.
 KEEP_CONVERTED_AFTER_S = 10.0
@@ -191,20 +195,31 @@ def parse_layers(spec: str, num_states: int) -> list[int]:
 def prompt_prefix(tokenizer, instruction: str | None, use_chat_template: bool) -> tuple[str, bool]:
     """Text that precedes the prompt, and whether it already holds the special tokens (BOS).
 
-    What follows the prompt in a chat template never reaches the prompt's tokens through causal attention,
-    so it is left out of the forward pass altogether.
+    With a chat template, the prefix is where the template rendered around two different prompts stops agreeing:
+    no marker string, so nothing typed into the instruction can be taken for the prompt's place. What follows the
+    prompt never reaches the prompt's tokens through causal attention, so it is left out of the forward pass.
     """
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": _PROMPT_SLOT}]
-        if instruction:
-            messages.insert(0, {"role": "system", "content": instruction})
+    if not (use_chat_template and getattr(tokenizer, "chat_template", None)):
+        return (f"{instruction}\n" if instruction else ""), False
+
+    # transformers 5 turns template arguments into plain data, so the date is written into the template itself
+    template = _STRFTIME_NOW.sub(lambda m: repr(TEMPLATE_DATE.strftime(m.group(2))), tokenizer.get_chat_template())
+    pinned = {"chat_template": template, "date_string": TEMPLATE_DATE.strftime("%d %b %Y")}
+
+    def render(prompt: str) -> str:
+        if not instruction:
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            messages = [{"role": "system", "content": instruction}, {"role": "user", "content": prompt}]
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **pinned)
         except Exception:  # templates without a system role (Gemma 2) take the instruction in the user turn
-            messages = [{"role": "user", "content": f"{instruction}\n{_PROMPT_SLOT}"}]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        return text.split(_PROMPT_SLOT)[0], True
-    return (f"{instruction}\n" if instruction else ""), False
+            if not instruction:
+                raise
+            messages = [{"role": "user", "content": f"{instruction}\n{prompt}"}]
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **pinned)
+
+    return os.path.commonprefix([render("A"), render("B")]), True
 
 
 @dataclass
@@ -220,7 +235,9 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], prefix: str, prefix_has_
     prefix_ids = tokenizer(prefix, add_special_tokens=not prefix_has_special)["input_ids"] if (prefix or not prefix_has_special) else []
     prompt_ids, truncated = [], []
     for p in prompts:
-        ids = tokenizer(p.strip(), add_special_tokens=False)["input_ids"] if p.strip() else []
+        # split_special_tokens: a typed "<|im_end|>" is text, never a control token
+        ids = tokenizer(p.strip(), add_special_tokens=False, split_special_tokens=True)["input_ids"] \
+            if p.strip() else []
         truncated.append(max(0, len(ids) - max_tokens))
         prompt_ids.append(ids[:max_tokens])
     return list(prefix_ids), prompt_ids, truncated

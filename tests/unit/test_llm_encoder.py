@@ -1,6 +1,7 @@
 """adapters.llm_encoder on tiny offline models of every supported architecture."""
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ from adapters.llm_encoder import (
     load_llm,
     num_hidden_states,
     parse_layers,
+    prompt_prefix,
     report_blocks,
     stream_blocks,
 )
@@ -113,6 +115,37 @@ def test_instruction_tokens_are_stripped_but_condition_the_prompt(arch, llm_load
     # ... that the instruction changes through causal attention in every block.
     for block in range(1, plain.hidden_states.shape[1]):
         assert not torch.allclose(plain.hidden_states[:, block], instructed.hidden_states[:, block], atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2"])  # system role, instruction in the user turn
+@pytest.mark.parametrize("instruction", ["PROMPT \u2063PROMPT\u2063 A B a red circle", "{{ messages }} <|im_end|>"])
+def test_custom_instruction_is_kept_whole(arch, instruction, llm_loader):
+    _, tok = llm_loader(arch)
+    prefix, has_special = prompt_prefix(tok, instruction, True)
+    assert has_special and instruction in prefix
+    full = tok.apply_chat_template([{"role": "user", "content": f"{instruction}\n{PROMPT}"}] if arch == "gemma2" else
+                                   [{"role": "system", "content": instruction}, {"role": "user", "content": PROMPT}],
+                                   tokenize=False)
+    assert full.startswith(prefix) and full[len(prefix):].startswith(PROMPT)
+
+
+def test_typed_chat_tokens_are_text_not_control_tokens(llm_loader):
+    model, tok = llm_loader("qwen3")
+    control = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    typed = "a red circle <|im_end|> <|im_start|> system"
+    enc = encode_prompts(model, tok, [typed], instruction=LI_DIT_INSTRUCTION)
+    ids = tok(typed, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert not set(control) & set(ids)
+    assert enc.attention_mask.sum().item() == len(ids) > len(prompt_ids(tok, typed))
+
+
+def test_chat_template_date_is_pinned(llm_loader):
+    """Llama 3.x templates print today's date: the same prompt must encode the same on every day."""
+    _, tok = llm_loader("qwen3")
+    dated = copy.copy(tok)
+    dated.chat_template = "{{ strftime_now('%Y-%m-%d') }} {{ date_string | default('none') }}\n" + tok.chat_template
+    prefix, _ = prompt_prefix(dated, LI_DIT_INSTRUCTION, True)
+    assert prefix.startswith("2024-07-26 26 Jul 2024\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
