@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import glob
 import hashlib
 import inspect
 import json
@@ -91,8 +92,28 @@ def load_llm(path: str, dtype: torch.dtype = torch.float32, gguf_cache: str | No
     start = time.perf_counter()
     model, tokenizer = _load_llm(path, dtype)
     if time.perf_counter() - start > KEEP_CONVERTED_AFTER_S:
+        _remove_orphans(gguf_cache)
         _save_converted(model, tokenizer, converted)
     return model, tokenizer
+
+
+def _remove_orphans(cache: str) -> None:
+    """A process killed while keeping a converted copy leaves `<entry>.partial-<pid>` (the model's size) behind."""
+    for partial in glob.glob(os.path.join(glob.escape(cache), "*.partial-*")):
+        pid = partial.rsplit("-", 1)[1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            log.info("Removing %s, left by a load that was killed.", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def converted_gguf_path(path: str, dtype: torch.dtype, cache: str) -> str:
