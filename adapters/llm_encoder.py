@@ -181,8 +181,21 @@ def _load_llm(path: str, dtype: torch.dtype):
     return model, tokenizer
 
 
+def decoder(model) -> torch.nn.Module:
+    """The text transformer: embeddings, blocks, final norm. Multimodal Gemma 3 keeps it beside the vision tower,
+    and transformers before 4.56 gives that class no get_decoder()."""
+    if hasattr(model, "get_decoder"):
+        return model.get_decoder()
+    return model.model.language_model
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
-    return model.get_decoder().layers
+    return decoder(model).layers
+
+
+def hidden_size(model) -> int:
+    """Width of the hidden states (multimodal configs keep it under text_config)."""
+    return model.get_input_embeddings().embedding_dim
 
 
 def num_hidden_states(model) -> int:
@@ -297,13 +310,13 @@ def encode_prompts(model, tokenizer, prompts: Sequence[str], *, instruction: str
         else:  # nothing to run for this row; keep one position attended so the softmax stays finite
             attention[b, 0] = 1
 
-    hidden_dim = model.config.hidden_size
+    hidden_dim = hidden_size(model)
     tokens = max(1, max(lengths))
     out = torch.zeros(len(prompts), len(picked), tokens, hidden_dim, dtype=model.dtype)
     mask = torch.zeros(len(prompts), tokens, dtype=torch.long)
     if max(lengths) > 0:
         with report_blocks(model, on_block):
-            states = model.get_decoder()(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+            states = decoder(model)(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                          output_hidden_states=True, use_cache=False).hidden_states
         start = len(prefix_ids)
         selected = torch.stack([states[i] for i in picked], dim=1).to(out.device)  # [B, S, width, D]
@@ -346,7 +359,7 @@ def stream_blocks(model, compute_device: torch.device):
     """
     layers = decoder_layers(model)
     offload_device = next(layers[0].parameters()).device
-    resident = [m for name, m in model.get_decoder().named_children() if name != "layers"]
+    resident = [m for name, m in decoder(model).named_children() if name != "layers"]
     for m in resident:  # embeddings, final norm, rotary tables: small next to the blocks
         m.to(compute_device)
     def move_to(device):

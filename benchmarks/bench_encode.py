@@ -109,7 +109,7 @@ def run_variant(cfg: dict) -> dict:
     weights_on_gpu = device.type == "cuda" and variant in ("plain", "encode", "adapter")
     if weights_on_gpu:
         model.to(device)
-    decoder = model.get_decoder()
+    decoder = llm_encoder.decoder(model)
     prompts = cfg["prompts"]
     instruction = llm_encoder.INSTRUCTION_PRESETS[cfg["instruction"]]
     options = dict(instruction=instruction, use_chat_template=True, layers="all", max_tokens=cfg["max_tokens"])
@@ -134,7 +134,7 @@ def run_variant(cfg: dict) -> dict:
     if variant == "adapter":
         torch.manual_seed(0)
         # On the CPU, as LLM Prompt Encode runs it (the adapter is never moved; encodings come back to the CPU).
-        adapter = LLMDiffAdapter(model.config.hidden_size, llm_encoder.num_hidden_states(model), CONTEXT_DIM)
+        adapter = LLMDiffAdapter(llm_encoder.hidden_size(model), llm_encoder.num_hidden_states(model), CONTEXT_DIM)
         adapter.eval().requires_grad_(False)
 
     def call():

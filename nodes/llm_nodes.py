@@ -50,7 +50,7 @@ class LoadedLLM:
 
     @property
     def hidden_size(self) -> int:
-        return self.hf_model.config.hidden_size
+        return llm_encoder.hidden_size(self.hf_model)
 
     def streams(self) -> bool:
         """Block-by-block streaming when asked, or (auto) when the weights do not fit in free VRAM."""

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from adapters.llm_encoder import INSTRUCTION_PRESETS, encode_prompts, load_llm, parse_layers
+from adapters.llm_encoder import INSTRUCTION_PRESETS, encode_prompts, load_llm, num_hidden_states, parse_layers
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def encode_captions(model, tokenizer, captions: list[str], settings: dict, batch
 def _encode_to_cache(llm_path: str, captions: list[str], settings: dict, path: str, batch_size: int) -> None:
     model, tokenizer = load_llm(llm_path)
     out = encode_captions(model, tokenizer, captions, settings, batch_size)
-    num_states = model.config.num_hidden_layers + 1
+    num_states = num_hidden_states(model)
     tensors = {f"c{i}": t for i, t in enumerate(out)}
     tensors["num_hidden_states"] = torch.tensor(num_states)
     os.makedirs(os.path.dirname(path), exist_ok=True)
