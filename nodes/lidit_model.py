@@ -10,9 +10,7 @@ import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.supported_models_base
-from safetensors.torch import load_file
-
-from ..adapters.checkpoint import CheckpointError, read_metadata
+from ..adapters.checkpoint import CheckpointError, load_weights, module_load, read_lidit
 from ..adapters.lidit import LIDiT, LIDiTConfig
 
 LATENT_FORMATS = {3: comfy.latent_formats.ChromaRadiance, 16: comfy.latent_formats.Flux}
@@ -81,9 +79,7 @@ class LIDiTModelConfig(comfy.supported_models_base.BASE):
 
 
 def load_lidit_patcher(path: str, dtype_choice: str = "auto") -> tuple[comfy.model_patcher.ModelPatcher, dict]:
-    import json
-    meta = read_metadata(path, "li-dit")
-    config = LIDiTConfig(**json.loads(meta["config"]))
+    config, info = read_lidit(path)  # checked against the file's tensors before anything is built
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     model_config = LIDiTModelConfig(config)
     if dtype_choice == "auto":
@@ -92,14 +88,6 @@ def load_lidit_patcher(path: str, dtype_choice: str = "auto") -> tuple[comfy.mod
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_choice]
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, device=offload_device)
-    try:
-        state = load_file(path)
-    except Exception as e:
-        raise CheckpointError(f"'{path}' is corrupt or truncated ({e}); download or export it again.") from e
-    missing, unexpected = model.diffusion_model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"'{path}' does not match its config (missing {missing[:3]}, unexpected "
-                              f"{unexpected[:3]}); the file was edited or is damaged.")
+    module_load(model.diffusion_model, load_weights(path))
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
-    info = {k: json.loads(v) for k, v in meta.items() if k != "format"}
     return patcher, info
