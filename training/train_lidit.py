@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -146,9 +147,16 @@ class Trainable(torch.nn.Module):
                 for h, a, use in zip(hidden, self.adapters, self.has_adapter)]
 
 
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
+
+
 def save_training_state(path: str, trainable, ema, opt, step: int, args) -> None:
-    tmp = path + ".partial"
-    os.makedirs(tmp, exist_ok=True)
+    """Writes <path>.partial (state.json last, so a complete one has it), then swaps it in for <path>. At every
+    point of a kill one complete checkpoint exists among <path>, <path>.partial and <path>.old, and
+    recover_checkpoint finds the newest."""
+    tmp, old = path + ".partial", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from a killed save
+    os.makedirs(tmp)
     save_file({k: v.contiguous() for k, v in trainable.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
     save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
     opt_state = opt.state_dict()
@@ -157,14 +165,41 @@ def save_training_state(path: str, trainable, ema, opt, step: int, args) -> None
         for name, val in st.items():
             tensors[f"{pid}.{name}"] = val.detach().reshape(-1) if val.dim() == 0 else val.detach().contiguous()
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step, "param_groups": opt_state["param_groups"], "args": vars(args)}, f)
-    if os.path.exists(path):
-        os.rename(path, path + ".old")
-    os.rename(tmp, path)
-    if os.path.exists(path + ".old"):
-        import shutil
-        shutil.rmtree(path + ".old")
+    state = {"step": step, "param_groups": opt_state["param_groups"], "args": vars(args)}
+    with open(os.path.join(tmp, "state.json.partial"), "w") as f:
+        json.dump(state, f)
+    os.replace(os.path.join(tmp, "state.json.partial"), os.path.join(tmp, "state.json"))
+    if os.path.isdir(path):  # complete (only ever made by the rename below), so a leftover .old is not needed
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step of a complete checkpoint folder, None for a missing or half-written one."""
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            step = int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if all(os.path.isfile(os.path.join(path, n)) for n in CHECKPOINT_FILES) else None
+
+
+def recover_checkpoint(path: str) -> int | None:
+    """After a kill inside save_training_state: the newest complete checkpoint among <path>, <path>.partial and
+    <path>.old becomes <path> again and the others are removed. Returns its step (None: no checkpoint)."""
+    found = {p: checkpoint_step(p) for p in (path, path + ".partial", path + ".old")}
+    found = {p: s for p, s in found.items() if s is not None}
+    if not found:
+        return None
+    best = max(found, key=lambda p: found[p])  # on a tie the first, <path>
+    if best != path:
+        shutil.rmtree(path, ignore_errors=True)  # incomplete or older; `best` stays complete meanwhile
+        os.replace(best, path)
+    for leftover in (path + ".partial", path + ".old"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return found[best]
 
 
 def load_training_state(path: str, trainable, ema, opt) -> int:
@@ -179,6 +214,39 @@ def load_training_state(path: str, trainable, ema, opt) -> int:
         opt_state["state"].setdefault(int(pid), {})[name] = val.reshape(()) if name == "step" else val
     opt.load_state_dict(opt_state)
     return int(state["step"])
+
+
+class LossLog:
+    """<out>/loss.csv, one row per step. A step's row is written before its checkpoint, and on resume the rows
+    after the checkpoint are dropped (those steps are redone), so a kill anywhere leaves each step logged once."""
+    HEADER = ["step", "loss", "lr", "samples_per_s", "heldout_accuracy"]
+
+    def __init__(self, path: str, keep_until: int):
+        rows = self.rows_until(path, keep_until)
+        with open(path + ".partial", "w", newline="") as f:  # rewritten aside: a kill here keeps the old log
+            csv.writer(f).writerows([self.HEADER] + rows)
+        os.replace(path + ".partial", path)
+        self.file = open(path, "a", newline="")
+        self.writer = csv.writer(self.file)
+
+    @classmethod
+    def rows_until(cls, path: str, step: int) -> list[list[str]]:
+        if not os.path.exists(path):
+            return []
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        kept = {}
+        for row in rows:  # a torn last row (killed mid-write) has too few fields
+            if len(row) == len(cls.HEADER) and row[0].isdigit() and int(row[0]) <= step:
+                kept.setdefault(int(row[0]), row)
+        return [kept[k] for k in sorted(kept)]
+
+    def write(self, row: list) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 @torch.no_grad()
@@ -236,6 +304,10 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     ckpt = os.path.join(args.out, "checkpoint")
     step = 0
+    if args.resume:
+        if accelerator.is_main_process:
+            recover_checkpoint(ckpt)  # finishes or rolls back a save that a kill interrupted
+        accelerator.wait_for_everyone()
     if args.resume and os.path.isdir(ckpt):
         step = load_training_state(ckpt, model, ema, opt)
         # continue the noise, dropout and data streams instead of replaying the first run's
@@ -249,17 +321,7 @@ def main(argv=None):
     n_params = sum(p.numel() for p in raw.parameters())
     accelerator.print(f"LI-DiT {n_params / 1e6:.2f}M trainable parameters, context dims {context_dims}")
 
-    log_path = os.path.join(args.out, "loss.csv")
-    new_log = not (args.resume and os.path.exists(log_path))
-    if not new_log:  # drop rows logged after the checkpoint (a crash between two saves): they are redone
-        with open(log_path, newline="") as f:
-            rows = list(csv.reader(f))
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerows(rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step])
-    log_file = open(log_path, "w" if new_log else "a", newline="")
-    writer = csv.writer(log_file)
-    if new_log:
-        writer.writerow(["step", "loss", "lr", "samples_per_s", "heldout_accuracy"])
+    loss_log = LossLog(os.path.join(args.out, "loss.csv"), step) if accelerator.is_main_process else None
     bar = tqdm(total=args.steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     t0, seen = time.time(), 0
     while step < args.steps:
@@ -285,16 +347,17 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", sps=f"{rate:.1f}")
         acc = ""
-        if step % args.save_every == 0 or step == args.steps:
-            if args.data == "shapes" and args.eval_samples:
-                acc = f"{evaluate(ema, features, None, args, accelerator.device, args.eval_samples):.3f}"
-                accelerator.print(f"step {step}: held-out single-object accuracy (EMA) {acc}")
-            if accelerator.is_main_process:
+        save_now = step % args.save_every == 0 or step == args.steps
+        if save_now and args.data == "shapes" and args.eval_samples:
+            acc = f"{evaluate(ema, features, None, args, accelerator.device, args.eval_samples):.3f}"
+            accelerator.print(f"step {step}: held-out single-object accuracy (EMA) {acc}")
+        if accelerator.is_main_process:
+            loss_log.write([step, f"{loss.item():.5f}", f"{lr_at(step - 1, args):.6g}", f"{rate:.2f}", acc])
+            if save_now:
                 save_training_state(ckpt, raw, ema, opt, step, args)
-        writer.writerow([step, f"{loss.item():.5f}", f"{lr_at(step - 1, args):.6g}", f"{rate:.2f}", acc])
-        log_file.flush()
     bar.close()
-    log_file.close()
+    if loss_log:
+        loss_log.close()
 
     if accelerator.is_main_process:
         export = ema if args.export_weights == "ema" else raw
