@@ -36,6 +36,10 @@ def make_test_models(base: str) -> None:
         json.dump({"model_type": "llama"}, f)
     with open(os.path.join(pickled, "pytorch_model.bin"), "wb") as f:
         f.write(b"PK\x03\x04 pickled")
+    # Two links back up the tree: without a loop check every walk of the folder doubles at each level, forever.
+    os.makedirs(os.path.join(base, "LLM", "loop"))
+    os.symlink(".", os.path.join(base, "LLM", "loop", "a"))
+    os.symlink("..", os.path.join(base, "LLM", "loop", "b"))
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +52,7 @@ def comfy_server(tmp_path_factory):
                 "  lidit: lidit\n")
     out = str(tmp_path_factory.mktemp("comfy_output"))
     server = comfy_client.ComfyServer(out, extra_args=["--extra-model-paths-config", config])
+    server.models_dir = base  # tests add files there to see the model lists follow
     server.start()
     try:
         yield server

@@ -130,6 +130,29 @@ def test_bad_input_names_the_problem_and_the_fix(comfy_server, default_prompt, m
         comfy_server.run(prompt)
 
 
+def test_symlink_loop_in_the_llm_folder_does_not_hang_the_server(comfy_server):
+    """The test LLM folder holds loop/a -> . and loop/b -> .. (see conftest); the list still comes back."""
+    started = time.time()
+    options = comfy_server.get("/object_info/LLMLoader")["LLMLoader"]["input"]["required"]["llm_name"][1]["options"]
+    assert time.time() - started < 10
+    assert {"SmolLM2-135M-Instruct.Q4_1.gguf", "pickled-llm"} <= set(options)
+    assert not [o for o in options if o.startswith("loop")]
+
+
+def test_llm_list_follows_the_folder(comfy_server):
+    """The LLM list is cached; a file added to (or removed from) a folder still shows at once."""
+    def options():
+        return comfy_server.get("/object_info/LLMLoader")["LLMLoader"]["input"]["required"]["llm_name"][1]["options"]
+    added = os.path.join(comfy_server.models_dir, "LLM", "loop", "added-later.gguf")
+    assert "loop/added-later.gguf" not in options()
+    open(added, "wb").close()
+    try:
+        assert "loop/added-later.gguf" in options()
+    finally:
+        os.remove(added)
+    assert "loop/added-later.gguf" not in options()
+
+
 def test_missing_llm_is_refused_before_running(comfy_server, default_prompt):
     prompt = copy.deepcopy(default_prompt)
     prompt[node_id(prompt, "LLMLoader")]["inputs"]["llm_name"] = "no-such-model.gguf"
