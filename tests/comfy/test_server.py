@@ -121,8 +121,10 @@ def test_over_long_prompt_is_cut_with_a_warning(comfy_server, default_prompt):
     (lambda p: p.update({"99": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32,
                                                                              "batch_size": 1}}})
      or p[node_id(p, "LIDiTSampler")]["inputs"].update(latent_image=["99", 0]), "channels"),
+    (lambda p: p[node_id(p, "LIDiTSampler")]["inputs"].update(cfg=float("nan")), "cfg is nan; it must be a finite"),
+    (lambda p: p[node_id(p, "LIDiTSampler")]["inputs"].update(denoise=float("nan")), "denoise is nan"),
 ], ids=["adapter-mismatch", "corrupt-model", "pickled-llm", "adapter-needs-all-layers", "layer-out-of-range",
-        "wrong-latent"])
+        "wrong-latent", "nan-cfg", "nan-denoise"])
 def test_bad_input_names_the_problem_and_the_fix(comfy_server, default_prompt, mutate, message):
     prompt = copy.deepcopy(default_prompt)
     mutate(prompt)
@@ -151,6 +153,37 @@ def test_llm_list_follows_the_folder(comfy_server):
     finally:
         os.remove(added)
     assert "loop/added-later.gguf" not in options()
+
+
+def test_oversized_latent_is_refused_with_the_limit(comfy_server, default_prompt):
+    prompt = copy.deepcopy(default_prompt)
+    latent = prompt[node_id(prompt, "LIDiTSampler")]["inputs"]["latent_image"][0]
+    prompt[latent]["inputs"].update(width=8192, height=8192)
+    started = time.time()
+    with pytest.raises(comfy_client.WorkflowError, match=r"8192x8192 latent .* needs about [\d.]+ GB .* only "
+                                                          r"[\d.]+ GB is free .* about \d+x\d+"):
+        comfy_server.run(prompt)
+    assert time.time() - started < 60
+    assert comfy_server.output_images(comfy_server.run(default_prompt))
+
+
+def test_one_long_step_is_interruptible(comfy_server, default_prompt):
+    """At 1024 px a single step takes minutes on a CPU; /interrupt must not wait for it to end."""
+    comfy_server.run(default_prompt)  # models loaded and the encodings cached: the run below starts sampling at once
+    prompt = copy.deepcopy(default_prompt)
+    sampler = node_id(prompt, "LIDiTSampler")
+    prompt[sampler]["inputs"]["steps"] = 1
+    prompt[prompt[sampler]["inputs"]["latent_image"][0]]["inputs"].update(width=1024, height=1024)
+    timer = threading.Timer(5.0, lambda: comfy_server.post("/interrupt", {}))
+    timer.start()
+    started = time.time()
+    try:
+        with pytest.raises(comfy_client.WorkflowError, match="nterrupt"):
+            comfy_server.run(prompt)
+    finally:
+        timer.cancel()
+    assert time.time() - started < 30
+    assert comfy_server.output_images(comfy_server.run(default_prompt))
 
 
 def test_missing_llm_is_refused_before_running(comfy_server, default_prompt):
