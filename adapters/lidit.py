@@ -343,10 +343,14 @@ def sample_t(batch: int, device, generator=None) -> torch.Tensor:
     return torch.where(pick, logit_normal, uniform)
 
 
-def flow_matching_loss(model: LIDiT, x0: torch.Tensor, contexts, masks, generator=None) -> torch.Tensor:
-    """Rectified-flow velocity loss: x_t = (1 - t) x_0 + t eps, target v = eps - x_0."""
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    t = sample_t(x0.shape[0], x0.device, generator)
+def flow_matching_loss(model: LIDiT, x0: torch.Tensor, contexts, masks, generator=None, noise=None,
+                       t=None) -> torch.Tensor:
+    """Rectified-flow velocity loss: x_t = (1 - t) x_0 + t eps, target v = eps - x_0. noise and t are drawn unless
+    given (given: a batch split over processes can be compared with the whole batch in one)."""
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if t is None:
+        t = sample_t(x0.shape[0], x0.device, generator)
     tb = t.view(-1, 1, 1, 1).to(x0.dtype)
     x_t = (1 - tb) * x0 + tb * noise
     v = model(x_t, t, contexts, masks)

@@ -146,6 +146,35 @@ class Trainable(torch.nn.Module):
         return [hidden_states_to_context(h, a if use else None)
                 for h, a, use in zip(hidden, self.adapters, self.has_adapter)]
 
+    def forward(self, x0, hidden, masks, noise=None, t=None) -> torch.Tensor:
+        """The flow-matching loss; called through the prepared (DDP) model so that gradients sync across ranks."""
+        return flow_matching_loss(self.lidit, x0, self.contexts(hidden), masks, noise=noise, t=t)
+
+
+def train_step(model, opt, accelerator, x0, hidden, masks, lr: float, noise=None, t=None) -> torch.Tensor:
+    """One optimizer step on this rank's batch; gradients are averaged over ranks by DDP's hooks. Returns the loss
+    averaged over ranks (what the log shows)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    device = accelerator.device
+    noise, t = (v if v is None else v.to(device) for v in (noise, t))
+    with accelerator.autocast():
+        loss = model(x0.to(device), [h.to(device) for h in hidden], [m.to(device) for m in masks], noise, t)
+    opt.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return accelerator.reduce(loss.detach(), "mean")
+
+
+def seed_streams(data, seed: int, step: int, rank: int) -> None:
+    """Data, caption dropout and noise streams of one rank from (seed, step, rank): every rank draws its own
+    samples, and a resumed run continues with new draws instead of replaying the first run's."""
+    stream = seed * 1_000_003 + step + rank * 7_919
+    data.rng = random.Random(stream)
+    torch.manual_seed(stream)
+    random.seed(stream)
+
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
 
@@ -310,11 +339,9 @@ def main(argv=None):
         accelerator.wait_for_everyone()
     if args.resume and os.path.isdir(ckpt):
         step = load_training_state(ckpt, model, ema, opt)
-        # continue the noise, dropout and data streams instead of replaying the first run's
-        data.rng = random.Random(args.seed * 1_000_003 + step)
-        torch.manual_seed(args.seed * 1_000_003 + step)
-        random.seed(args.seed * 1_000_003 + step)
         accelerator.print(f"resumed from {ckpt} at step {step}")
+    if step or accelerator.process_index:  # a fresh single-process run keeps the streams seeded before the init
+        seed_streams(data, args.seed, step, accelerator.process_index)
     model, opt = accelerator.prepare(model, opt)
     raw = accelerator.unwrap_model(model)
     ema.to(accelerator.device)
@@ -328,16 +355,8 @@ def main(argv=None):
         x0, idx = data.sample(args.batch_size)
         captions = [data.captions[i] if random.random() >= args.caption_dropout else "" for i in idx]
         hidden = [collate([f[c] for c in captions]) for f in features]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args)
-        with accelerator.autocast():
-            ctx = raw.contexts([h.to(accelerator.device) for h, _ in hidden])
-            loss = flow_matching_loss(raw.lidit, x0.to(accelerator.device), ctx,
-                                      [m.to(accelerator.device) for _, m in hidden], generator=None)
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = train_step(model, opt, accelerator, x0, [h for h, _ in hidden], [m for _, m in hidden],
+                          lr_at(step, args))
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), raw.parameters()):
                 pe.lerp_(p, 1 - args.ema)
@@ -348,7 +367,7 @@ def main(argv=None):
         bar.set_postfix(loss=f"{loss.item():.4f}", sps=f"{rate:.1f}")
         acc = ""
         save_now = step % args.save_every == 0 or step == args.steps
-        if save_now and args.data == "shapes" and args.eval_samples:
+        if save_now and accelerator.is_main_process and args.data == "shapes" and args.eval_samples:
             acc = f"{evaluate(ema, features, None, args, accelerator.device, args.eval_samples):.3f}"
             accelerator.print(f"step {step}: held-out single-object accuracy (EMA) {acc}")
         if accelerator.is_main_process:
