@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import training.train_lidit as trainer
-from conftest import REPO_ROOT
 from test_trainer import TINY, checkpoint_state, loss_rows, optimizer_steps, train
 
 NO_EVAL = ("--eval-samples", "0")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class SimulatedKill(BaseException):
