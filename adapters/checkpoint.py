@@ -50,12 +50,25 @@ def save_lidit(path: str, model: LIDiT, text_encoders: list[dict], extra: dict |
     _atomic_save({k: v.to(dtype) for k, v in model.state_dict().items()}, path, meta)
 
 
-def load_lidit(path: str) -> tuple[LIDiT, dict]:
+def read_lidit(path: str) -> tuple[LIDiTConfig, dict]:
+    """The config and the decoded metadata of an LI-DiT file, checked against the tensors in its header before
+    anything is allocated: a small file whose metadata asks for a huge model is refused here."""
     meta = read_metadata(path, "li-dit")
-    config = LIDiTConfig(**json.loads(meta["config"]))
+    name = os.path.basename(path)
+    info = {k: _json_field(meta, k, name) for k in meta if k != "format"}
+    if not isinstance(info.get("config"), dict):
+        raise CheckpointError(f"'{name}' has no LI-DiT config in its metadata (a 'config' JSON object); the file "
+                              "was not written by this pack's exporter. Export it again with training/train_lidit.py.")
+    shapes = tensor_shapes(path)
+    config = _lidit_config(info["config"], shapes, name)
+    check_shapes(path, shapes, lambda: LIDiT(config))
+    return config, info
+
+
+def load_lidit(path: str) -> tuple[LIDiT, dict]:
+    config, info = read_lidit(path)
     model = LIDiT(config)
-    _load_state(model, path)
-    info = {k: json.loads(v) for k, v in meta.items() if k not in ("format",)}
+    module_load(model, load_weights(path))
     return model, info
 
 
@@ -67,24 +80,100 @@ def save_adapter(path: str, adapter: LLMDiffAdapter, llm_name: str, extra: dict 
     _atomic_save(adapter.state_dict(), path, meta)
 
 
+ADAPTER_SIZES = ("llm_hidden_size", "num_hidden_states", "context_dim")
+
+
 def load_adapter(path: str) -> tuple[LLMDiffAdapter, dict]:
     meta = read_metadata(path, "llm-diff-adapter")
-    adapter = LLMDiffAdapter(int(meta["llm_hidden_size"]), int(meta["num_hidden_states"]), int(meta["context_dim"]))
-    _load_state(adapter, path)
+    sizes = [_positive_int(meta, k, os.path.basename(path)) for k in ADAPTER_SIZES]
+    check_shapes(path, tensor_shapes(path), lambda: LLMDiffAdapter(*sizes))
+    adapter = LLMDiffAdapter(*sizes)
+    module_load(adapter, load_weights(path))
     return adapter, meta
 
 
-def _load_state(module: torch.nn.Module, path: str) -> None:
+def tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor, from the safetensors header alone (nothing is read or allocated)."""
     try:
-        state = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"'{os.path.basename(path)}' is corrupt or truncated ({e}); download or export "
+                              "it again.") from e
+
+
+def check_shapes(path: str, shapes: dict[str, tuple[int, ...]], build) -> None:
+    """Compares the file's tensors with those of build() made on the meta device (shapes only, no memory)."""
+    name = os.path.basename(path)
+    try:
+        with torch.device("meta"):
+            own = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"'{name}' has metadata that describes no valid model ({e}); the file was edited "
+                              "or is damaged. Export it again.") from e
+    missing = sorted(set(own) - set(shapes))
+    unexpected = sorted(set(shapes) - set(own))
+    wrong = [k for k in own if k in shapes and own[k] != shapes[k]]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected else
+                  f"{wrong[0]} is {shapes[wrong[0]]} in the file but {own[wrong[0]]} in the model")
+        raise CheckpointError(f"'{name}' does not match its own config ({detail}); the file was edited or is "
+                              "damaged. Export it again.")
+
+
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"'{os.path.basename(path)}' is corrupt or truncated ({e}); export it again.") from e
+
+
+def module_load(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Loads weights already checked by check_shapes, in the module's own dtype."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or wrong:
-        detail = f"missing {missing[:3]}" if missing else \
-            f"{wrong[0]} is {tuple(state[wrong[0]].shape)} in the file but {tuple(own[wrong[0]].shape)} in the model"
-        raise CheckpointError(f"'{os.path.basename(path)}' does not match its own config ({detail}); the file "
-                              "was edited or is damaged.")
     module.load_state_dict({k: state[k].to(own[k].dtype) for k in own})
+
+
+def _json_field(meta: dict, key: str, name: str):
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"'{name}' has broken JSON in its '{key}' metadata ({e}); the file was edited or is "
+                              "damaged. Export it again.") from e
+
+
+def _lidit_config(raw: dict, shapes: dict, name: str) -> LIDiTConfig:
+    fields = set(LIDiTConfig.__dataclass_fields__)
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise CheckpointError(f"'{name}' has unknown LI-DiT config keys {unknown} (known: {sorted(fields)}); it "
+                              "was made by a newer or different exporter. Update the pack or export it again.")
+    try:
+        config = LIDiTConfig(**raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"'{name}' has an invalid LI-DiT config ({e}); export it again.") from e
+    # Block counts first: building even a meta-device skeleton of a config with a million blocks takes minutes.
+    counts = {"depth": (config.depth, _count(shapes, "blocks.")),
+              "refiner_depth": (config.refiner_depth, _count(shapes, "refiner.branches.0.blocks.")),
+              "context_dims": (len(config.context_dims), _count(shapes, "refiner.branches."))}
+    for key, (want, have) in counts.items():
+        if want != have:
+            raise CheckpointError(f"'{name}' does not match its own config ({key} says {want} but the file holds "
+                                  f"{have}); the file was edited or is damaged. Export it again.")
+    return config
+
+
+def _count(shapes: dict, prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
+
+
+def _positive_int(meta: dict, key: str, name: str) -> int:
+    try:
+        value = int(meta[key])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"'{name}' has no integer '{key}' in its metadata (found {meta.get(key)!r}); the "
+                              "file was edited or is damaged. Export the adapter again.") from e
+    if value <= 0:
+        raise CheckpointError(f"'{name}' has {key}={value} in its metadata; it must be positive. Export the "
+                              "adapter again.")
+    return value

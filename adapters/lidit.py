@@ -10,10 +10,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class LIDiTError(ValueError):
+    """Bad input for an LI-DiT model (conditioning, latent, size, sampler settings); the message names the problem
+    and the fix."""
+
+
+# Self-attention over more query x key pairs than this is computed in query chunks (exact: each query's softmax is
+# its own), with the caller's interrupt check between chunks: at 2048 px one attention call alone takes minutes.
+SCORES_PER_CHUNK = 2 ** 22
 
 
 @dataclass
@@ -91,7 +102,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                causal: bool = False) -> torch.Tensor:
+                causal: bool = False, between_chunks: Callable[[], None] | None = None) -> torch.Tensor:
         # x: [B, N, dim], context: [B, T, context_dim], key_mask: [B, T] (1 = attend)
         B, N, _ = x.shape
         context = x if context is None else context
@@ -104,8 +115,20 @@ class Attention(nn.Module):
         if causal:
             tri = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
             attn_mask = tri if attn_mask is None else attn_mask & tri
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, N, head_dim]
+        out = chunked_attention(q, k, v, attn_mask, between_chunks)  # [B, H, N, head_dim]
         return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+def chunked_attention(q, k, v, attn_mask, between_chunks: Callable[[], None] | None) -> torch.Tensor:
+    N, T = q.shape[2], k.shape[2]
+    if between_chunks is None or N * T <= SCORES_PER_CHUNK:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    rows, parts = max(1, SCORES_PER_CHUNK // T), []
+    for i in range(0, N, rows):
+        between_chunks()
+        mask = attn_mask if attn_mask is None or attn_mask.shape[-2] == 1 else attn_mask[..., i:i + rows, :]
+        parts.append(F.scaled_dot_product_attention(q[:, :, i:i + rows], k, v, attn_mask=mask))
+    return torch.cat(parts, dim=2)
 
 
 class FeedForward(nn.Sequential):
@@ -225,10 +248,10 @@ class LIDiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation[1].weight)
         nn.init.zeros_(self.adaLN_modulation[1].bias)
 
-    def forward(self, x, c, context, context_mask):
+    def forward(self, x, c, context, context_mask, between_chunks: Callable[[], None] | None = None):
         # x: [B, N, dim], c: [B, dim], context: [B, T, dim], context_mask: [B, T]
         (sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3) = self.adaLN_modulation(c).chunk(9, dim=-1)
-        x = x + g1.unsqueeze(1) * self.self_attn(modulate(self.norm1(x), sh1, sc1))
+        x = x + g1.unsqueeze(1) * self.self_attn(modulate(self.norm1(x), sh1, sc1), between_chunks=between_chunks)
         x = x + g2.unsqueeze(1) * self.cross_attn(modulate(self.norm2(x), sh2, sc2), context, context_mask)
         return x + g3.unsqueeze(1) * self.mlp(modulate(self.norm3(x), sh3, sc3))
 
@@ -252,6 +275,8 @@ class LIDiT(nn.Module):
     def __init__(self, config: LIDiTConfig):
         super().__init__()
         self.config = config
+        # Called between blocks and attention chunks; may raise to stop a long forward (ComfyUI's interrupt).
+        self.interrupt_check: Callable[[], None] | None = None
         dim, p = config.hidden_size, config.patch_size
         self.x_embedder = nn.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
         self.pos_block = PositionResBlock(dim, config.pos_kernel_size)
@@ -264,7 +289,7 @@ class LIDiT(nn.Module):
     def check_contexts(self, contexts: list[torch.Tensor]) -> None:
         dims = tuple(c.shape[-1] for c in contexts)
         if dims != self.config.context_dims:
-            raise ValueError(
+            raise LIDiTError(
                 f"LI-DiT expects text encodings with feature sizes {self.config.context_dims} (one per LLM), got "
                 f"{dims}. Encode with the LLM(s) and adapter this model was trained with (see its metadata).")
 
@@ -289,10 +314,24 @@ class LIDiT(nn.Module):
         context, context_mask = self.refiner(contexts, masks, t_emb)           # [B, T, dim]
         c = t_emb + self.pooled_text_proj(masked_mean(context, context_mask))
         for block in self.blocks:
-            h = block(h, c, context, context_mask)
+            if self.interrupt_check:
+                self.interrupt_check()
+            h = block(h, c, context, context_mask, self.interrupt_check)
         h = self.final_layer(h, c)                                              # [B, N, p*p*C]
         h = h.view(B, gh, gw, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, gh * p, gw * p)
         return h[:, :, :H, :W]
+
+
+def forward_bytes(config: LIDiTConfig, batch: int, height: int, width: int, element_size: int = 4) -> int:
+    """Peak activation memory of one forward at this size (a slight overestimate, measured on CPU): the widest
+    tensors of a block live at once (residual, modulated input, q/k/v, attention and FFN outputs), plus the
+    attention scores of one chunk and a few copies of the input."""
+    p = config.patch_size
+    tokens = math.ceil(height / p) * math.ceil(width / p)
+    per_token = (10 + 2 * config.mlp_ratio) * config.hidden_size
+    scores = config.num_heads * min(tokens * tokens, SCORES_PER_CHUNK)
+    pixels = 6 * config.in_channels * height * width
+    return int(batch * (tokens * per_token + scores + pixels) * element_size)
 
 
 def sample_t(batch: int, device, generator=None) -> torch.Tensor:
@@ -304,10 +343,14 @@ def sample_t(batch: int, device, generator=None) -> torch.Tensor:
     return torch.where(pick, logit_normal, uniform)
 
 
-def flow_matching_loss(model: LIDiT, x0: torch.Tensor, contexts, masks, generator=None) -> torch.Tensor:
-    """Rectified-flow velocity loss: x_t = (1 - t) x_0 + t eps, target v = eps - x_0."""
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    t = sample_t(x0.shape[0], x0.device, generator)
+def flow_matching_loss(model: LIDiT, x0: torch.Tensor, contexts, masks, generator=None, noise=None,
+                       t=None) -> torch.Tensor:
+    """Rectified-flow velocity loss: x_t = (1 - t) x_0 + t eps, target v = eps - x_0. noise and t are drawn unless
+    given (given: a batch split over processes can be compared with the whole batch in one)."""
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if t is None:
+        t = sample_t(x0.shape[0], x0.device, generator)
     tb = t.view(-1, 1, 1, 1).to(x0.dtype)
     x_t = (1 - tb) * x0 + tb * noise
     v = model(x_t, t, contexts, masks)

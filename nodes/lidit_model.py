@@ -10,10 +10,8 @@ import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.supported_models_base
-from safetensors.torch import load_file
-
-from ..adapters.checkpoint import CheckpointError, read_metadata
-from ..adapters.lidit import LIDiT, LIDiTConfig
+from ..adapters.checkpoint import CheckpointError, load_weights, module_load, read_lidit
+from ..adapters.lidit import LIDiT, LIDiTConfig, LIDiTError, forward_bytes
 
 LATENT_FORMATS = {3: comfy.latent_formats.ChromaRadiance, 16: comfy.latent_formats.Flux}
 
@@ -25,17 +23,37 @@ class LIDiTNet(LIDiT):
         super().__init__(LIDiTConfig(**config))
         self.dtype = dtype or torch.float32
         self.to(device=device, dtype=self.dtype)
+        self.interrupt_check = mm.throw_exception_if_processing_interrupted  # one step can take minutes
 
     def forward(self, x, timesteps, context=None, attention_mask=None, transformer_options={}, control=None, **kwargs):
+        check_sampling_memory(self.config, x.shape, self.dtype, x.device)  # KSampler comes here without the node
         contexts, masks = split_streams(context, attention_mask, self.config.context_dims)
         return super().forward(x.to(self.dtype), timesteps, [c.to(self.dtype) for c in contexts], masks)
+
+
+def check_sampling_memory(config: LIDiTConfig, shape, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuses a latent whose forward would not fit in free memory, naming the largest size that does; without
+    this an 8192 px image grows the process past all RAM."""
+    batch, _, height, width = shape
+    need = forward_bytes(config, batch, height, width, dtype.itemsize)
+    free = mm.get_free_memory(device)
+    if need <= free:
+        return
+    lo, hi = 0, max(height, width)  # largest square side (in pixels of the latent) that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if forward_bytes(config, batch, mid, mid, dtype.itemsize) <= free else (lo, mid - 1)
+    raise LIDiTError(
+        f"A {width}x{height} latent (batch {batch}) needs about {need / 2 ** 30:.1f} GB to sample with this LI-DiT "
+        f"model, but only {free / 2 ** 30:.1f} GB is free on {device}. The largest square size that fits now is "
+        f"about {lo}x{lo}: lower width and height (or the batch size), or free memory.")
 
 
 def split_streams(context: torch.Tensor, mask: torch.Tensor | None, dims: tuple[int, ...]):
     """One conditioning tensor [B, T, sum(dims)] holds the LLM streams side by side (LLM Conditioning Join);
     its mask is [B, T] for one LLM or [B, n_llm, T] for several."""
     if context.shape[-1] != sum(dims):
-        raise ValueError(
+        raise LIDiTError(
             f"This LI-DiT model expects text encodings of {sum(dims)} features "
             f"({' + '.join(map(str, dims))} from {len(dims)} LLM(s)), but the conditioning has "
             f"{context.shape[-1]}. Encode the prompt with the LLM and adapter named in the model's metadata "
@@ -54,6 +72,11 @@ def split_streams(context: torch.Tensor, mask: torch.Tensor | None, dims: tuple[
 class LIDiTBaseModel(comfy.model_base.BaseModel):
     def __init__(self, model_config, device=None):
         super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device, unet_model=LIDiTNet)
+
+    def memory_required(self, input_shape, cond_shapes={}):
+        # ComfyUI batches cond and uncond together, or frees models, by this number; its default is for UNets.
+        batch, _, height, width = input_shape
+        return forward_bytes(self.diffusion_model.config, batch, height, width, self.get_dtype().itemsize)
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)
@@ -81,9 +104,7 @@ class LIDiTModelConfig(comfy.supported_models_base.BASE):
 
 
 def load_lidit_patcher(path: str, dtype_choice: str = "auto") -> tuple[comfy.model_patcher.ModelPatcher, dict]:
-    import json
-    meta = read_metadata(path, "li-dit")
-    config = LIDiTConfig(**json.loads(meta["config"]))
+    config, info = read_lidit(path)  # checked against the file's tensors before anything is built
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     model_config = LIDiTModelConfig(config)
     if dtype_choice == "auto":
@@ -92,14 +113,6 @@ def load_lidit_patcher(path: str, dtype_choice: str = "auto") -> tuple[comfy.mod
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_choice]
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, device=offload_device)
-    try:
-        state = load_file(path)
-    except Exception as e:
-        raise CheckpointError(f"'{path}' is corrupt or truncated ({e}); download or export it again.") from e
-    missing, unexpected = model.diffusion_model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"'{path}' does not match its config (missing {missing[:3]}, unexpected "
-                              f"{unexpected[:3]}); the file was edited or is damaged.")
+    module_load(model.diffusion_model, load_weights(path))
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
-    info = {k: json.loads(v) for k, v in meta.items() if k != "format"}
     return patcher, info

@@ -1,6 +1,8 @@
 """LI-DiT Loader, LI-DiT Sampler and LLM Conditioning Join."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -9,7 +11,8 @@ import nodes as comfy_nodes
 from comfy_api.v0_0_2 import io
 
 from . import model_folders
-from .lidit_model import load_lidit_patcher, split_streams
+from ..adapters.lidit import LIDiTError
+from .lidit_model import check_sampling_memory, load_lidit_patcher, split_streams
 
 
 class LIDiTLoader(io.ComfyNode):
@@ -62,18 +65,24 @@ class LIDiTSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 denoise) -> io.NodeOutput:
-        dims = model.model.diffusion_model.config.context_dims
+        # NaN passes ComfyUI's min/max validation and turns the whole image black without an error.
+        for name, value, hint in (("cfg", cfg, "3 suits the default model"), ("denoise", denoise, "1.0 for text to "
+                                  "image, less to keep part of the input latent")):
+            if not math.isfinite(value):
+                raise LIDiTError(f"{name} is {value}; it must be a finite number ({hint}).")
+        net = model.model.diffusion_model
         for name, cond in (("positive", positive), ("negative", negative)):
             for context, extra in cond:
                 try:
-                    split_streams(context, extra.get("attention_mask"), dims)
-                except ValueError as e:
-                    raise ValueError(f"{name} conditioning: {e}") from None
+                    split_streams(context, extra.get("attention_mask"), net.config.context_dims)
+                except LIDiTError as e:
+                    raise LIDiTError(f"{name} conditioning: {e}") from None
         samples = latent_image["samples"]
-        if samples.shape[1] != model.model.diffusion_model.config.in_channels:
-            raise ValueError(f"The latent has {samples.shape[1]} channels but this LI-DiT model works on "
-                             f"{model.model.diffusion_model.config.in_channels}. For a pixel-space model use "
+        if samples.shape[1] != net.config.in_channels:
+            raise LIDiTError(f"The latent has {samples.shape[1]} channels but this LI-DiT model works on "
+                             f"{net.config.in_channels}. For a pixel-space model use "
                              "EmptyChromaRadianceLatentImage (3 channels) and VAELoader's 'pixel_space'.")
+        check_sampling_memory(net.config, samples.shape, net.dtype, model.load_device)
         # ComfyUI's own sampling path: progress bar, previews, interruption and memory management included.
         (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                              latent_image, denoise=denoise)

@@ -178,6 +178,9 @@ class LLMPromptEncode(io.ComfyNode):
         if instruction == "custom" and not custom_instruction.strip():
             raise llm_encoder.LLMError("instruction is 'custom' but custom_instruction is empty: write the "
                                        "instruction, or pick 'li-dit' or 'none'.")
+        if instruction != "custom" and instruction not in llm_encoder.INSTRUCTION_PRESETS:
+            raise llm_encoder.LLMError(f"Unknown instruction preset '{instruction}': pick one of "
+                                       f"{sorted(llm_encoder.INSTRUCTION_PRESETS)} or 'custom'.")
         if adapter is not None:
             check_adapter(adapter, llm, layers)
         options = dict(instruction=custom_instruction.strip() if instruction == "custom"

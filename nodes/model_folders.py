@@ -4,6 +4,7 @@ LLM:          models/LLM (also ComfyUI's text_encoders): .gguf files and Hugging
 llm_adapters: models/llm_adapters, and the pack's own models/llm_adapters (the default adapter ships there)
 lidit:        models/lidit (also diffusion_models), and the pack's own models/lidit (the default model)
 """
+import contextlib
 import os
 
 import folder_paths
@@ -43,15 +44,49 @@ def _is_lidit(name: str) -> bool:
         return False
 
 
+MAX_LLM_DEPTH = 4  # folders below an LLM root; a deeper tree is not a model collection
+_llm_listing: tuple[dict[str, str], dict[str, float]] | None = None  # (entries, mtime of every folder walked)
+
+
 def llm_entries() -> dict[str, str]:
-    """Display name -> path for every .gguf file and Hugging Face folder (config.json) in the LLM folders."""
-    found = {}
-    for root in folder_paths.get_folder_paths("LLM") + folder_paths.get_folder_paths("text_encoders"):
+    """Display name -> path for every .gguf file and Hugging Face folder (config.json) in the LLM folders.
+
+    Called on every schema request and every load, so the listing is cached and rebuilt only when a folder
+    walked changed (by mtime), as ComfyUI's folder_paths.get_filename_list does. ComfyUI's own recursive_search
+    cannot be reused: it follows symlinks without a loop check, and a link such as `loop/a -> .` would hang."""
+    global _llm_listing
+    roots = folder_paths.get_folder_paths("LLM") + folder_paths.get_folder_paths("text_encoders")
+    if _llm_listing is None or not _listing_is_current(_llm_listing[1], roots):
+        _llm_listing = _walk_llm_roots(roots)
+    return dict(_llm_listing[0])
+
+
+def _listing_is_current(mtimes: dict[str, float], roots: list[str]) -> bool:
+    if any(os.path.isdir(r) and r not in mtimes for r in roots):
+        return False
+    try:
+        return all(os.path.getmtime(d) == t for d, t in mtimes.items())
+    except OSError:  # a folder walked before is gone
+        return False
+
+
+def _walk_llm_roots(roots: list[str]) -> tuple[dict[str, str], dict[str, float]]:
+    found, mtimes = {}, {}
+    for root in roots:
         if not os.path.isdir(root):
             continue
+        visited = set()  # real paths: a symlink back to a folder already walked is skipped, so loops end
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            real = os.path.realpath(dirpath)
             rel = os.path.relpath(dirpath, root)
+            depth = 0 if rel == "." else rel.count(os.sep) + 1
+            if real in visited:
+                dirnames[:] = []
+                continue
+            visited.add(real)
+            with contextlib.suppress(OSError):
+                mtimes[dirpath] = os.path.getmtime(dirpath)
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")] if depth < MAX_LLM_DEPTH else []
             if "config.json" in filenames and dirpath != root:
                 found.setdefault(rel.replace(os.sep, "/"), dirpath)
                 dirnames[:] = []
@@ -60,7 +95,7 @@ def llm_entries() -> dict[str, str]:
                 if f.endswith(".gguf"):
                     name = f if rel == "." else f"{rel}/{f}".replace(os.sep, "/")
                     found.setdefault(name, os.path.join(dirpath, f))
-    return dict(sorted(found.items()))
+    return dict(sorted(found.items())), mtimes
 
 
 def gguf_cache() -> str:

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -145,10 +146,46 @@ class Trainable(torch.nn.Module):
         return [hidden_states_to_context(h, a if use else None)
                 for h, a, use in zip(hidden, self.adapters, self.has_adapter)]
 
+    def forward(self, x0, hidden, masks, noise=None, t=None) -> torch.Tensor:
+        """The flow-matching loss; called through the prepared (DDP) model so that gradients sync across ranks."""
+        return flow_matching_loss(self.lidit, x0, self.contexts(hidden), masks, noise=noise, t=t)
+
+
+def train_step(model, opt, accelerator, x0, hidden, masks, lr: float, noise=None, t=None) -> torch.Tensor:
+    """One optimizer step on this rank's batch; gradients are averaged over ranks by DDP's hooks. Returns the loss
+    averaged over ranks (what the log shows)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    device = accelerator.device
+    noise, t = (v if v is None else v.to(device) for v in (noise, t))
+    with accelerator.autocast():
+        loss = model(x0.to(device), [h.to(device) for h in hidden], [m.to(device) for m in masks], noise, t)
+    opt.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return accelerator.reduce(loss.detach(), "mean")
+
+
+def seed_streams(data, seed: int, step: int, rank: int) -> None:
+    """Data, caption dropout and noise streams of one rank from (seed, step, rank): every rank draws its own
+    samples, and a resumed run continues with new draws instead of replaying the first run's."""
+    stream = seed * 1_000_003 + step + rank * 7_919
+    data.rng = random.Random(stream)
+    torch.manual_seed(stream)
+    random.seed(stream)
+
+
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
+
 
 def save_training_state(path: str, trainable, ema, opt, step: int, args) -> None:
-    tmp = path + ".partial"
-    os.makedirs(tmp, exist_ok=True)
+    """Writes <path>.partial (state.json last, so a complete one has it), then swaps it in for <path>. At every
+    point of a kill one complete checkpoint exists among <path>, <path>.partial and <path>.old, and
+    recover_checkpoint finds the newest."""
+    tmp, old = path + ".partial", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from a killed save
+    os.makedirs(tmp)
     save_file({k: v.contiguous() for k, v in trainable.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
     save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
     opt_state = opt.state_dict()
@@ -157,14 +194,41 @@ def save_training_state(path: str, trainable, ema, opt, step: int, args) -> None
         for name, val in st.items():
             tensors[f"{pid}.{name}"] = val.detach().reshape(-1) if val.dim() == 0 else val.detach().contiguous()
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step, "param_groups": opt_state["param_groups"], "args": vars(args)}, f)
-    if os.path.exists(path):
-        os.rename(path, path + ".old")
-    os.rename(tmp, path)
-    if os.path.exists(path + ".old"):
-        import shutil
-        shutil.rmtree(path + ".old")
+    state = {"step": step, "param_groups": opt_state["param_groups"], "args": vars(args)}
+    with open(os.path.join(tmp, "state.json.partial"), "w") as f:
+        json.dump(state, f)
+    os.replace(os.path.join(tmp, "state.json.partial"), os.path.join(tmp, "state.json"))
+    if os.path.isdir(path):  # complete (only ever made by the rename below), so a leftover .old is not needed
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step of a complete checkpoint folder, None for a missing or half-written one."""
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            step = int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if all(os.path.isfile(os.path.join(path, n)) for n in CHECKPOINT_FILES) else None
+
+
+def recover_checkpoint(path: str) -> int | None:
+    """After a kill inside save_training_state: the newest complete checkpoint among <path>, <path>.partial and
+    <path>.old becomes <path> again and the others are removed. Returns its step (None: no checkpoint)."""
+    found = {p: checkpoint_step(p) for p in (path, path + ".partial", path + ".old")}
+    found = {p: s for p, s in found.items() if s is not None}
+    if not found:
+        return None
+    best = max(found, key=lambda p: found[p])  # on a tie the first, <path>
+    if best != path:
+        shutil.rmtree(path, ignore_errors=True)  # incomplete or older; `best` stays complete meanwhile
+        os.replace(best, path)
+    for leftover in (path + ".partial", path + ".old"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return found[best]
 
 
 def load_training_state(path: str, trainable, ema, opt) -> int:
@@ -179,6 +243,39 @@ def load_training_state(path: str, trainable, ema, opt) -> int:
         opt_state["state"].setdefault(int(pid), {})[name] = val.reshape(()) if name == "step" else val
     opt.load_state_dict(opt_state)
     return int(state["step"])
+
+
+class LossLog:
+    """<out>/loss.csv, one row per step. A step's row is written before its checkpoint, and on resume the rows
+    after the checkpoint are dropped (those steps are redone), so a kill anywhere leaves each step logged once."""
+    HEADER = ["step", "loss", "lr", "samples_per_s", "heldout_accuracy"]
+
+    def __init__(self, path: str, keep_until: int):
+        rows = self.rows_until(path, keep_until)
+        with open(path + ".partial", "w", newline="") as f:  # rewritten aside: a kill here keeps the old log
+            csv.writer(f).writerows([self.HEADER] + rows)
+        os.replace(path + ".partial", path)
+        self.file = open(path, "a", newline="")
+        self.writer = csv.writer(self.file)
+
+    @classmethod
+    def rows_until(cls, path: str, step: int) -> list[list[str]]:
+        if not os.path.exists(path):
+            return []
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        kept = {}
+        for row in rows:  # a torn last row (killed mid-write) has too few fields
+            if len(row) == len(cls.HEADER) and row[0].isdigit() and int(row[0]) <= step:
+                kept.setdefault(int(row[0]), row)
+        return [kept[k] for k in sorted(kept)]
+
+    def write(self, row: list) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 @torch.no_grad()
@@ -236,46 +333,30 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     ckpt = os.path.join(args.out, "checkpoint")
     step = 0
+    if args.resume:
+        if accelerator.is_main_process:
+            recover_checkpoint(ckpt)  # finishes or rolls back a save that a kill interrupted
+        accelerator.wait_for_everyone()
     if args.resume and os.path.isdir(ckpt):
         step = load_training_state(ckpt, model, ema, opt)
-        # continue the noise, dropout and data streams instead of replaying the first run's
-        data.rng = random.Random(args.seed * 1_000_003 + step)
-        torch.manual_seed(args.seed * 1_000_003 + step)
-        random.seed(args.seed * 1_000_003 + step)
         accelerator.print(f"resumed from {ckpt} at step {step}")
+    if step or accelerator.process_index:  # a fresh single-process run keeps the streams seeded before the init
+        seed_streams(data, args.seed, step, accelerator.process_index)
     model, opt = accelerator.prepare(model, opt)
     raw = accelerator.unwrap_model(model)
     ema.to(accelerator.device)
     n_params = sum(p.numel() for p in raw.parameters())
     accelerator.print(f"LI-DiT {n_params / 1e6:.2f}M trainable parameters, context dims {context_dims}")
 
-    log_path = os.path.join(args.out, "loss.csv")
-    new_log = not (args.resume and os.path.exists(log_path))
-    if not new_log:  # drop rows logged after the checkpoint (a crash between two saves): they are redone
-        with open(log_path, newline="") as f:
-            rows = list(csv.reader(f))
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerows(rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step])
-    log_file = open(log_path, "w" if new_log else "a", newline="")
-    writer = csv.writer(log_file)
-    if new_log:
-        writer.writerow(["step", "loss", "lr", "samples_per_s", "heldout_accuracy"])
+    loss_log = LossLog(os.path.join(args.out, "loss.csv"), step) if accelerator.is_main_process else None
     bar = tqdm(total=args.steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     t0, seen = time.time(), 0
     while step < args.steps:
         x0, idx = data.sample(args.batch_size)
         captions = [data.captions[i] if random.random() >= args.caption_dropout else "" for i in idx]
         hidden = [collate([f[c] for c in captions]) for f in features]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args)
-        with accelerator.autocast():
-            ctx = raw.contexts([h.to(accelerator.device) for h, _ in hidden])
-            loss = flow_matching_loss(raw.lidit, x0.to(accelerator.device), ctx,
-                                      [m.to(accelerator.device) for _, m in hidden], generator=None)
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = train_step(model, opt, accelerator, x0, [h for h, _ in hidden], [m for _, m in hidden],
+                          lr_at(step, args))
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), raw.parameters()):
                 pe.lerp_(p, 1 - args.ema)
@@ -285,16 +366,17 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", sps=f"{rate:.1f}")
         acc = ""
-        if step % args.save_every == 0 or step == args.steps:
-            if args.data == "shapes" and args.eval_samples:
-                acc = f"{evaluate(ema, features, None, args, accelerator.device, args.eval_samples):.3f}"
-                accelerator.print(f"step {step}: held-out single-object accuracy (EMA) {acc}")
-            if accelerator.is_main_process:
+        save_now = step % args.save_every == 0 or step == args.steps
+        if save_now and accelerator.is_main_process and args.data == "shapes" and args.eval_samples:
+            acc = f"{evaluate(ema, features, None, args, accelerator.device, args.eval_samples):.3f}"
+            accelerator.print(f"step {step}: held-out single-object accuracy (EMA) {acc}")
+        if accelerator.is_main_process:
+            loss_log.write([step, f"{loss.item():.5f}", f"{lr_at(step - 1, args):.6g}", f"{rate:.2f}", acc])
+            if save_now:
                 save_training_state(ckpt, raw, ema, opt, step, args)
-        writer.writerow([step, f"{loss.item():.5f}", f"{lr_at(step - 1, args):.6g}", f"{rate:.2f}", acc])
-        log_file.flush()
     bar.close()
-    log_file.close()
+    if loss_log:
+        loss_log.close()
 
     if accelerator.is_main_process:
         export = ema if args.export_weights == "ema" else raw

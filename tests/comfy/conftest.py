@@ -15,8 +15,10 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.path.insert(0, ROOT)
 
 import comfy_client  # noqa: E402
-from adapters.checkpoint import save_adapter  # noqa: E402
+from adapters.checkpoint import save_adapter, save_lidit  # noqa: E402
 from adapters.diff_adapter import LLMDiffAdapter  # noqa: E402
+from adapters.lidit import LIDiT, LIDiTConfig  # noqa: E402
+from safetensors.torch import load_file, safe_open, save_file  # noqa: E402
 
 WORKFLOW_DIR = os.path.join(ROOT, "workflows")
 DEFAULT_WORKFLOW = os.path.join(WORKFLOW_DIR, "lidit_shapes_default.json")
@@ -30,12 +32,50 @@ def make_test_models(base: str) -> None:
     os.makedirs(os.path.join(base, "lidit"))
     with open(os.path.join(base, "lidit", "corrupt.safetensors"), "wb") as f:
         f.write(b"\x00\x01 this is not a safetensors file" * 10)
+    make_broken_model_files(base)
     pickled = os.path.join(base, "LLM", "pickled-llm")
     os.makedirs(pickled)
     with open(os.path.join(pickled, "config.json"), "w") as f:
         json.dump({"model_type": "llama"}, f)
     with open(os.path.join(pickled, "pytorch_model.bin"), "wb") as f:
         f.write(b"PK\x03\x04 pickled")
+    # Two links back up the tree: without a loop check every walk of the folder doubles at each level, forever.
+    os.makedirs(os.path.join(base, "LLM", "loop"))
+    os.symlink(".", os.path.join(base, "LLM", "loop", "a"))
+    os.symlink("..", os.path.join(base, "LLM", "loop", "b"))
+
+
+def edit_metadata(path: str, edit) -> None:
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata())
+    edit(meta)
+    save_file(load_file(path), path, metadata=meta)
+
+
+def edit_config(**changes):
+    return lambda m: m.update(config=json.dumps({**json.loads(m["config"]), **changes}))
+
+
+BROKEN_LIDIT = {  # file name -> metadata edit
+    "no-config.safetensors": lambda m: m.pop("config"),
+    "bad-json.safetensors": lambda m: m.update(config="{\"depth\": 1,"),
+    "unknown-key.safetensors": edit_config(flash=True),
+    "wrong-shape.safetensors": edit_config(context_dims=[64]),
+    "terabyte-config.safetensors": edit_config(hidden_size=2 ** 20),  # a tiny file asking for terabytes
+}
+
+
+def make_broken_model_files(base: str) -> None:
+    torch.manual_seed(0)
+    tiny = LIDiT(LIDiTConfig(patch_size=2, hidden_size=16, depth=1, num_heads=2, mlp_ratio=1.0,
+                             context_dims=(128,), refiner_depth=0))
+    for name, edit in BROKEN_LIDIT.items():
+        path = os.path.join(base, "lidit", name)
+        save_lidit(path, tiny, [])
+        edit_metadata(path, edit)
+    path = os.path.join(base, "llm_adapters", "non-integer-adapter.safetensors")
+    save_adapter(path, LLMDiffAdapter(576, 31, 128), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    edit_metadata(path, lambda m: m.update(num_hidden_states="thirty-one"))
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +88,7 @@ def comfy_server(tmp_path_factory):
                 "  lidit: lidit\n")
     out = str(tmp_path_factory.mktemp("comfy_output"))
     server = comfy_client.ComfyServer(out, extra_args=["--extra-model-paths-config", config])
+    server.models_dir = base  # tests add files there to see the model lists follow
     server.start()
     try:
         yield server

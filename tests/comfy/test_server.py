@@ -121,13 +121,103 @@ def test_over_long_prompt_is_cut_with_a_warning(comfy_server, default_prompt):
     (lambda p: p.update({"99": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32,
                                                                              "batch_size": 1}}})
      or p[node_id(p, "LIDiTSampler")]["inputs"].update(latent_image=["99", 0]), "channels"),
+    (lambda p: p[node_id(p, "LIDiTSampler")]["inputs"].update(cfg=float("nan")), "cfg is nan; it must be a finite"),
+    (lambda p: p[node_id(p, "LIDiTSampler")]["inputs"].update(denoise=float("nan")), "denoise is nan"),
+    (lambda p: p[positive_encode_id(p)]["inputs"].update(instruction="shout"), "shout"),
+    (lambda p: p[node_id(p, "LLMAdapterLoader")]["inputs"].update(adapter_name="non-integer-adapter.safetensors"),
+     "no integer 'num_hidden_states' in its metadata"),
+    *[(lambda p, name=name: p[node_id(p, "LIDiTLoader")]["inputs"].update(model_name=name), message)
+      for name, message in (("no-config.safetensors", "no LI-DiT config in its metadata"),
+                            ("bad-json.safetensors", "broken JSON in its 'config' metadata"),
+                            ("unknown-key.safetensors", r"unknown LI-DiT config keys \['flash'\]"),
+                            ("wrong-shape.safetensors", "in_proj.weight is .* in the file but"),
+                            ("terabyte-config.safetensors", "does not match its own config"))],
 ], ids=["adapter-mismatch", "corrupt-model", "pickled-llm", "adapter-needs-all-layers", "layer-out-of-range",
-        "wrong-latent"])
+        "wrong-latent", "nan-cfg", "nan-denoise", "unknown-instruction", "adapter-metadata-not-int",
+        "lidit-no-config", "lidit-bad-json", "lidit-unknown-key", "lidit-wrong-shape", "lidit-terabyte-config"])
 def test_bad_input_names_the_problem_and_the_fix(comfy_server, default_prompt, mutate, message):
     prompt = copy.deepcopy(default_prompt)
     mutate(prompt)
     with pytest.raises(comfy_client.WorkflowError, match=message):
         comfy_server.run(prompt)
+
+
+def test_errors_are_the_packs_own_not_raw_python(comfy_server, default_prompt):
+    """The cases above reach the user as the pack's messages, not as KeyError or PyTorch's state-dict dump."""
+    raw = ("KeyError", "JSONDecodeError", "TypeError", "Error(s) in loading state_dict", "size mismatch")
+    for name in ("no-config.safetensors", "bad-json.safetensors", "unknown-key.safetensors",
+                 "wrong-shape.safetensors"):
+        prompt = copy.deepcopy(default_prompt)
+        prompt[node_id(prompt, "LIDiTLoader")]["inputs"]["model_name"] = name
+        entry_error = run_error(comfy_server, prompt)
+        assert entry_error["exception_type"].endswith("CheckpointError"), entry_error["exception_type"]
+        assert not any(r in entry_error["exception_message"] for r in raw), entry_error["exception_message"]
+
+
+def run_error(server, prompt) -> dict:
+    """The execution_error message of a prompt that fails."""
+    prompt_id = server.post("/prompt", {"prompt": prompt, "client_id": "llm-diffusion-tests"})["prompt_id"]
+    for _ in range(600):
+        entry = server.get(f"/history/{prompt_id}").get(prompt_id)
+        if entry and entry["status"].get("status_str") == "error":
+            return [m for m in entry["status"]["messages"] if m[0] == "execution_error"][0][1]
+        assert not (entry and entry["status"].get("completed")), "the prompt did not fail"
+        time.sleep(0.3)
+    raise AssertionError("no answer")
+
+
+def test_oversized_latent_is_refused_with_the_limit(comfy_server, default_prompt):
+    prompt = copy.deepcopy(default_prompt)
+    latent = prompt[node_id(prompt, "LIDiTSampler")]["inputs"]["latent_image"][0]
+    prompt[latent]["inputs"].update(width=8192, height=8192)
+    started = time.time()
+    with pytest.raises(comfy_client.WorkflowError, match=r"8192x8192 latent .* needs about [\d.]+ GB .* only "
+                                                          r"[\d.]+ GB is free .* about \d+x\d+"):
+        comfy_server.run(prompt)
+    assert time.time() - started < 60
+    assert comfy_server.output_images(comfy_server.run(default_prompt))
+
+
+def test_one_long_step_is_interruptible(comfy_server, default_prompt):
+    """At 1024 px a single step takes minutes on a CPU; /interrupt must not wait for it to end."""
+    comfy_server.run(default_prompt)  # models loaded and the encodings cached: the run below starts sampling at once
+    prompt = copy.deepcopy(default_prompt)
+    sampler = node_id(prompt, "LIDiTSampler")
+    prompt[sampler]["inputs"]["steps"] = 1
+    prompt[prompt[sampler]["inputs"]["latent_image"][0]]["inputs"].update(width=1024, height=1024)
+    timer = threading.Timer(5.0, lambda: comfy_server.post("/interrupt", {}))
+    timer.start()
+    started = time.time()
+    try:
+        with pytest.raises(comfy_client.WorkflowError, match="nterrupt"):
+            comfy_server.run(prompt)
+    finally:
+        timer.cancel()
+    assert time.time() - started < 30
+    assert comfy_server.output_images(comfy_server.run(default_prompt))
+
+
+def test_symlink_loop_in_the_llm_folder_does_not_hang_the_server(comfy_server):
+    """The test LLM folder holds loop/a -> . and loop/b -> .. (see conftest); the list still comes back."""
+    started = time.time()
+    options = comfy_server.get("/object_info/LLMLoader")["LLMLoader"]["input"]["required"]["llm_name"][1]["options"]
+    assert time.time() - started < 10
+    assert {"SmolLM2-135M-Instruct.Q4_1.gguf", "pickled-llm"} <= set(options)
+    assert not [o for o in options if o.startswith("loop")]
+
+
+def test_llm_list_follows_the_folder(comfy_server):
+    """The LLM list is cached; a file added to (or removed from) a folder still shows at once."""
+    def options():
+        return comfy_server.get("/object_info/LLMLoader")["LLMLoader"]["input"]["required"]["llm_name"][1]["options"]
+    added = os.path.join(comfy_server.models_dir, "LLM", "loop", "added-later.gguf")
+    assert "loop/added-later.gguf" not in options()
+    open(added, "wb").close()
+    try:
+        assert "loop/added-later.gguf" in options()
+    finally:
+        os.remove(added)
+    assert "loop/added-later.gguf" not in options()
 
 
 def test_missing_llm_is_refused_before_running(comfy_server, default_prompt):

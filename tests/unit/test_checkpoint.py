@@ -207,3 +207,71 @@ def test_config_that_does_not_match_the_weights(tmp_path, wake):
     save_file(load_file(path), path, metadata=meta)
     with pytest.raises(CheckpointError, match="in_proj.weight"):
         load_lidit(path)
+
+
+def rewrite_metadata(path: str, edit) -> None:
+    """Applies edit(metadata) and writes the file back with its tensors."""
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata())
+    edit(meta)
+    save_file(load_file(path), path, metadata=meta)
+
+
+def peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_size", 2 ** 20, "x_embedder.weight"),   # a 1.4 KB file that would ask for terabytes
+    ("mlp_ratio", 1e7, "mlp.0.weight"),
+    ("depth", 10 ** 7, "depth says 10000000 but the file holds 2"),  # millions of blocks, even on meta, take long
+    ("context_dims", [24], "context_dims says 1 but the file holds 2"),
+])
+def test_config_is_checked_against_the_header_before_building(tmp_path, wake, field, value, message):
+    path = saved_lidit(tmp_path, wake)
+    rewrite_metadata(path, lambda m: m.update(config=json.dumps({**json.loads(m["config"]), field: value})))
+    before = peak_rss_mb()
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_lidit(path)
+    assert "does not match its own config" in str(err.value)
+    assert peak_rss_mb() - before < 200  # nothing the size of the claimed model was allocated
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("config"), "no LI-DiT config in its metadata"),
+    (lambda m: m.update(config="{not json"), "broken JSON in its 'config' metadata"),
+    (lambda m: m.update(text_encoders="[1, 2"), "broken JSON in its 'text_encoders' metadata"),
+    (lambda m: m.update(config=json.dumps({**json.loads(m["config"]), "flash": True})),
+     r"unknown LI-DiT config keys \['flash'\]"),
+    (lambda m: m.update(config=json.dumps({**json.loads(m["config"]), "num_heads": 3})),
+     "invalid LI-DiT config .*not divisible"),
+    (lambda m: m.update(config=json.dumps({**json.loads(m["config"]), "hidden_size": "wide"})),
+     "invalid LI-DiT config|describes no valid model"),
+], ids=["no-config", "bad-json", "bad-json-other-key", "unknown-key", "invalid-value", "wrong-type"])
+def test_broken_lidit_metadata_is_a_checkpoint_error(tmp_path, wake, edit, message):
+    path = saved_lidit(tmp_path, wake)
+    rewrite_metadata(path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_lidit(path)
+
+
+def test_extra_tensor_is_reported(tmp_path, wake):
+    path = saved_lidit(tmp_path, wake)
+    rewrite(path, lambda t: t.update(smuggled=torch.zeros(3)))
+    with pytest.raises(CheckpointError, match=r"unexpected \['smuggled'\]"):
+        load_lidit(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("context_dim"), "no integer 'context_dim' in its metadata \\(found None\\)"),
+    (lambda m: m.update(num_hidden_states="four"), "no integer 'num_hidden_states' in its metadata \\(found 'four'\\)"),
+    (lambda m: m.update(llm_hidden_size="-24"), "llm_hidden_size=-24 .* must be positive"),
+    (lambda m: m.update(llm_hidden_size=str(2 ** 30)), "does not match its own config"),
+], ids=["missing", "not-an-integer", "negative", "huge"])
+def test_broken_adapter_metadata_is_a_checkpoint_error(tmp_path, edit, message):
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(path, trained_adapter(), "llama")
+    rewrite_metadata(path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_adapter(path)

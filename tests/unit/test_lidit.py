@@ -5,12 +5,15 @@ import pytest
 import torch
 
 from adapters import shapes_world
+from adapters import lidit
 from adapters.lidit import (
+    Attention,
     CollaborativeRefiner,
     LIDiT,
     LIDiTConfig,
     TokenRefiner,
     flow_matching_loss,
+    forward_bytes,
     masked_mean,
     sample_euler,
 )
@@ -331,3 +334,59 @@ def test_sample_euler_classifier_free_guidance(wake):
         v_c, v_u = model(noise, t, contexts, masks), model(noise, t, uncond, uncond_masks)
     torch.testing.assert_close(guided, noise - (v_u + 3.0 * (v_c - v_u)), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(guided, sample_euler(model, noise, contexts, masks, steps=1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Large images: interruptible forward, memory estimate
+
+
+class Stop(Exception):
+    pass
+
+
+def test_chunked_forward_is_exact_and_checks_between_blocks_and_chunks(monkeypatch, wake):
+    model = wake(tiny_model())
+    x, (contexts, masks) = image(H=32, W=32), text_inputs()  # 8x8 = 64 patch tokens
+    with torch.no_grad():
+        whole = model(x, torch.tensor([0.3, 0.8]), contexts, masks)
+        monkeypatch.setattr(lidit, "SCORES_PER_CHUNK", 64 * 16)  # 16 query rows per chunk: 4 chunks
+        calls = []
+        model.interrupt_check = lambda: calls.append(1)
+        chunked = model(x, torch.tensor([0.3, 0.8]), contexts, masks)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    assert len(calls) == model.config.depth * (1 + 4)  # before each block, and before each attention chunk
+
+
+def test_a_raising_check_stops_the_forward_mid_attention(monkeypatch):
+    model = tiny_model(depth=1)
+    monkeypatch.setattr(lidit, "SCORES_PER_CHUNK", 64)
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) == 3:  # inside the first block's self-attention
+            raise Stop
+
+    model.interrupt_check = check
+    with pytest.raises(Stop):
+        model(image(H=32, W=32), torch.tensor([0.5, 0.5]), *text_inputs())
+
+
+def test_chunked_attention_keeps_the_causal_mask(monkeypatch):
+    torch.manual_seed(0)
+    attn = Attention(32, 2)
+    x, mask = torch.randn(2, 10, 32), torch.ones(2, 10, dtype=torch.long)
+    with torch.no_grad():
+        whole = attn(x, key_mask=mask, causal=True)
+        monkeypatch.setattr(lidit, "SCORES_PER_CHUNK", 30)  # 3 query rows per chunk
+        chunked = attn(x, key_mask=mask, causal=True, between_chunks=lambda: None)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+
+
+def test_memory_estimate_grows_with_the_image_and_bounds_the_large_sizes():
+    config = tiny_config(hidden_size=128, num_heads=4, mlp_ratio=4.0)
+    small, large = forward_bytes(config, 2, 64, 64), forward_bytes(config, 2, 8192, 8192)
+    assert small < 50 * 2 ** 20
+    # 8192 px: 4.2 M patch tokens of 128 features, cond + uncond: tens of GB, refused on any ordinary machine.
+    assert large > 4 * 2 ** 20 * 128 * 4 * 2 * 10
+    assert forward_bytes(config, 1, 512, 512) * 2 == forward_bytes(config, 2, 512, 512)
