@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -446,6 +448,19 @@ def test_exception_in_on_block_stops_the_forward(llm_loader):
     assert calls == [0]
     assert not final_norm_ran
     assert hooks(model) == before
+
+
+def test_a_dropped_model_is_freed_without_the_cyclic_gc(tiny_llm_dirs):
+    """ComfyUI replaces the LLM when the loader's inputs change: the old one must go as soon as it is dropped."""
+    model, tok = load_llm(tiny_llm_dirs["llama"])
+    encode_prompts(model, tok, [PROMPT], on_block=lambda i, n: None)
+    blocks = [weakref.ref(b) for b in model.get_decoder().layers]
+    gc.disable()
+    try:
+        del model
+        assert all(b() is None for b in blocks)
+    finally:
+        gc.enable()
 
 
 def test_report_blocks_without_callback_adds_no_hooks(llm_loader):
