@@ -11,6 +11,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from .diff_adapter import LLMDiffAdapter
 from .lidit import LIDiT, LIDiTConfig
+from .word_encoder import WordEncoder
 
 
 class CheckpointError(ValueError):
@@ -72,6 +73,21 @@ def load_adapter(path: str) -> tuple[LLMDiffAdapter, dict]:
     adapter = LLMDiffAdapter(int(meta["llm_hidden_size"]), int(meta["num_hidden_states"]), int(meta["context_dim"]))
     _load_state(adapter, path)
     return adapter, meta
+
+
+def save_word_encoder(path: str, encoder: WordEncoder, extra: dict | None = None) -> None:
+    """The no-LLM baseline's text encoder; its vocabulary goes into the metadata as JSON (no pickle)."""
+    meta = {"format": "word-encoder", "vocabulary": json.dumps(encoder.vocabulary), "dim": str(encoder.dim),
+            "max_tokens": str(encoder.max_tokens)}
+    meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
+    _atomic_save(encoder.state_dict(), path, meta)
+
+
+def load_word_encoder(path: str) -> tuple[WordEncoder, dict]:
+    meta = read_metadata(path, "word-encoder")
+    encoder = WordEncoder(json.loads(meta["vocabulary"]), int(meta["dim"]), int(meta["max_tokens"]))
+    _load_state(encoder, path)
+    return encoder, meta
 
 
 def _load_state(module: torch.nn.Module, path: str) -> None:
