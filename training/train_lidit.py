@@ -7,8 +7,8 @@ Data: the built-in procedural shapes world (`--data shapes`: captions in many wo
 adapters/captions.py, held-out wordings and combinations never shown) or a folder of images with same-name .txt
 captions. LLM features of every caption are computed once and cached in --out. `--text-encoder learned` trains
 the no-LLM baseline instead: word embeddings learned from scratch over the training vocabulary, through the
-same LI-DiT context path. Checkpoints are written every
---save-every steps and picked up again with --resume; the loss log is <out>/loss.csv.
+same LI-DiT context path. Checkpoints are written every --save-every steps and picked up again with --resume;
+the loss log is <out>/loss.csv.
 """
 from __future__ import annotations
 
