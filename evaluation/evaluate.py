@@ -25,7 +25,8 @@ image is scored by adapters.shapes_world.check against the claims of its caption
 Prompts (adapters/captions.py, fixed by --seed): --per-kind captions of each kind (single object, pair placed
 in the grid, relation, count, three objects) in each column. Unseen wording = a held-out synonym or sentence
 template (captions.HELD_OUT_WORDS); unseen combination = a colour-shape-position triple, pair of objects or
-count that no training caption asks for (shapes_world.states_held_out). Training captions never have either.
+count that no training caption asks for (shapes_world.states_held_out). Training captions never have either;
+the "seen" column is the in-distribution reference (its captions may be training captions, its images are not).
 
 Table 1, accuracy by column (share of images that pass): colour = an object of every asked colour; shape = every
 object of that colour has the asked outline (with several objects: attribute binding); count = exactly as many
