@@ -11,6 +11,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from .diff_adapter import LLMDiffAdapter
 from .lidit import LIDiT, LIDiTConfig
+from .word_encoder import WordEncoder
 
 
 class CheckpointError(ValueError):
@@ -90,6 +91,27 @@ def load_adapter(path: str) -> tuple[LLMDiffAdapter, dict]:
     adapter = LLMDiffAdapter(*sizes)
     module_load(adapter, load_weights(path))
     return adapter, meta
+
+
+def save_word_encoder(path: str, encoder: WordEncoder, extra: dict | None = None) -> None:
+    """The no-LLM baseline's text encoder; its vocabulary goes into the metadata as JSON (no pickle)."""
+    meta = {"format": "word-encoder", "vocabulary": json.dumps(encoder.vocabulary), "dim": str(encoder.dim),
+            "max_tokens": str(encoder.max_tokens)}
+    meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
+    _atomic_save(encoder.state_dict(), path, meta)
+
+
+def load_word_encoder(path: str) -> tuple[WordEncoder, dict]:
+    meta = read_metadata(path, "word-encoder")
+    name = os.path.basename(path)
+    vocabulary = _json_field(meta, "vocabulary", name)
+    if not (isinstance(vocabulary, list) and all(isinstance(w, str) for w in vocabulary)):
+        raise CheckpointError(f"'{name}' has no word list in its 'vocabulary' metadata; export it again.")
+    dim, max_tokens = (_positive_int(meta, k, name) for k in ("dim", "max_tokens"))
+    check_shapes(path, tensor_shapes(path), lambda: WordEncoder(vocabulary, dim, max_tokens))
+    encoder = WordEncoder(vocabulary, dim, max_tokens)
+    module_load(encoder, load_weights(path))
+    return encoder, meta
 
 
 def tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
@@ -172,8 +194,8 @@ def _positive_int(meta: dict, key: str, name: str) -> int:
         value = int(meta[key])
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"'{name}' has no integer '{key}' in its metadata (found {meta.get(key)!r}); the "
-                              "file was edited or is damaged. Export the adapter again.") from e
+                              "file was edited or is damaged. Export it again.") from e
     if value <= 0:
-        raise CheckpointError(f"'{name}' has {key}={value} in its metadata; it must be positive. Export the "
-                              "adapter again.")
+        raise CheckpointError(f"'{name}' has {key}={value} in its metadata; it must be positive. Export it "
+                              "again.")
     return value

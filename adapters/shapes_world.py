@@ -1,5 +1,6 @@
-"""Shapes world: procedural images of coloured shapes with captions, and a checker that scores an image
-against the caption it was generated from (GenEval-style: colour, shape, position, count).
+"""Shapes world: procedural images of coloured shapes, what a caption claims about them, and a checker that
+scores an image against those claims (GenEval-style: colour, shape, exact count, position, relation). The words
+of the captions are adapters/captions.py's business; this module knows layouts and claims.
 
 Everything is drawn with torch, so the data set costs nothing to store and every test can make its own.
 """
@@ -18,7 +19,7 @@ COLORS = {
 }
 BACKGROUND = (0.08, 0.08, 0.1)
 SHAPES = ("circle", "square", "triangle")
-# 3x3 grid cells: (row, col) -> phrase
+# 3x3 grid cells: (row, col) -> canonical phrase
 POSITIONS = {
     (0, 0): "in the top left corner", (0, 1): "at the top", (0, 2): "in the top right corner",
     (1, 0): "on the left", (1, 1): "in the center", (1, 2): "on the right",
@@ -37,28 +38,69 @@ class ShapeObject:
 
 
 @dataclass(frozen=True)
+class Mention:
+    """One noun phrase of a caption: exactly `count` objects of one colour and shape, in `cell` when the caption
+    says where (None: anywhere). The mentions of a scene have different colours, so that the checker can tell
+    them apart by colour alone."""
+    color: str
+    shape: str
+    count: int = 1
+    cell: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Relation:
+    """The caption says mention `subject` is `relation` (a key of RELATIONS) mention `object`."""
+    subject: int
+    relation: str
+    object: int
+
+
+@dataclass(frozen=True)
 class Scene:
+    """A layout (what is drawn) and its caption, with what the caption claims (what the checker checks)."""
     objects: tuple[ShapeObject, ...]
     caption: str
-    kind: str  # "single" | "pair" | "count"
+    kind: str  # "single" | "pair" | "relation" | "count" | "triple"
+    mentions: tuple[Mention, ...] = ()
+    relations: tuple[Relation, ...] = ()
+
+
+# Relations between two cells (row, col) of the 3x3 grid, read strictly so that a caption never says one of them
+# when it is a matter of opinion: "left of" only when the column is smaller; "next to" only for side-by-side
+# objects (same row, neighbouring columns).
+RELATIONS = {
+    "left of": lambda a, b: a[1] < b[1],
+    "right of": lambda a, b: a[1] > b[1],
+    "above": lambda a, b: a[0] < b[0],
+    "below": lambda a, b: a[0] > b[0],
+    "next to": lambda a, b: a[0] == b[0] and abs(a[1] - b[1]) == 1,
+}
 
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+# The canonical phrasing (the default workflow's prompts); adapters/captions.py makes all the others.
 def single_scene(color: str, shape: str, cell: tuple[int, int]) -> Scene:
-    return Scene((ShapeObject(color, shape, cell),), f"{_article(color)} {color} {shape} {POSITIONS[cell]}", "single")
+    return Scene((ShapeObject(color, shape, cell),), f"{_article(color)} {color} {shape} {POSITIONS[cell]}", "single",
+                 (Mention(color, shape, 1, cell),))
 
 
 def pair_scene(a: ShapeObject, b: ShapeObject) -> Scene:
     caption = (f"{_article(a.color)} {a.color} {a.shape} {POSITIONS[a.cell]} and "
                f"{_article(b.color)} {b.color} {b.shape} {POSITIONS[b.cell]}")
-    return Scene((a, b), caption, "pair")
+    return Scene((a, b), caption, "pair", (Mention(a.color, a.shape, 1, a.cell), Mention(b.color, b.shape, 1, b.cell)))
 
 
 def count_scene(color: str, shape: str, cells: list[tuple[int, int]]) -> Scene:
-    return Scene(tuple(ShapeObject(color, shape, c) for c in cells), f"{NUMBERS[len(cells)]} {color} {shape}s", "count")
+    return Scene(tuple(ShapeObject(color, shape, c) for c in cells), f"{NUMBERS[len(cells)]} {color} {shape}s", "count",
+                 (Mention(color, shape, len(cells)),))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Combination split: what never appears in training, whatever the wording (adapters/captions.py splits wordings)
 
 
 def is_held_out(color: str, shape: str, cell: tuple[int, int]) -> bool:
@@ -68,44 +110,28 @@ def is_held_out(color: str, shape: str, cell: tuple[int, int]) -> bool:
     return (c * 5 + s * 3 + cell[0] * 3 + cell[1]) % 8 == 0
 
 
-def _all_singles():
-    return [(c, s, cell) for c in COLORS for s in SHAPES for cell in POSITIONS]
+def is_held_out_pair(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """About one in nine pairs of (colour, shape) never appear together in a training caption."""
+    i, j = sorted(list(COLORS).index(c) * len(SHAPES) + SHAPES.index(s) for c, s in (a, b))
+    return (i * 7 + j * 3) % 9 == 4
 
 
-def scene_pool(split: str, num_pairs: int, seed: int = 0) -> list[Scene]:
-    """Fixed list of scenes (so that their LLM encodings can be cached). split: 'train' | 'heldout'."""
-    rng = random.Random(seed + (0 if split == "train" else 1))
-    keep = (lambda c, s, cell: not is_held_out(c, s, cell)) if split == "train" else is_held_out
-    singles = [single_scene(*t) for t in _all_singles() if keep(*t)]
-    pairs, seen = [], set()
-    candidates = [t for t in _all_singles() if keep(*t)] if split == "train" else _all_singles()
-    for _ in range(num_pairs * 50):
-        if len(pairs) >= num_pairs:
-            break
-        a, b = rng.sample(candidates, 2)
-        if a[2] == b[2] or (a[0], a[1]) == (b[0], b[1]):
-            continue
-        if split == "heldout" and not (is_held_out(*a) or is_held_out(*b)):
-            continue
-        scene = pair_scene(ShapeObject(*a), ShapeObject(*b))
-        if scene.caption not in seen:
-            seen.add(scene.caption)
-            pairs.append(scene)
-    counts = []
-    if split == "train":
-        for c in COLORS:
-            for s in SHAPES:
-                for n in NUMBERS:
-                    counts.append(count_scene(c, s, rng.sample(list(POSITIONS), n)))
-    return singles + pairs + counts
+def is_held_out_count(color: str, shape: str, count: int) -> bool:
+    """About one in seven (colour, shape, number) never appear as a count in a training caption."""
+    return (list(COLORS).index(color) * 3 + SHAPES.index(shape) * 2 + count) % 7 == 0
 
 
-def layout_jitter(scene: Scene, rng: random.Random) -> Scene:
-    """Count scenes say nothing about position: draw them in fresh cells each time."""
-    if scene.kind != "count":
-        return scene
-    cells = rng.sample(list(POSITIONS), len(scene.objects))
-    return Scene(tuple(ShapeObject(o.color, o.shape, c) for o, c in zip(scene.objects, cells)), scene.caption, "count")
+def states_held_out(scene: Scene) -> bool:
+    """The caption asks for a held-out combination: a triple it places, a pair it names together, or a count."""
+    m = scene.mentions
+    return (any(x.cell is not None and is_held_out(x.color, x.shape, x.cell) for x in m)
+            or any(is_held_out_pair((a.color, a.shape), (b.color, b.shape)) for i, a in enumerate(m) for b in m[i + 1:])
+            or any(x.count > 1 and is_held_out_count(x.color, x.shape, x.count) for x in m))
+
+
+def shows_held_out(objects) -> bool:
+    """The layout draws a held-out triple (training images never do, even where the caption does not say where)."""
+    return any(is_held_out(o.color, o.shape, o.cell) for o in objects)
 
 
 def shape_mask(shape: str, cx: float, cy: float, r: float, size: int, supersample: int = 4) -> torch.Tensor:
@@ -207,30 +233,40 @@ def _shape_of(comp, size: int) -> str:
     return best
 
 
-def check(img: torch.Tensor, scene: Scene) -> dict[str, bool]:
-    """Scores one generated image [3, H, W] in [0, 1] against the scene it was asked for.
-
-    Returns per-criterion booleans: color (an object of each asked colour exists), position (it sits in the
-    asked cell), shape (its outline matches best the asked shape), count (count scenes: as many objects as
-    asked), and overall (all of those that apply).
-    """
+def detect(img: torch.Tensor, colors) -> list[ShapeObject]:
+    """The objects of the given colours in an image [3, H, W] in [0, 1]: one per connected blob of the colour
+    big enough to be a shape, with the cell of its centre and its best-matching outline."""
     size = img.shape[-1]
     min_pixels = max(4, int(0.25 * 3.1416 * (RADIUS * size) ** 2))
-    result = {}
-    if scene.kind == "count":
-        obj = scene.objects[0]
-        comps = components(color_map(img, obj.color), min_pixels)
-        result["color"] = len(comps) > 0
-        result["count"] = len(comps) == len(scene.objects)
-        result["shape"] = bool(comps) and all(_shape_of(c, size) == obj.shape for c in comps)
-    else:
-        colors, positions, shapes = [], [], []
-        for obj in scene.objects:
-            comps = components(color_map(img, obj.color), min_pixels)
-            colors.append(bool(comps))
-            in_cell = [c for c in comps if _cell_of(c, size) == obj.cell]
-            positions.append(bool(in_cell))
-            shapes.append(bool(in_cell) and _shape_of(max(in_cell, key=len), size) == obj.shape)
-        result["color"], result["position"], result["shape"] = all(colors), all(positions), all(shapes)
+    return [ShapeObject(color, _shape_of(comp, size), _cell_of(comp, size))
+            for color in dict.fromkeys(colors) for comp in components(color_map(img, color), min_pixels)]
+
+
+def verdict(objects, scene: Scene) -> dict[str, bool]:
+    """Whether the objects (drawn or detected) make the scene's caption true, criterion by criterion.
+
+    color: an object of every mentioned colour exists; count: exactly as many objects of that colour as the
+    caption says ("a" means one); shape: every object of that colour has the mentioned shape (in several-object
+    scenes this is attribute binding); position (when the caption places something): an object of the colour
+    sits in the said cell; relation (when the caption relates objects): it holds for every pair of their objects;
+    overall: all of those that apply.
+    """
+    of = [[o for o in objects if o.color == m.color] for m in scene.mentions]
+    result = {"color": all(of), "shape": all(objs and all(o.shape == m.shape for o in objs)
+                                             for m, objs in zip(scene.mentions, of)),
+              "count": all(len(objs) == m.count for m, objs in zip(scene.mentions, of))}
+    if any(m.cell is not None for m in scene.mentions):
+        result["position"] = all(any(o.cell == m.cell for o in objs)
+                                 for m, objs in zip(scene.mentions, of) if m.cell is not None)
+    if scene.relations:
+        result["relation"] = all(of[r.subject] and of[r.object] and
+                                 all(RELATIONS[r.relation](a.cell, b.cell) for a in of[r.subject] for b in of[r.object])
+                                 for r in scene.relations)
     result["overall"] = all(result.values())
     return result
+
+
+def check(img: torch.Tensor, scene: Scene) -> dict[str, bool]:
+    """Scores one generated image [3, H, W] in [0, 1] against the scene it was asked for (see verdict): the same
+    rules that decide whether a caption is true of its layout, applied to the objects found in the image."""
+    return verdict(detect(img, [m.color for m in scene.mentions]), scene)

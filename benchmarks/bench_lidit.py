@@ -225,7 +225,7 @@ def bench_training(args, device) -> list[list[str]]:
     f_fwd, f_bwd, f_full = flops_of(False, False), flops_of(True, False), flops_of(True, True)
 
     from training.train_lidit import ShapesData
-    data = ShapesData(defaults.num_pairs, 0, defaults.resolution)
+    data = ShapesData(defaults.pool_size, 0, defaults.resolution)
 
     cases = [("forward only, no grad (baseline)", forward_only, f_fwd),
              ("flow_matching_loss + backward", loss_backward, f_bwd),

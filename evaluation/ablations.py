@@ -6,8 +6,11 @@ evaluation/evaluate.py on held-out prompts. Prints one markdown table; writes ea
 
 A stopped sweep resumes where it stopped: finished models and evaluations are reused.
 
-Each row changes one thing against the row it builds on (see ABLATIONS). The budget is small (about 8 minutes of
-2-core CPU per run), so differences of a few points are within noise: read the table with that in mind.
+Each row changes one thing against the row it builds on (see ABLATIONS); "no-llm" is the baseline without an LLM
+(word embeddings learned from scratch, the same refiner), "gemma3" Gemma-3-270M alone. The budget is small (about
+8 minutes of 2-core CPU per run), so differences of a few points are within noise: read the table with that in
+mind. Accuracy and held-out loss come in the four columns of evaluation/evaluate.py (seen wording + seen
+combination, unseen combination, unseen wording, both unseen).
 """
 from __future__ import annotations
 
@@ -27,30 +30,36 @@ from training import train_lidit  # noqa: E402
 SMOLLM2 = os.path.join(ROOT, ".comfyui", "models", "LLM", "SmolLM2-135M-Instruct.Q4_1.gguf")
 GEMMA3 = os.path.join(ROOT, ".cache", "gemma-3-270m.Q4_K_M.gguf")
 
+SMOL = ["--llm", SMOLLM2]
 # name -> (what it tests, trainer flags)
 ABLATIONS = {
+    "no-llm": ("no LLM: word embeddings learned from scratch over the training vocabulary + refiner",
+               ["--text-encoder", "learned", "--refiner-depth", "2"]),
     "last-layer": ("last hidden layer only, no instruction, no refiner",
-                   ["--layers", "last", "--instruction", "none", "--refiner-depth", "0"]),
+                   [*SMOL, "--layers", "last", "--instruction", "none", "--refiner-depth", "0"]),
     "layer-3": ("third-to-last layer (LI-DiT), no instruction, no refiner",
-                ["--layers", "-3", "--instruction", "none", "--refiner-depth", "0"]),
+                [*SMOL, "--layers", "-3", "--instruction", "none", "--refiner-depth", "0"]),
     "all-blocks": ("all blocks through the LLM Diff Adapter, no instruction, no refiner",
-                   ["--layers", "all", "--instruction", "none", "--refiner-depth", "0"]),
+                   [*SMOL, "--layers", "all", "--instruction", "none", "--refiner-depth", "0"]),
     "+refiner": ("all blocks + token refiner (2 bidirectional blocks)",
-                 ["--layers", "all", "--instruction", "none", "--refiner-depth", "2"]),
+                 [*SMOL, "--layers", "all", "--instruction", "none", "--refiner-depth", "2"]),
     "+instruction": ("all blocks + refiner + LI-DiT instruction (the default model's recipe)",
-                     ["--layers", "all", "--instruction", "li-dit", "--refiner-depth", "2"]),
+                     [*SMOL, "--layers", "all", "--instruction", "li-dit", "--refiner-depth", "2"]),
     "causal-refiner": ("as +instruction, but the refiner keeps the causal mask",
-                       ["--layers", "all", "--instruction", "li-dit", "--refiner-depth", "2", "--refiner-causal"]),
+                       [*SMOL, "--layers", "all", "--instruction", "li-dit", "--refiner-depth", "2",
+                        "--refiner-causal"]),
+    "gemma3": ("Gemma-3-270M alone, as +instruction",
+               ["--llm", GEMMA3, "--layers", "all", "--instruction", "li-dit", "--refiner-depth", "2"]),
     "2llm-collab": ("SmolLM2 + Gemma-3-270M, collaborative refiner",
-                    ["--llm", GEMMA3, "--layers", "all", "--instruction", "li-dit", "--refiner-depth", "2",
+                    [*SMOL, "--llm", GEMMA3, "--layers", "all", "--instruction", "li-dit", "--refiner-depth", "2",
                      "--fusion", "collaborative"]),
     "2llm-concat": ("SmolLM2 + Gemma-3-270M, plain concatenation",
-                    ["--llm", GEMMA3, "--layers", "all", "--instruction", "li-dit", "--refiner-depth", "2",
+                    [*SMOL, "--llm", GEMMA3, "--layers", "all", "--instruction", "li-dit", "--refiner-depth", "2",
                      "--fusion", "concat"]),
 }
 
 BUDGET = ["--hidden-size", "96", "--depth", "4", "--num-heads", "4", "--patch-size", "4", "--batch-size", "32",
-          "--lr", "1e-3", "--warmup", "50", "--ema", "0.99", "--eval-samples", "0", "--num-pairs", "600"]
+          "--lr", "1e-3", "--warmup", "50", "--ema", "0.99", "--eval-samples", "0", "--pool-size", "2000"]
 
 
 def run(name: str, args, feature_cache: dict) -> dict:
@@ -58,7 +67,7 @@ def run(name: str, args, feature_cache: dict) -> dict:
     model = os.path.join(out, f"{name}.safetensors")
     flags = ABLATIONS[name][1]
     if not os.path.exists(model):
-        train_lidit.main(["--llm", SMOLLM2, *flags, *BUDGET, "--steps", str(args.steps), "--save-every",
+        train_lidit.main([*flags, *BUDGET, "--steps", str(args.steps), "--save-every",
                           str(args.steps), "--seed", str(args.seed), "--out", out, "--name", name,
                           "--cache-dir", args.cache_dir, "--threads", str(args.threads), "--resume"])
     grid = os.path.join(out, "heldout.png")
@@ -67,37 +76,38 @@ def run(name: str, args, feature_cache: dict) -> dict:
     if os.path.exists(scores) and os.path.getmtime(scores) > os.path.getmtime(model) and os.path.exists(grid):
         with open(scores) as f:
             result = json.load(f)
-        if "heldout_loss" in result:
+        if "heldout_loss" in result and "splits" in result:  # not an evaluation of the old format
             return result
-    return ev.evaluate(model, num_pairs=args.num_pairs, num_binding=args.num_binding,
-                       images_per_prompt=args.images_per_prompt, seed=args.seed, cache_dir=args.cache_dir,
+    return ev.evaluate(model, per_kind=args.per_kind, images_per_prompt=args.images_per_prompt, seed=args.seed,
+                       cache_dir=args.cache_dir,
                        feature_cache=feature_cache, save_grid=grid, json_path=scores)
 
 
 def table(results: dict) -> str:
-    """The held-out loss with the caption (and how much lower it is than without), then category accuracies (all
-    criteria of an image must pass), with the single-object criteria broken out: at a small budget colour and
-    position are learned long before shape."""
+    """Per run, in the four columns (seen / unseen combination / unseen wording / both unseen): the held-out loss
+    with the caption and its text gain, then the share of images that pass every criterion; last, the
+    positional-bias test over all two-object prompts."""
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
-    lines = ["| run | what changes | held-out loss (text gain %) | single: colour / position / shape | single | "
-             "pair | count | binding | overall | 1st vs 2nd object (pair) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    cols = " / ".join(ev.SPLITS)
+    lines = [f"| run | what changes | held-out loss, text gain % ({cols}) | accuracy ({cols}) | mean | "
+             "1st vs 2nd object |", "|---|---|---:|---:|---:|---:|"]
     for name, r in results.items():
-        c = r["categories"]
-        s = c["single"]
-        bias = r["positional_bias"].get("pair") or next(iter(r["positional_bias"].values()), None)
+        hl, sp = r["heldout_loss"], r["splits"]
+        bias = r["positional_bias"].get("all two-object")
         gap = f"{pct(bias['first'])} / {pct(bias['second'])}" if bias else "-"
-        hl = r["heldout_loss"]
-        lines.append(f"| {name} | {ABLATIONS[name][0]} | {hl['conditional']:.4f} ({pct(hl['text_gain'])}) | "
-                     f"{pct(s['color'])} / {pct(s['position'])} / "
-                     f"{pct(s['shape'])} | {pct(s['overall'])} | {pct(c['pair']['overall'])} | "
-                     f"{pct(c['count']['overall'])} | {pct(c['binding']['overall'])} | "
-                     f"**{pct(r['overall_mean'])}** | {gap} |")
+        losses = " / ".join(f"{hl[c]['conditional']:.4f} ({pct(hl[c]['text_gain'])})" for c in ev.SPLITS)
+        accuracy = " / ".join(pct(sp[c]["overall"]) for c in ev.SPLITS)
+        lines.append(f"| {name} | {ABLATIONS[name][0]} | {losses} | {accuracy} | **{pct(r['overall_mean'])}** | "
+                     f"{gap} |")
     return "\n".join(lines)
 
 
 # held-out prompts shown side by side for every run: indices into the prompt order of evaluate's grids
-COMPARISON_PROMPTS = {"single": (0, 3, 6, 9, 12), "pair": (0, 5), "count": (1,), "binding": (0,)}
+# (column, kind) -> the indices of its prompts (evaluate.prompt_sets order) to show
+COMPARISON_PROMPTS = {("seen", "relation"): (0,), ("unseen combination", "single"): (0, 1),
+                      ("unseen combination", "count"): (0,), ("unseen wording", "single"): (0,),
+                      ("unseen wording", "relation"): (0,), ("both unseen", "pair"): (0,),
+                      ("both unseen", "triple"): (0,)}
 
 
 def comparison_grid(args, names: list[str], path: str) -> None:
@@ -108,9 +118,9 @@ def comparison_grid(args, names: list[str], path: str) -> None:
     with open(os.path.join(args.out, names[0], "heldout.txt")) as f:
         prompts = [line.rstrip("\n").split("\t") for line in f]
     first_of = {}
-    for i, (kind, _) in enumerate(prompts):
-        first_of.setdefault(kind, i)
-    picked = [first_of[kind] + j for kind, js in COMPARISON_PROMPTS.items() for j in js]
+    for i, (split, kind, _) in enumerate(prompts):
+        first_of.setdefault((split, kind), i)
+    picked = [first_of[key] + j for key, js in COMPARISON_PROMPTS.items() for j in js]
     label_w, cell, pad = 120, ev.GRID_CELL, 4
     sheet = Image.new("RGB", (label_w + len(picked) * (cell + pad), 16 + len(names) * (cell + pad)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -125,7 +135,7 @@ def comparison_grid(args, names: list[str], path: str) -> None:
                         (label_w + col * (cell + pad), y))
     sheet.save(path)
     with open(os.path.splitext(path)[0] + ".txt", "w") as f:
-        f.write("".join(f"{col + 1}\t{prompts[i][0]}\t{prompts[i][1]}\n" for col, i in enumerate(picked)))
+        f.write("".join(f"{col + 1}\t" + "\t".join(prompts[i]) + "\n" for col, i in enumerate(picked)))
 
 
 def main(argv=None):
@@ -137,8 +147,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--num-pairs", type=int, default=32)
-    p.add_argument("--num-binding", type=int, default=16)
+    p.add_argument("--per-kind", type=int, default=8, help="evaluation prompts of each kind in each column")
     p.add_argument("--images-per-prompt", type=int, default=2)
     args = p.parse_args(argv)
     if args.docs:

@@ -1,43 +1,45 @@
-"""Prompt-following evaluation of an LI-DiT checkpoint on the shapes world (GenEval-style).
+"""Prompt-following evaluation of an LI-DiT checkpoint on the shapes world (GenEval-style), in four columns:
+seen wording + seen combination, unseen combination, unseen wording, both unseen.
 
 Run from the repository root:
 
     .venv/bin/python evaluation/evaluate.py                                   # the default model
     .venv/bin/python evaluation/evaluate.py --model runs/x/x.safetensors --images-per-prompt 4 \\
         --save-grid out/grid.png --json out/eval.json
-    .venv/bin/python evaluation/evaluate.py --model /tmp/run_smoke/smoke.safetensors --limit 1 \\
-        --images-per-prompt 1                                                 # 4 prompts: a smoke test
+    .venv/bin/python evaluation/evaluate.py --model /tmp/run_smoke/smoke.safetensors --per-kind 1 \\
+        --images-per-prompt 1                                                 # 20 prompts: a smoke test
 
 From Python (an ablation driver): `from evaluation.evaluate import evaluate` (repository root on sys.path),
 `result = evaluate("runs/x/x.safetensors", images_per_prompt=4)`; pass the same `feature_cache={}` dict to several
 calls to encode each caption once per LLM and instruction (every layer is kept, so layer ablations share it).
 
-What it does. The checkpoint's metadata (`text_encoders`) names, per LLM stream, the LLM file, its layers,
-instruction, chat template, max_tokens and LLM Diff Adapter. The LLM is looked up in --llm-dir (default
-.comfyui/models/LLM, then .cache), the adapter next to the model file or in models/llm_adapters. Every caption
-(and the empty, unconditional caption) is encoded as the trainer does (training/features.py: batches of 16 through
-adapters.llm_encoder.encode_prompts, prompt tokens kept in fp16); nothing is written to disk unless --cache-dir
-is given. Images are sampled with adapters.lidit.sample_euler (default 20 steps, CFG 3); image k of every prompt
-starts from the same noise (seed + k), so categories and models are compared on equal noise. Each image is
-scored by adapters.shapes_world.check against the scene its caption was made from.
+What it does. The checkpoint's metadata (`text_encoders`) names, per text stream, either an LLM (its file, layers,
+instruction, chat template, max_tokens and LLM Diff Adapter) or the no-LLM baseline's learned word encoder
+(`type: learned`, its file next to the model). The LLM is looked up in --llm-dir (default .comfyui/models/LLM,
+then .cache), the adapter or word encoder next to the model file or in models/llm_adapters. Every caption (and the
+empty, unconditional caption) is encoded as the trainer does (training/features.py); nothing is written to disk
+unless --cache-dir is given. Images are sampled with adapters.lidit.sample_euler (default 20 steps, CFG 3); image
+k of every prompt starts from the same noise (seed + k), so columns and models are compared on equal noise. Each
+image is scored by adapters.shapes_world.check against the claims of its caption.
 
-Prompt sets:
-  single   held-out single objects (colour, shape, position never seen together in training)
-  pair     held-out two-object captions (at least one object is a held-out triple)
-  count    "two/three <colour> <shape>s" for a few colours and shapes
-  binding  attribute binding: two objects of different colours and different shapes, each caption together
-           with its colour-swapped twin ("a red circle ... and a blue square ..." / "a blue circle ... and a red
-           square ..."), captions seen in training left out; only correct binding passes both
+Prompts (adapters/captions.py, fixed by --seed): --per-kind captions of each kind (single object, pair placed
+in the grid, relation, count, three objects) in each column. Unseen wording = a held-out synonym or sentence
+template (captions.HELD_OUT_WORDS); unseen combination = a colour-shape-position triple, pair of objects or
+count that no training caption asks for (shapes_world.states_held_out). Training captions never have either;
+the "seen" column is the in-distribution reference (its captions may be training captions, its images are not).
 
-Table 1, accuracy (share of images that pass): colour = an object of every asked colour exists; shape = the
-object in the asked cell has the asked outline; position = an object of the asked colour sits in the asked cell;
-count = as many objects of the colour as asked; overall = every criterion that applies. The last rows are the
-share over all images and the mean of the category accuracies (GenEval's overall).
+Table 1, accuracy by column (share of images that pass): colour = an object of every asked colour; shape = every
+object of that colour has the asked outline (with several objects: attribute binding); count = exactly as many
+objects of the colour as asked ("a" is one); position = an object of the colour in the asked cell (captions that
+place something); relation = left of / right of / above / below / next to holds (captions that relate objects);
+overall = every criterion that applies. Table 2: overall accuracy by kind and column. The held-out flow-matching
+loss with and without the caption (text gain) is given per column.
 
-Table 2, LI-DiT's positional-bias test: in each two-object image, the first-mentioned and the second-mentioned
-object are checked on their own as single objects (colour + position + shape). A causal LLM encodes the second
-object with the first in its context but not the other way round; a model that inherits that bias follows the
-first-mentioned object better (gap > 0). The token refiner's bidirectional attention is meant to close the gap.
+Table 3, LI-DiT's positional-bias test: in each image of a two-object prompt, the first-mentioned and the
+second-mentioned object are checked on their own (colour, shape, count, position if placed). A causal LLM encodes
+the second object with the first in its context but not the other way round; a model that inherits that bias
+follows the first-mentioned object better (gap > 0). The token refiner's bidirectional attention is meant to
+close the gap.
 """
 from __future__ import annotations
 
@@ -56,22 +58,23 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from adapters import captions as caption_language  # noqa: E402
 from adapters import shapes_world  # noqa: E402
-from adapters.checkpoint import load_adapter, load_lidit  # noqa: E402
+from adapters.checkpoint import load_adapter, load_lidit, load_word_encoder  # noqa: E402
 from adapters.conditioning import hidden_states_to_context  # noqa: E402
 from adapters.lidit import sample_euler  # noqa: E402
 from adapters.llm_encoder import load_llm, num_hidden_states, parse_layers  # noqa: E402
-from adapters.shapes_world import COLORS, POSITIONS, SHAPES, Scene, ShapeObject  # noqa: E402
+from adapters.shapes_world import Scene  # noqa: E402
 from training import features  # noqa: E402
 from training.features import caption_features, collate  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(ROOT, "models", "lidit", "lidit-shapes-smollm2.safetensors")
 DEFAULT_LLM_DIRS = [os.path.join(ROOT, ".comfyui", "models", "LLM"), os.path.join(ROOT, ".cache")]
 ADAPTER_DIRS = [os.path.join(ROOT, "models", "llm_adapters"), os.path.join(ROOT, ".comfyui", "models", "llm_adapters")]
-COUNT_SPECS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]
-CATEGORIES = ("single", "pair", "count", "binding")
+SPLITS = tuple(caption_language.SPLITS)  # the four columns
+KINDS = caption_language.KINDS
 GRID_CELL, GRID_PAD = 64, 2  # --save-grid: images of 64 px, prompt by prompt, images_per_prompt of each
-CRITERIA = ("color", "shape", "position", "count", "overall")
+CRITERIA = ("color", "shape", "count", "position", "relation", "overall")
 ENCODER_KEYS = ("llm", "layers", "instruction", "chat_template", "max_tokens")
 
 
@@ -79,45 +82,27 @@ ENCODER_KEYS = ("llm", "layers", "instruction", "chat_template", "max_tokens")
 # Prompt sets
 
 
-def binding_scenes(num: int, seed: int = 0, exclude: set[str] | None = None) -> list[Scene]:
-    """`num` captions in colour-swapped twins: objects of different colours and shapes in different cells."""
-    rng = random.Random(seed + 7)
-    exclude = exclude or set()
-    out, seen = [], set()
-    cells = list(POSITIONS)
-    for _ in range(num * 100):
-        if len(out) >= num:
-            break
-        c1, c2 = rng.sample(list(COLORS), 2)
-        s1, s2 = rng.sample(SHAPES, 2)
-        p1, p2 = rng.sample(cells, 2)
-        twin = [shapes_world.pair_scene(ShapeObject(c1, s1, p1), ShapeObject(c2, s2, p2)),
-                shapes_world.pair_scene(ShapeObject(c2, s1, p1), ShapeObject(c1, s2, p2))]
-        if any(s.caption in seen or s.caption in exclude for s in twin):
-            continue
-        seen.update(s.caption for s in twin)
-        out.extend(twin)
-    return out[:num]
-
-
-def prompt_sets(num_pairs: int = 32, num_binding: int = 16, limit: int | None = None, seed: int = 0,
-                train_pairs: int = 600) -> dict[str, list[Scene]]:
-    pool = shapes_world.scene_pool("heldout", num_pairs)
+def prompt_sets(per_kind: int = 8, seed: int = 0) -> dict[str, list[Scene]]:
+    """Column -> per_kind distinct captions of every kind (in KINDS order), drawn in that column's split."""
     rng = random.Random(seed + 3)
-    counts = [shapes_world.count_scene(c, s, rng.sample(list(POSITIONS), n))
-              for c, s in COUNT_SPECS for n in sorted(shapes_world.NUMBERS)]
-    train = {s.caption for s in shapes_world.scene_pool("train", train_pairs)}
-    sets = {"single": [s for s in pool if s.kind == "single"], "pair": [s for s in pool if s.kind == "pair"],
-            "count": counts, "binding": [Scene(s.objects, s.caption, "binding")
-                                         for s in binding_scenes(num_binding, seed, exclude=train)]}
-    if limit is not None:
-        sets = {k: v[:limit] for k, v in sets.items()}
+    sets = {}
+    for split, (wording, combination) in caption_language.SPLITS.items():
+        scenes, seen = [], set()
+        for kind in KINDS:
+            for _ in range(100 * per_kind):
+                if sum(s.kind == kind for s in scenes) >= per_kind:
+                    break
+                scene = caption_language.generate(rng, kind, wording, combination)
+                if scene.caption not in seen:
+                    seen.add(scene.caption)
+                    scenes.append(scene)
+        sets[split] = scenes
     return sets
 
 
-def as_checked(scene: Scene) -> Scene:
-    """The checker knows single / pair / count; a binding caption is checked as the pair it is."""
-    return Scene(scene.objects, scene.caption, "pair") if scene.kind == "binding" else scene
+def alone(scene: Scene, k: int) -> Scene:
+    """The scene's k-th mention checked on its own (positional-bias test)."""
+    return Scene(scene.objects, "", scene.kind, (scene.mentions[k],))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,18 +150,18 @@ def encode_captions(llm_path: str, settings: dict, captions: list[str], device: 
 # Evaluation
 
 
-def evaluate(model_path: str = DEFAULT_MODEL, *, num_pairs: int = 32, num_binding: int = 16,
-             images_per_prompt: int = 4, steps: int = 20, cfg: float = 3.0, seed: int = 0,
-             llm_dirs: list[str] | None = None, device: str | torch.device | None = None, batch_size: int = 64,
-             limit: int | None = None, cache_dir: str | None = None, feature_cache: dict | None = None,
-             save_grid: str | None = None, json_path: str | None = None, oracle: bool = False,
-             log=None) -> dict:
-    """Samples and scores every prompt set; returns (and optionally writes as JSON) the results dict:
-    categories[cat][criterion] and positional_bias[cat]{first, second, gap, both} accuracies, overall,
-    overall_mean, per-image records and timings.
+def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_prompt: int = 4, steps: int = 20,
+             cfg: float = 3.0, seed: int = 0, llm_dirs: list[str] | None = None,
+             device: str | torch.device | None = None, batch_size: int = 64, cache_dir: str | None = None,
+             feature_cache: dict | None = None, save_grid: str | None = None, json_path: str | None = None,
+             oracle: bool = False, loss_draws: int = 4, log=None) -> dict:
+    """Samples and scores the prompts of every column; returns (and optionally writes as JSON) the results dict:
+    splits[column]{prompts, images, criterion...}, kinds[kind][column] (overall accuracy), heldout_loss[column]
+    {conditional, unconditional, text_gain}, positional_bias[set]{first, second, gap, both}, overall (all
+    images), overall_mean (mean of the columns), per-image records and timings.
 
     oracle=True scores renders of the scenes themselves (with the training data's jitter) instead of samples: the
-    checker's ceiling, no LLM and no model weights needed (model_path may then be None).
+    checker's ceiling, no text encoder and no model weights needed (model_path may then be None).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -197,18 +182,22 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, num_pairs: int = 32, num_bindin
             raise ValueError(f"'{model_path}' works in '{latent}' space; this evaluation scores pixel-space "
                              "models.")
     resolution = int(info.get("resolution", 32))
-    train_pairs = int((info.get("training") or {}).get("num_pairs", 600))
-    sets = prompt_sets(num_pairs, num_binding, limit, seed, train_pairs)
-    scenes = [s for cat in CATEGORIES for s in sets[cat]]
+    sets = prompt_sets(per_kind, seed)
+    prompts = [(split, s) for split in SPLITS for s in sets[split]]
+    scenes = [s for _, s in prompts]
     captions = list(dict.fromkeys([s.caption for s in scenes] + [""]))
     name = "oracle renders" if oracle else os.path.basename(model_path)
-    log(f"evaluating {name}: " + ", ".join(f"{len(sets[c])} {c}" for c in CATEGORIES)
-        + f" prompts x {images_per_prompt} images, {steps} steps, cfg {cfg:g}, on {device}")
+    log(f"evaluating {name}: {per_kind} prompts of each of {len(KINDS)} kinds in {len(SPLITS)} columns x "
+        f"{images_per_prompt} images, {steps} steps, cfg {cfg:g}, on {device}")
 
-    # Text encodings, one LLM (and adapter) per stream.
+    # Text encodings, one stream per LLM (and its adapter) or the learned word encoder.
     t0 = time.perf_counter()
     streams = []
     for entry in [] if oracle else info["text_encoders"]:
+        if entry.get("type") == "learned":
+            encoder, _ = load_word_encoder(find_adapter(entry["encoder"], model_path))
+            streams.append(("learned", encoder.eval().requires_grad_(False).to(device)))
+            continue
         settings = {k: entry[k] for k in ENCODER_KEYS}
         key = json.dumps({k: v for k, v in settings.items() if k != "layers"}, sort_keys=True)
         cached = feature_cache.setdefault(key, {"features": {}, "num_states": None})
@@ -229,10 +218,14 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, num_pairs: int = 32, num_bindin
 
     def contexts(batch_captions: list[str]):
         ctx, masks = [], []
-        for feats, adapter in streams:
-            hidden, mask = collate([feats[c] for c in batch_captions])
+        for feats, encoder in streams:
             with torch.no_grad():
-                ctx.append(hidden_states_to_context(hidden.to(device), adapter))
+                if feats == "learned":
+                    ids, mask = encoder.tokenize(batch_captions)
+                    ctx.append(encoder(ids.to(device)))
+                else:
+                    hidden, mask = collate([feats[c] for c in batch_captions])
+                    ctx.append(hidden_states_to_context(hidden.to(device), encoder))
             masks.append(mask.to(device))
         return ctx, masks
 
@@ -243,7 +236,7 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, num_pairs: int = 32, num_bindin
     if oracle:
         for j, (i, k) in enumerate(jobs):
             rng = random.Random((seed + k) * 1_000_003 + i)
-            images[j] = shapes_world.render(as_checked(scenes[i]), resolution, rng)
+            images[j] = shapes_world.render(scenes[i], resolution, rng)
     else:
         noise = [torch.randn(model.config.in_channels, resolution, resolution,
                              generator=torch.Generator().manual_seed(seed + k)) for k in range(images_per_prompt)]
@@ -263,45 +256,46 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, num_pairs: int = 32, num_bindin
 
     if not oracle:
         t0 = time.perf_counter()
-        losses = heldout_loss(model, scenes, contexts, resolution, seed, device, batch_size)
+        losses = {split: heldout_loss(model, sets[split], contexts, resolution, seed, device, batch_size,
+                                      draws=loss_draws) for split in SPLITS}
         timings["loss_s"] = time.perf_counter() - t0
 
     # Scoring.
     t0 = time.perf_counter()
     records = []
     for (i, k), img in zip(jobs, images):
-        scene = scenes[i]
-        rec = {"category": scene.kind, "caption": scene.caption, "image": k,
-               "result": shapes_world.check(img, as_checked(scene))}
-        if len(scene.objects) == 2 and scene.kind != "count":
-            for which, obj in zip(("first", "second"), scene.objects):
-                rec[which] = shapes_world.check(img, Scene((obj,), "", "single"))["overall"]
+        split, scene = prompts[i]
+        rec = {"split": split, "kind": scene.kind, "caption": scene.caption, "image": k,
+               "result": shapes_world.check(img, scene)}
+        if len(scene.mentions) == 2 and all(m.count == 1 for m in scene.mentions):
+            for which, m in zip(("first", "second"), range(2)):
+                rec[which] = shapes_world.check(img, alone(scene, m))["overall"]
         records.append(rec)
     timings["score_s"] = time.perf_counter() - t0
 
+    def share(recs, crit="overall"):
+        vals = [r["result"][crit] for r in recs if crit in r["result"]]
+        return sum(vals) / len(vals) if vals else None
+
     result = {"model": "oracle renders" if oracle else os.path.abspath(model_path),
               "text_encoders": info["text_encoders"],
-              "settings": {"num_pairs": num_pairs, "num_binding": num_binding, "limit": limit,
-                           "images_per_prompt": images_per_prompt, "steps": steps, "cfg": cfg, "seed": seed,
-                           "resolution": resolution, "device": str(device), "oracle": oracle},
-              "categories": {}, "positional_bias": {}, "timings": timings, "records": records}
-    for cat in CATEGORIES:
-        recs = [r for r in records if r["category"] == cat]
-        if not recs:
-            continue
-        row = {"prompts": len(sets[cat]), "images": len(recs)}
-        for crit in CRITERIA:
-            vals = [r["result"][crit] for r in recs if crit in r["result"]]
-            if vals:
-                row[crit] = sum(vals) / len(vals)
-        result["categories"][cat] = row
+              "settings": {"per_kind": per_kind, "images_per_prompt": images_per_prompt, "steps": steps, "cfg": cfg,
+                           "seed": seed, "resolution": resolution, "device": str(device), "oracle": oracle},
+              "splits": {}, "kinds": {}, "positional_bias": {}, "timings": timings, "records": records}
+    for split in SPLITS:
+        recs = [r for r in records if r["split"] == split]
+        row = {"prompts": len(sets[split]), "images": len(recs)}
+        row.update({c: share(recs, c) for c in CRITERIA if share(recs, c) is not None})
+        result["splits"][split] = row
+    for kind in KINDS:
+        result["kinds"][kind] = {split: share([r for r in records if r["kind"] == kind and r["split"] == split])
+                                 for split in SPLITS}
     if not oracle:
         result["heldout_loss"] = losses
-    result["overall"] = sum(r["result"]["overall"] for r in records) / max(1, len(records))
-    cats = result["categories"].values()
-    result["overall_mean"] = sum(c["overall"] for c in cats) / max(1, len(cats))
-    for name, wanted in (("pair", {"pair"}), ("binding", {"binding"}), ("all two-object", {"pair", "binding"})):
-        recs = [r for r in records if r["category"] in wanted and "first" in r]
+    result["overall"] = share(records)
+    result["overall_mean"] = sum(result["splits"][s]["overall"] for s in SPLITS) / len(SPLITS)
+    for name, wanted in (("pair", {"pair"}), ("relation", {"relation"}), ("all two-object", {"pair", "relation"})):
+        recs = [r for r in records if r["kind"] in wanted and "first" in r]
         if not recs:
             continue
         first = sum(r["first"] for r in recs) / len(recs)
@@ -317,7 +311,7 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, num_pairs: int = 32, num_bindin
         save_image(grid, save_grid, nrow=images_per_prompt * max(1, 8 // images_per_prompt), padding=GRID_PAD,
                    pad_value=0.5)
         with open(os.path.splitext(save_grid)[0] + ".txt", "w") as f:
-            f.write("".join(f"{scenes[i].kind}\t{scenes[i].caption}\n" for i in range(len(scenes))))
+            f.write("".join(f"{split}\t{s.kind}\t{s.caption}\n" for split, s in prompts))
         result["grid"] = os.path.abspath(save_grid)
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
@@ -334,7 +328,7 @@ def heldout_loss(model, scenes, contexts, resolution: int, seed: int, device, ba
     sample accuracy is still near the floor. text_gain = 1 - conditional / unconditional."""
     from adapters.lidit import sample_t
     g = torch.Generator().manual_seed(seed + 7)
-    x0 = torch.stack([shapes_world.render(as_checked(s), resolution, random.Random(seed * 7919 + i)) * 2 - 1
+    x0 = torch.stack([shapes_world.render(s, resolution, random.Random(seed * 7919 + i)) * 2 - 1
                       for i, s in enumerate(scenes) for _ in range(draws)])
     captions = [s.caption for s in scenes for _ in range(draws)]
     noise = torch.randn(x0.shape, generator=g)
@@ -370,31 +364,35 @@ def _pct(v) -> str:
 
 def format_tables(result: dict) -> str:
     s = result["settings"]
+    cols = " | ".join(SPLITS)
     lines = [f"### Prompt following: {os.path.basename(result['model'])}", "",
              (f"{s['images_per_prompt']} render(s) per prompt (the checker's ceiling)" if s.get("oracle") else
               f"{s['images_per_prompt']} image(s) per prompt, Euler {s['steps']} steps, CFG {s['cfg']:g}")
-             + f", seed {s['seed']}, {s['resolution']} px; accuracy in % of images.", "",
-             "| category | prompts | images | colour | shape | position | count | overall |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for cat, row in result["categories"].items():
-        lines.append(f"| {cat} | {row['prompts']} | {row['images']} | "
-                     + " | ".join(_pct(row.get(c)) for c in CRITERIA) + " |")
-    n = sum(r["images"] for r in result["categories"].values())
-    lines.append(f"| **overall (all images)** | | {n} | | | | | **{_pct(result['overall'])}** |")
-    lines.append(f"| **overall (mean of categories)** | | | | | | | **{_pct(result['overall_mean'])}** |")
+             + f", seed {s['seed']}, {s['resolution']} px, {s['per_kind']} prompts of each kind per column; "
+               "accuracy in % of images.", "",
+             f"| criterion | {cols} |", "|---|" + "---:|" * len(SPLITS)]
+    splits = result["splits"]
+    lines.append("| prompts / images | " + " | ".join(f"{splits[c]['prompts']} / {splits[c]['images']}"
+                                                     for c in SPLITS) + " |")
+    for crit in CRITERIA:
+        cells = [_pct(splits[c].get(crit)) for c in SPLITS]
+        lines.append(f"| {'**overall**' if crit == 'overall' else crit} | " + " | ".join(
+            f"**{v}**" if crit == "overall" else v for v in cells) + " |")
+    if "heldout_loss" in result:
+        hl = result["heldout_loss"]
+        lines.append("| held-out loss (text gain %) | " + " | ".join(
+            f"{hl[c]['conditional']:.4f} ({_pct(hl[c]['text_gain'])})" for c in SPLITS) + " |")
+    lines += ["", "Overall accuracy by kind of prompt:", "", f"| kind | {cols} |", "|---|" + "---:|" * len(SPLITS)]
+    for kind, row in result["kinds"].items():
+        lines.append(f"| {kind} | " + " | ".join(_pct(row[c]) for c in SPLITS) + " |")
+    lines.append(f"| **mean of the columns** | | | | **{_pct(result['overall_mean'])}** |")
     if result["positional_bias"]:
-        lines += ["", "### Positional bias: each object of a two-object prompt checked alone "
-                      "(colour + position + shape)", "",
+        lines += ["", "### Positional bias: each object of a two-object prompt checked alone", "",
                   "| set | prompts | images | first-mentioned | second-mentioned | gap (first - second) | both |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for name, row in result["positional_bias"].items():
             lines.append(f"| {name} | {row['prompts']} | {row['images']} | {_pct(row['first'])} | "
                          f"{_pct(row['second'])} | {100 * row['gap']:+.1f} | {_pct(row['both'])} |")
-    if "heldout_loss" in result:
-        hl = result["heldout_loss"]
-        lines += ["", f"Held-out flow-matching loss ({hl['draws_per_prompt']} fixed draws per prompt): "
-                      f"{hl['conditional']:.4f} with the caption, {hl['unconditional']:.4f} without; "
-                      f"text gain {100 * hl['text_gain']:.1f} %."]
     t = result["timings"]
     lines += ["", f"encode {t['encode_s']:.1f}s, sample {t['sample_s']:.1f}s, score {t['score_s']:.1f}s"]
     return "\n".join(lines)
@@ -403,13 +401,12 @@ def format_tables(result: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="LI-DiT .safetensors")
-    p.add_argument("--num-pairs", type=int, default=32, help="held-out two-object prompts")
-    p.add_argument("--num-binding", type=int, default=16, help="attribute-binding prompts (colour-swapped twins)")
+    p.add_argument("--per-kind", type=int, default=8, help="prompts of each kind in each of the four columns")
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0, help="image k of every prompt starts from noise seed + k")
-    p.add_argument("--limit", type=int, default=None, help="at most this many prompts per category (quick runs)")
+    p.add_argument("--loss-draws", type=int, default=4, help="fixed (t, noise) draws per prompt, held-out loss")
     p.add_argument("--llm-dir", action="append", default=None,
                    help="where the LLM files named in the metadata are (repeat; default: .comfyui/models/LLM, "
                         ".cache)")
@@ -419,7 +416,7 @@ def parse_args(argv=None):
     p.add_argument("--save-grid", default=None, help="PNG grid of the images (64 px each), prompts in PATH.txt")
     p.add_argument("--json", default=None, help="write the results (with per-image records) here")
     p.add_argument("--oracle", action="store_true",
-                   help="score renders of the scenes instead of samples: the checker's ceiling (no LLM, no model)")
+                   help="score renders of the scenes instead of samples: the checker's ceiling (no model needed)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     return p.parse_args(argv)
 
@@ -428,11 +425,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = evaluate(args.model, num_pairs=args.num_pairs, num_binding=args.num_binding,
-                      images_per_prompt=args.images_per_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                      llm_dirs=args.llm_dir, device=args.device, batch_size=args.batch_size, limit=args.limit,
-                      cache_dir=args.cache_dir, save_grid=args.save_grid, json_path=args.json,
-                      oracle=args.oracle)
+    result = evaluate(args.model, per_kind=args.per_kind, images_per_prompt=args.images_per_prompt,
+                      steps=args.steps, cfg=args.cfg, seed=args.seed, llm_dirs=args.llm_dir, device=args.device,
+                      batch_size=args.batch_size, cache_dir=args.cache_dir, save_grid=args.save_grid,
+                      json_path=args.json, oracle=args.oracle, loss_draws=args.loss_draws)
     print(format_tables(result))
     return result
 

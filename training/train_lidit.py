@@ -3,9 +3,12 @@
 One device:            python -m training.train_lidit --llm models/LLM/x.gguf --out runs/x
 Several GPUs/machines: accelerate launch -m training.train_lidit ...   (same code, same flags)
 
-Data: the built-in procedural shapes world (`--data shapes`) or a folder of images with same-name .txt
-captions. LLM features of every caption are computed once and cached in --out. Checkpoints are written every
---save-every steps and picked up again with --resume; the loss log is <out>/loss.csv.
+Data: the built-in procedural shapes world (`--data shapes`: captions in many wordings from
+adapters/captions.py, held-out wordings and combinations never shown) or a folder of images with same-name .txt
+captions. LLM features of every caption are computed once and cached in --out. `--text-encoder learned` trains
+the no-LLM baseline instead: word embeddings learned from scratch over the training vocabulary, through the
+same LI-DiT context path. Checkpoints are written every --save-every steps and picked up again with --resume;
+the loss log is <out>/loss.csv.
 """
 from __future__ import annotations
 
@@ -28,11 +31,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adapters import shapes_world  # noqa: E402
-from adapters.checkpoint import save_adapter, save_lidit  # noqa: E402
+from adapters import captions, shapes_world  # noqa: E402
+from adapters.checkpoint import save_adapter, save_lidit, save_word_encoder  # noqa: E402
 from adapters.conditioning import hidden_states_to_context  # noqa: E402
 from adapters.diff_adapter import LLMDiffAdapter  # noqa: E402
 from adapters.lidit import LIDiT, LIDiTConfig, flow_matching_loss, sample_euler  # noqa: E402
+from adapters.word_encoder import WordEncoder, build_vocabulary  # noqa: E402
 from training.features import caption_features, collate, encoder_settings  # noqa: E402
 
 log = logging.getLogger("train_lidit")
@@ -40,7 +44,10 @@ log = logging.getLogger("train_lidit")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--llm", action="append", required=True, help="LLM path (.gguf or HF folder); repeat to fuse several")
+    p.add_argument("--llm", action="append", default=[],
+                   help="LLM path (.gguf or HF folder); repeat to fuse several")
+    p.add_argument("--text-encoder", default="llm", choices=["llm", "learned"],
+                   help="'learned': the no-LLM baseline (word embeddings from scratch; no --llm)")
     p.add_argument("--data", default="shapes", help="'shapes' or a folder of images + .txt captions")
     p.add_argument("--out", required=True)
     p.add_argument("--name", default="lidit")
@@ -56,43 +63,52 @@ def parse_args(argv=None):
     p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--pos-kernel-size", type=int, default=5)
     p.add_argument("--pos-embed", default="conv+sincos", choices=["conv", "conv+sincos"])
-    p.add_argument("--mix", default="0.5,0.35,0.15",
-                   help="shapes world: share of single-object, two-object and count scenes in a batch")
+    p.add_argument("--mix", default="0.3,0.2,0.2,0.15,0.15",
+                   help="shapes world: share of each kind of scene in a batch, in the order of "
+                        "adapters.captions.KINDS (single, pair, relation, count, triple)")
     p.add_argument("--refiner-depth", type=int, default=2)
     p.add_argument("--refiner-causal", action="store_true", help="ablation: keep the causal mask in the refiner")
     p.add_argument("--fusion", default="collaborative", choices=["collaborative", "concat"])
     p.add_argument("--layers", default="all", help="'all' (through the LLM Diff Adapter), 'last', '-3', ...")
     p.add_argument("--instruction", default="li-dit", choices=["li-dit", "none"])
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--context-dim", type=int, default=128, help="adapter output size")
+    p.add_argument("--context-dim", type=int, default=128, help="adapter output size (learned encoder: its width)")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance")
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--export-weights", default="ema", choices=["ema", "raw"],
                    help="which weights go into the exported model files")
-    p.add_argument("--num-pairs", type=int, default=600, help="shapes world: two-object captions in the pool")
+    p.add_argument("--pool-size", type=int, default=2000,
+                   help="shapes world: distinct training captions (each LLM encodes them once; layouts are redrawn "
+                        "for every sample)")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--eval-samples", type=int, default=24)
     p.add_argument("--cache-dir", default=None, help="LLM feature cache (default <out>/cache); runs may share it")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.text_encoder == "llm") != bool(args.llm):
+        p.error("--text-encoder llm needs --llm (repeat to fuse several); --text-encoder learned takes none")
+    return args
 
 
 class ShapesData:
-    KINDS = ("single", "pair", "count")
+    """The training pool of adapters/captions.py (fixed captions: seen wordings, seen combinations), each sample
+    drawn in a fresh layout that its caption is true of."""
 
-    def __init__(self, num_pairs: int, seed: int, resolution: int, mix: str = "0.5,0.35,0.15"):
-        self.scenes = shapes_world.scene_pool("train", num_pairs, seed=0)
+    def __init__(self, pool_size: int, seed: int, resolution: int, mix: str = "0.3,0.2,0.2,0.15,0.15"):
+        self.scenes = captions.training_pool(pool_size, seed=0)
         self.captions = [s.caption for s in self.scenes] + [""]
         self.rng = random.Random(seed)
         self.resolution = resolution
-        self.by_kind = {k: [i for i, s in enumerate(self.scenes) if s.kind == k] for k in self.KINDS}
+        self.by_kind = {k: [i for i, s in enumerate(self.scenes) if s.kind == k] for k in captions.KINDS}
         self.mix = [float(w) for w in mix.split(",")]
+        if len(self.mix) != len(captions.KINDS):
+            raise SystemExit(f"--mix takes {len(captions.KINDS)} shares ({', '.join(captions.KINDS)}).")
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, list[int]]:
-        kinds = self.rng.choices(self.KINDS, weights=self.mix, k=batch_size)
+        kinds = self.rng.choices(captions.KINDS, weights=self.mix, k=batch_size)
         idx = [self.rng.choice(self.by_kind[k]) for k in kinds]
-        imgs = [shapes_world.render(shapes_world.layout_jitter(self.scenes[i], self.rng), self.resolution, self.rng)
+        imgs = [shapes_world.render(captions.relayout(self.scenes[i], self.rng), self.resolution, self.rng)
                 for i in idx]
         return torch.stack(imgs) * 2 - 1, idx  # pixel space in [-1, 1], as ComfyUI's pixel_space VAE expects
 
@@ -134,17 +150,46 @@ def lr_at(step: int, args) -> float:
 
 
 class Trainable(torch.nn.Module):
-    """LI-DiT plus one optional LLM Diff Adapter per LLM: what the optimizer updates."""
+    """LI-DiT plus, per text stream, an optional LLM Diff Adapter (LLM) or the learned WordEncoder (no-LLM
+    baseline): what the optimizer updates."""
 
-    def __init__(self, lidit: LIDiT, adapters: list[LLMDiffAdapter | None]):
+    def __init__(self, lidit: LIDiT, adapters: list[LLMDiffAdapter | WordEncoder | None]):
         super().__init__()
         self.lidit = lidit
         self.adapters = torch.nn.ModuleList([a if a is not None else torch.nn.Identity() for a in adapters])
         self.has_adapter = [a is not None for a in adapters]
 
-    def contexts(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [hidden_states_to_context(h, a if use else None)
-                for h, a, use in zip(hidden, self.adapters, self.has_adapter)]
+    def contexts(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """inputs[i]: LLM hidden states [B, S, T, D], or token ids [B, T] for a WordEncoder."""
+        return [a(x) if isinstance(a, WordEncoder) else hidden_states_to_context(x, a if use else None)
+                for x, a, use in zip(inputs, self.adapters, self.has_adapter)]
+
+
+def text_streams(args, all_captions: list[str], train_captions: list[str], accelerator):
+    """Per text stream: a function captions -> (input, mask) for Trainable.contexts, its encoder module (adapter,
+    WordEncoder or None), its context size and its settings (the model file's metadata)."""
+    if args.text_encoder == "learned":
+        encoder = WordEncoder(build_vocabulary(train_captions), args.context_dim, args.max_tokens)
+        settings = {"type": "learned", "max_tokens": args.max_tokens, "vocabulary_size": len(encoder.vocabulary)}
+        return [(encoder.tokenize, encoder, args.context_dim, settings)]
+    streams = []
+    for llm in args.llm:
+        s = encoder_settings(llm, args.layers, args.instruction, args.max_tokens)
+        with accelerator.main_process_first():
+            feats, num_states = caption_features(llm, all_captions, s,
+                                                 args.cache_dir or os.path.join(args.out, "cache"))
+        by_caption = dict(zip(all_captions, feats))
+        S, _, D = feats[0].shape
+        adapter = LLMDiffAdapter(D, num_states, args.context_dim) if args.layers == "all" else None
+        streams.append((lambda caps, f=by_caption: collate([f[c] for c in caps]), adapter,
+                        args.context_dim if adapter is not None else S * D, {"type": "llm", **s}))
+    return streams
+
+
+def heldout_scenes(num: int) -> list[shapes_world.Scene]:
+    """The trainer's progress check: single objects in combinations training never shows, in seen wordings."""
+    rng = random.Random(1234)
+    return [captions.generate(rng, "single", "seen", "unseen") for _ in range(num)]
 
     def forward(self, x0, hidden, masks, noise=None, t=None) -> torch.Tensor:
         """The flow-matching loss; called through the prepared (DDP) model so that gradients sync across ranks."""
@@ -279,12 +324,11 @@ class LossLog:
 
 
 @torch.no_grad()
-def evaluate(model: Trainable, features, names, args, device, num: int) -> float:
-    """Held-out single-object prompts, Euler 20 steps, CFG 3: share the checker passes."""
-    scenes = [s for s in shapes_world.scene_pool("heldout", 0) if s.kind == "single"][:num]
-    captions = [s.caption for s in scenes]
-    hidden = [collate([f[c] for c in captions]) for f in features]
-    uncond = [collate([f[""]] * len(captions)) for f in features]
+def evaluate(model: Trainable, batch_inputs, args, device, num: int) -> float:
+    """Held-out single-object prompts (heldout_scenes), Euler 20 steps, CFG 3: share the checker passes."""
+    scenes = heldout_scenes(num)
+    hidden = batch_inputs([s.caption for s in scenes])
+    uncond = batch_inputs([""] * len(scenes))
     g = torch.Generator().manual_seed(1234)
     noise = torch.randn(len(scenes), 3, args.resolution, args.resolution, generator=g).to(device)
     ctx = model.contexts([h.to(device) for h, _ in hidden])
@@ -305,25 +349,18 @@ def main(argv=None):
     random.seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
 
-    data = ShapesData(args.num_pairs, args.seed, args.resolution, args.mix) if args.data == "shapes" else \
+    data = ShapesData(args.pool_size, args.seed, args.resolution, args.mix) if args.data == "shapes" else \
         FolderData(args.data, args.seed, args.resolution)
-    eval_captions = [s.caption for s in shapes_world.scene_pool("heldout", 0)] if args.data == "shapes" else []
+    eval_captions = [s.caption for s in heldout_scenes(args.eval_samples)] if args.data == "shapes" else []
     all_captions = list(dict.fromkeys(data.captions + eval_captions))
 
-    features, settings, adapters, context_dims = [], [], [], []
-    for llm in args.llm:
-        s = encoder_settings(llm, args.layers, args.instruction, args.max_tokens)
-        with accelerator.main_process_first():
-            feats, num_states = caption_features(llm, all_captions, s, args.cache_dir or os.path.join(args.out, "cache"))
-        features.append(dict(zip(all_captions, feats)))
-        settings.append(s)
-        S, _, D = feats[0].shape
-        if args.layers == "all":
-            adapters.append(LLMDiffAdapter(D, num_states, args.context_dim))
-            context_dims.append(args.context_dim)
-        else:
-            adapters.append(None)
-            context_dims.append(S * D)
+    streams = text_streams(args, all_captions, data.captions, accelerator)
+    adapters = [encoder for _, encoder, _, _ in streams]
+    context_dims = [dim for _, _, dim, _ in streams]
+    settings = [s for _, _, _, s in streams]
+
+    def batch_inputs(batch_captions: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [to_input(batch_captions) for to_input, _, _, _ in streams]
     config = LIDiTConfig(in_channels=3, patch_size=args.patch_size, hidden_size=args.hidden_size, depth=args.depth,
                          num_heads=args.num_heads, context_dims=tuple(context_dims), refiner_depth=args.refiner_depth,
                          refiner_causal=args.refiner_causal, fusion=args.fusion, pos_kernel_size=args.pos_kernel_size,
@@ -353,8 +390,8 @@ def main(argv=None):
     t0, seen = time.time(), 0
     while step < args.steps:
         x0, idx = data.sample(args.batch_size)
-        captions = [data.captions[i] if random.random() >= args.caption_dropout else "" for i in idx]
-        hidden = [collate([f[c] for c in captions]) for f in features]
+        batch_captions = [data.captions[i] if random.random() >= args.caption_dropout else "" for i in idx]
+        hidden = batch_inputs(batch_captions)
         loss = train_step(model, opt, accelerator, x0, [h for h, _ in hidden], [m for _, m in hidden],
                           lr_at(step, args))
         with torch.no_grad():
@@ -368,7 +405,7 @@ def main(argv=None):
         acc = ""
         save_now = step % args.save_every == 0 or step == args.steps
         if save_now and accelerator.is_main_process and args.data == "shapes" and args.eval_samples:
-            acc = f"{evaluate(ema, features, None, args, accelerator.device, args.eval_samples):.3f}"
+            acc = f"{evaluate(ema, batch_inputs, args, accelerator.device, args.eval_samples):.3f}"
             accelerator.print(f"step {step}: held-out single-object accuracy (EMA) {acc}")
         if accelerator.is_main_process:
             loss_log.write([step, f"{loss.item():.5f}", f"{lr_at(step - 1, args):.6g}", f"{rate:.2f}", acc])
@@ -383,10 +420,14 @@ def main(argv=None):
         text_encoders = []
         for i, (s, use_adapter) in enumerate(zip(settings, raw.has_adapter)):
             entry = dict(s)
-            entry["adapter"] = f"{args.name}-adapter{'' if i == 0 else i}.safetensors" if use_adapter else None
-            if use_adapter:
-                save_adapter(os.path.join(args.out, entry["adapter"]), export.adapters[i], s["llm"],
-                             extra={"encoder": s})
+            if s["type"] == "learned":
+                entry["encoder"] = f"{args.name}-text-encoder.safetensors"
+                save_word_encoder(os.path.join(args.out, entry["encoder"]), export.adapters[i])
+            else:
+                entry["adapter"] = f"{args.name}-adapter{'' if i == 0 else i}.safetensors" if use_adapter else None
+                if use_adapter:
+                    save_adapter(os.path.join(args.out, entry["adapter"]), export.adapters[i], s["llm"],
+                                 extra={"encoder": {k: v for k, v in s.items() if k != "type"}})
             text_encoders.append(entry)
         save_lidit(os.path.join(args.out, f"{args.name}.safetensors"), export.lidit, text_encoders,
                    extra={"latent": "pixel_space", "resolution": args.resolution, "training": vars(args)})

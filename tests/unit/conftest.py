@@ -9,6 +9,7 @@ package whose __init__.py imports ComfyUI, and these tests must run without it.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -20,7 +21,7 @@ if REPO_ROOT not in sys.path:
 
 torch.set_num_threads(1)  # the CI machine has two shared cores: one thread is much faster there
 
-from adapters import shapes_world  # noqa: E402
+from adapters import captions, shapes_world  # noqa: E402
 from adapters.llm_encoder import LI_DIT_INSTRUCTION  # noqa: E402
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -55,8 +56,21 @@ ARCHS = {
 def vocabulary() -> list[str]:
     from tokenizers.pre_tokenizers import Whitespace
 
-    texts = [LI_DIT_INSTRUCTION, " ".join(EXTRA_WORDS)]
-    texts += [s.caption for split in ("train", "heldout") for s in shapes_world.scene_pool(split, 50)]
+    def strings(x):
+        if isinstance(x, str):
+            yield re.sub(r"\{\w*\}", " ", x)  # without the templates' placeholders
+        elif isinstance(x, dict):
+            yield from strings(list(x.values()))
+        else:
+            for item in x:
+                yield from strings(item)
+
+    # every phrasing of the caption language, held-out ones included, and the canonical captions
+    tables = (captions.COLOR_WORDS, captions.SHAPE_WORDS, captions.POSITION_WORDS, captions.RELATION_WORDS,
+              captions.ITS_RELATION, captions.QUANTIFIERS, captions.COUNT_WORDS, captions.FRAMES, captions.TEMPLATES,
+              shapes_world.POSITIONS, shapes_world.NUMBERS, list(shapes_world.COLORS), shapes_world.SHAPES)
+    texts = [LI_DIT_INSTRUCTION, " ".join(EXTRA_WORDS), " ".join(s + "s" for s in shapes_world.SHAPES)]
+    texts += list(strings(tables))
     words = {w for t in texts for w, _ in Whitespace().pre_tokenize_str(t)}
     return [PAD, BOS, EOS, UNK] + CHAT_TOKENS + sorted(words)
 

@@ -16,7 +16,7 @@ from evaluation import evaluate as ev
 from training.train_lidit import main as train_main
 
 TINY = ["--batch-size", "4", "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--context-dim", "16",
-        "--num-pairs", "5", "--save-every", "2", "--eval-samples", "0", "--resolution", "16", "--threads", "1"]
+        "--pool-size", "25", "--save-every", "2", "--eval-samples", "0", "--resolution", "16", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -27,28 +27,54 @@ def trained(tmp_path_factory, tiny_llm_dirs):
 
 
 def test_the_checker_accepts_ground_truth_renders():
-    result = ev.evaluate(None, oracle=True, limit=8, images_per_prompt=1)
-    assert set(result["categories"]) == set(ev.CATEGORIES)
-    assert result["overall"] >= 0.9
+    result = ev.evaluate(None, oracle=True, per_kind=3, images_per_prompt=1)
+    assert list(result["splits"]) == list(ev.SPLITS) == ["seen", "unseen combination", "unseen wording",
+                                                          "both unseen"]
+    assert all(row["prompts"] == 3 * len(ev.KINDS) for row in result["splits"].values())
+    assert all(result["splits"][s]["overall"] >= 0.9 for s in ev.SPLITS)
     assert "heldout_loss" not in result
+
+
+def test_prompt_sets_are_in_their_columns():
+    from adapters.captions import SPLITS, split_of
+    sets = ev.prompt_sets(per_kind=4)
+    for column, scenes in sets.items():
+        assert [s.kind for s in scenes] == [k for k in ev.KINDS for _ in range(4)]
+        assert all(split_of(s) == SPLITS[column] for s in scenes)
+    assert ev.prompt_sets(per_kind=4) == sets  # fixed by the seed
 
 
 def test_evaluate_a_trained_model(trained, tmp_path):
     model, llm_dirs = trained
     grid, scores = tmp_path / "grid.png", tmp_path / "eval.json"
-    result = ev.evaluate(model, limit=2, images_per_prompt=2, steps=2, llm_dirs=llm_dirs, device="cpu",
-                         save_grid=str(grid), json_path=str(scores), log=lambda _: None)
-    assert {c: r["images"] for c, r in result["categories"].items()} == {c: 4 for c in ev.CATEGORIES}
-    hl = result["heldout_loss"]
-    assert 0 < hl["conditional"] < 10 and 0 < hl["unconditional"] < 10
-    assert hl["text_gain"] == pytest.approx(1 - hl["conditional"] / hl["unconditional"])
-    assert json.loads(scores.read_text())["heldout_loss"] == hl
-    # 8 prompts x 2 images, 8 per row
-    assert Image.open(grid).size == (2 + 8 * 66, 2 + 2 * 66)
-    assert len((tmp_path / "grid.txt").read_text().splitlines()) == 8
-    again = ev.evaluate(model, limit=2, images_per_prompt=1, steps=1, llm_dirs=llm_dirs, device="cpu",
-                        log=lambda _: None)
-    assert again["heldout_loss"] == hl  # fixed draws: runs compare on the same noise and t
+    result = ev.evaluate(model, per_kind=1, images_per_prompt=2, steps=2, llm_dirs=llm_dirs, device="cpu",
+                         save_grid=str(grid), json_path=str(scores), log=lambda _: None, loss_draws=2)
+    assert {c: r["images"] for c, r in result["splits"].items()} == {c: 10 for c in ev.SPLITS}
+    assert set(result["kinds"]) == set(ev.KINDS)
+    for column in ev.SPLITS:
+        hl = result["heldout_loss"][column]
+        assert 0 < hl["conditional"] < 10 and 0 < hl["unconditional"] < 10
+        assert hl["text_gain"] == pytest.approx(1 - hl["conditional"] / hl["unconditional"])
+    assert json.loads(scores.read_text())["heldout_loss"] == result["heldout_loss"]
+    table = ev.format_tables(result)
+    assert "| criterion | seen | unseen combination | unseen wording | both unseen |" in table
+    # 20 prompts x 2 images, 8 per row
+    assert Image.open(grid).size == (2 + 8 * 66, 2 + 5 * 66)
+    assert len((tmp_path / "grid.txt").read_text().splitlines()) == 20
+    again = ev.evaluate(model, per_kind=1, images_per_prompt=1, steps=1, llm_dirs=llm_dirs, device="cpu",
+                        log=lambda _: None, loss_draws=2)
+    assert again["heldout_loss"] == result["heldout_loss"]  # fixed draws: runs compare on the same noise and t
+
+
+def test_evaluate_the_no_llm_baseline(tmp_path):
+    """A model with the learned word encoder is evaluated without any LLM; held-out words reach it as <unk>."""
+    out = tmp_path / "run"
+    train_main(["--text-encoder", "learned", "--out", str(out), "--steps", "2", "--name", "b", *TINY])
+    result = ev.evaluate(str(out / "b.safetensors"), per_kind=1, images_per_prompt=1, steps=2, device="cpu",
+                         llm_dirs=[str(tmp_path / "no-llms-here")], log=lambda _: None, loss_draws=1)
+    assert list(result["splits"]) == list(ev.SPLITS)
+    assert all(0 <= row["overall"] <= 1 for row in result["splits"].values())
+    assert all(0 < hl["conditional"] < 10 for hl in result["heldout_loss"].values())
 
 
 def test_heldout_loss_measures_what_the_text_adds():
@@ -57,7 +83,7 @@ def test_heldout_loss_measures_what_the_text_adds():
                               refiner_depth=0)).eval()
     for p in model.parameters():  # adaLN-Zero starts as identity; give the text a path to the output
         torch.nn.init.normal_(p, std=0.05)
-    scenes = ev.prompt_sets(limit=2)["single"]
+    scenes = ev.prompt_sets(per_kind=1)["seen"][:2]
 
     def blind(captions):
         return [torch.ones(len(captions), 1, 8)], [torch.ones(len(captions), 1, dtype=torch.long)]
@@ -73,21 +99,21 @@ def test_heldout_loss_measures_what_the_text_adds():
 
 
 def test_comparison_grid_picks_the_same_prompts_from_every_run(tmp_path):
-    kinds = ["single"] * 24 + ["pair"] * 32 + ["count"] * 8 + ["binding"] * 16
+    prompts = [(split, kind) for split in ev.SPLITS for kind in ev.KINDS for _ in range(2)]
     names = ["run-a", "run-b"]
     for r, name in enumerate(names):
         os.makedirs(tmp_path / name)
         # image j of prompt i is a flat grey that encodes (run, prompt, image)
-        images = [torch.full((3, 64, 64), (r * 100 + i + 0.5 * j) / 255) for i in range(len(kinds)) for j in (0, 1)]
+        images = [torch.full((3, 64, 64), (r * 100 + i + 0.5 * j) / 255) for i in range(len(prompts)) for j in (0, 1)]
         save_image(torch.stack(images), tmp_path / name / "heldout.png", nrow=8, padding=2, pad_value=0.5)
-        (tmp_path / name / "heldout.txt").write_text("".join(f"{k}\tprompt {i}\n" for i, k in enumerate(kinds)))
+        (tmp_path / name / "heldout.txt").write_text(
+            "".join(f"{split}\t{kind}\tprompt {i}\n" for i, (split, kind) in enumerate(prompts)))
     args = argparse.Namespace(out=str(tmp_path), images_per_prompt=2)
     ablations.comparison_grid(args, names, str(tmp_path / "cmp.png"))
     sheet = Image.open(tmp_path / "cmp.png").convert("L")
     listed = (tmp_path / "cmp.txt").read_text().splitlines()
-    first = {"single": 0, "pair": 24, "count": 56, "binding": 64}
-    expected = [first[k] + j for k, js in ablations.COMPARISON_PROMPTS.items() for j in js]
-    assert [int(line.split("\t")[2].split()[1]) for line in listed] == expected
+    expected = [prompts.index(key) + j for key, js in ablations.COMPARISON_PROMPTS.items() for j in js]
+    assert [int(line.split("\t")[3].split()[1]) for line in listed] == expected
     for r in range(len(names)):
         for col, prompt in enumerate(expected):
             x, y = 120 + col * 68 + 32, 16 + r * 68 + 32

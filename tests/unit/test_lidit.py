@@ -262,7 +262,8 @@ def test_every_parameter_learns(fusion):
 
 
 def small_overfit_problem():
-    scenes = shapes_world.scene_pool("train", 0)[:40:10]
+    scenes = [shapes_world.single_scene(*t) for t in (("red", "circle", (0, 1)), ("red", "square", (1, 0)),
+                                                       ("red", "triangle", (2, 0)), ("green", "circle", (2, 2)))]
     x0 = torch.stack([shapes_world.render(s, size=8) for s in scenes]) * 2 - 1
     contexts = [torch.randn(len(scenes), 5, 16, generator=torch.Generator().manual_seed(5))]
     return x0, contexts

@@ -1,4 +1,4 @@
-"""adapters.shapes_world: rendering, the checker, and the train / held-out split."""
+"""adapters.shapes_world: rendering, the checker (verdict on layouts and on images), and the combination split."""
 from __future__ import annotations
 
 import random
@@ -6,20 +6,26 @@ import random
 import pytest
 import torch
 
+from adapters import captions
 from adapters.shapes_world import (
     COLORS,
     POSITIONS,
     SHAPES,
+    Mention,
+    Relation,
+    Scene,
     ShapeObject,
     check,
     count_scene,
     is_held_out,
-    layout_jitter,
+    is_held_out_count,
+    is_held_out_pair,
     pair_scene,
     render,
-    scene_pool,
     shape_mask,
     single_scene,
+    states_held_out,
+    verdict,
 )
 
 CELLS = list(POSITIONS)
@@ -31,8 +37,10 @@ def other(values, value, offset=1):
 
 
 def sample_scenes(kind: str, n: int, seed: int = 0):
-    pool = [s for s in scene_pool("train", 60) + scene_pool("heldout", 30) if s.kind == kind]
-    return random.Random(seed).sample(pool, min(n, len(pool)))
+    """n scenes of the caption language, spread over the four evaluation splits."""
+    rng = random.Random(seed)
+    splits = list(captions.SPLITS.values())
+    return [captions.generate(rng, kind, *splits[i % len(splits)]) for i in range(n)]
 
 
 def draw(scene, seed: int = 0, size: int = 32):
@@ -79,42 +87,38 @@ def test_shape_masks_have_the_expected_areas():
         shape_mask("hexagon", 0.5, 0.5, r, size)
 
 
-def test_captions():
+def test_canonical_captions():
     assert single_scene("orange", "circle", (1, 1)).caption == "an orange circle in the center"
     assert count_scene("red", "square", [(0, 0), (2, 2)]).caption == "two red squares"
     pair = pair_scene(ShapeObject("red", "circle", (0, 0)), ShapeObject("white", "square", (1, 2)))
     assert pair.caption == "a red circle in the top left corner and a white square on the right"
 
 
-def test_layout_jitter_moves_only_count_scenes():
-    rng = random.Random(0)
-    single = single_scene("red", "circle", (0, 0))
-    assert layout_jitter(single, rng) is single
-    counts = count_scene("red", "circle", [(0, 0), (0, 1), (0, 2)])
-    layouts = {tuple(o.cell for o in layout_jitter(counts, rng).objects) for _ in range(10)}
-    assert len(layouts) > 1
-    for layout in layouts:
-        assert len(set(layout)) == 3
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Checker: passes the ground truth ...
 
 
-@pytest.mark.parametrize("kind, n", [("single", 40), ("pair", 30), ("count", 30)])
-def test_checker_passes_ground_truth(kind, n):
+@pytest.mark.parametrize("kind", captions.KINDS)
+def test_checker_passes_ground_truth(kind):
+    """Renders (with the training data's jitter) of captioned scenes pass. Not all: at 32 px a few squares and
+    circles look alike, which is the checker's ceiling (evaluate --oracle measures it)."""
     rng = random.Random(1)
-    scenes = sample_scenes(kind, n)
-    assert len(scenes) == n
-    passed = sum(check(render(layout_jitter(s, rng), 32, rng), s)["overall"] for s in scenes)
-    assert passed / n >= 0.95
+    scenes = sample_scenes(kind, 24)
+    passed = sum(check(render(s, 32, rng), s)["overall"] for s in scenes)
+    assert passed / len(scenes) >= 0.9
 
 
 def test_checker_reports_every_criterion():
     scene = single_scene("red", "circle", (1, 1))
-    assert check(draw(scene), scene) == {"color": True, "position": True, "shape": True, "overall": True}
+    assert check(draw(scene), scene) == {"color": True, "position": True, "shape": True, "count": True,
+                                         "overall": True}
     counts = count_scene("blue", "square", [(0, 0), (2, 2)])
     assert check(draw(counts), counts) == {"color": True, "count": True, "shape": True, "overall": True}
+    a, b = ShapeObject("red", "circle", (1, 0)), ShapeObject("blue", "square", (1, 1))
+    related = Scene((a, b), "a red circle next to a blue square", "relation",
+                    (Mention("red", "circle"), Mention("blue", "square")), (Relation(0, "next to", 1),))
+    assert check(draw(related), related) == {"color": True, "count": True, "shape": True, "relation": True,
+                                             "overall": True}
 
 
 def test_blank_image_fails():
@@ -158,6 +162,34 @@ def test_checker_fails_wrong_count(color, shape, drawn, asked):
     assert result["color"] and not result["count"] and not result["overall"]
 
 
+def test_checker_counts_exactly():
+    """"a red circle" is one red circle: two fail, as do three for "two"."""
+    two = count_scene("red", "circle", [(0, 0), (2, 2)])
+    result = check(draw(two), single_scene("red", "circle", (0, 0)))
+    assert result["position"] and not result["count"] and not result["overall"]
+    three = count_scene("red", "circle", [(0, 0), (0, 2), (2, 1)])
+    assert not check(draw(three), two)["count"]
+
+
+@pytest.mark.parametrize("relation, holds", [("left of", True), ("right of", False), ("above", False),
+                                             ("below", True), ("next to", False)])
+def test_checker_reads_relations_from_the_image(relation, holds):
+    """Red at (2, 0), blue at (0, 2): red is left of and below blue, neither right of, above nor next to it."""
+    objects = (ShapeObject("red", "square", (2, 0)), ShapeObject("blue", "circle", (0, 2)))
+    scene = Scene(objects, "", "relation", (Mention("red", "square"), Mention("blue", "circle")),
+                  (Relation(0, relation, 1),))
+    assert verdict(objects, scene)["relation"] is holds
+    assert check(draw(scene), scene)["relation"] is holds
+
+
+def test_next_to_means_side_by_side():
+    scene = Scene((), "", "relation", (Mention("red", "square"), Mention("blue", "circle")),
+                  (Relation(0, "next to", 1),))
+    for b, holds in (((1, 1), True), ((1, 2), False), ((0, 0), False), ((0, 1), False)):
+        objects = (ShapeObject("red", "square", (1, 0)), ShapeObject("blue", "circle", b))
+        assert verdict(objects, scene)["relation"] is holds, b
+
+
 def test_checker_fails_swapped_pair():
     a, b = ShapeObject("red", "circle", (0, 0)), ShapeObject("blue", "square", (2, 2))
     img = draw(pair_scene(a, b))
@@ -186,35 +218,22 @@ def test_held_out_triples_are_a_minority_and_recombinable():
         assert any((c, cell) == (c2, cell2) for c2, _, cell2 in kept)
 
 
-def test_train_and_heldout_singles_are_disjoint():
-    train = scene_pool("train", 50)
-    heldout = scene_pool("heldout", 30)
-    train_singles = set().union(*(triples(s) for s in train if s.kind == "single"))
-    held_singles = set().union(*(triples(s) for s in heldout if s.kind == "single"))
-    assert held_singles and train_singles
-    assert not train_singles & held_singles
-    assert all(is_held_out(*t) for t in held_singles)
-    assert not any(is_held_out(*t) for t in train_singles)
+def test_held_out_pairs_and_counts_are_a_minority():
+    objects = [(c, sh) for c in COLORS for sh in SHAPES]
+    pairs = [(a, b) for i, a in enumerate(objects) for b in objects[i + 1:] if a[0] != b[0]]
+    held = [p for p in pairs if is_held_out_pair(*p)]
+    assert 0 < len(held) < len(pairs) / 5
+    assert all(is_held_out_pair(a, b) == is_held_out_pair(b, a) for a, b in pairs)
+    counts = [(c, sh, n) for c, sh in objects for n in (2, 3)]
+    assert 0 < sum(is_held_out_count(*t) for t in counts) < len(counts) / 4
 
 
-def test_train_pairs_contain_no_held_out_triple():
-    pairs = [s for s in scene_pool("train", 80) if s.kind == "pair"]
-    assert len(pairs) == 80
-    assert not any(is_held_out(*t) for s in pairs for t in triples(s))
-
-
-def test_heldout_pairs_contain_a_held_out_triple():
-    pairs = [s for s in scene_pool("heldout", 40) if s.kind == "pair"]
-    assert len(pairs) == 40
-    assert all(any(is_held_out(*t) for t in triples(s)) for s in pairs)
-    assert all(s.objects[0].cell != s.objects[1].cell for s in pairs)
-
-
-def test_pools_are_deterministic_and_unique():
-    a, b = scene_pool("train", 40, seed=3), scene_pool("train", 40, seed=3)
-    assert [s.caption for s in a] == [s.caption for s in b]
-    pairs = [s.caption for s in a if s.kind == "pair"]
-    assert len(set(pairs)) == len(pairs)
-    assert not [s for s in scene_pool("heldout", 10) if s.kind == "count"]
-    counts = [s for s in a if s.kind == "count"]
-    assert len(counts) == len(COLORS) * len(SHAPES) * 2
+def test_a_caption_states_a_held_out_combination_only_when_it_says_it():
+    triple = next((c, sh, cell) for c in COLORS for sh in SHAPES for cell in CELLS if is_held_out(c, sh, cell))
+    placed = single_scene(*triple)
+    assert states_held_out(placed)
+    unplaced = Scene(placed.objects, "", "single", (Mention(triple[0], triple[1]),))
+    assert not states_held_out(unplaced)  # "a red circle" asks for no position
+    a, b = next((a, b) for a in [(c, sh) for c in COLORS for sh in SHAPES]
+                for b in [(c, sh) for c in COLORS for sh in SHAPES] if a[0] != b[0] and is_held_out_pair(a, b))
+    assert states_held_out(Scene((), "", "relation", (Mention(*a), Mention(*b)), (Relation(0, "above", 1),)))

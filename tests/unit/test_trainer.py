@@ -17,7 +17,7 @@ from training.features import caption_features, encoder_settings
 from training.train_lidit import main
 
 TINY = ["--batch-size", "4", "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--context-dim", "16",
-        "--num-pairs", "5", "--save-every", "3", "--eval-samples", "2", "--resolution", "16", "--threads", "1"]
+        "--pool-size", "25", "--save-every", "3", "--eval-samples", "2", "--resolution", "16", "--threads", "1"]
 
 
 def train(out, llms, steps: int, *extra: str) -> str:
@@ -176,3 +176,49 @@ def test_feature_cache_tells_llms_with_the_same_name_apart(tmp_path, tiny_llm_di
         model, _ = load_llm(path)
         assert feats[0].shape[-1] == model.config.hidden_size
         assert num_states == model.config.num_hidden_layers + 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The no-LLM baseline
+
+
+def test_learned_text_encoder_trains_saves_and_loads(tmp_path):
+    from adapters import captions
+    from adapters.checkpoint import load_word_encoder
+    from adapters.word_encoder import UNK, build_vocabulary
+
+    out = train(tmp_path / "out", [], 3, "--text-encoder", "learned")
+    assert not os.path.exists(os.path.join(out, "cache"))  # no LLM, nothing to encode
+    model, info = load_lidit(os.path.join(out, "lidit.safetensors"))
+    assert model.config.context_dims == (16,) and model.config.refiner_depth == 2
+    (entry,) = info["text_encoders"]
+    assert entry["type"] == "learned" and entry["encoder"] == "lidit-text-encoder.safetensors"
+    encoder, meta = load_word_encoder(os.path.join(out, entry["encoder"]))
+    assert meta["format"] == "word-encoder"
+    # the vocabulary is the training captions' words, and nothing held out
+    pool = [s.caption for s in captions.training_pool(25)]
+    assert encoder.vocabulary == build_vocabulary(pool)
+    assert not captions.HELD_OUT_WORDS & set(encoder.vocabulary)
+    ids, _ = encoder.tokenize(["a scarlet disc"])
+    assert ids[0, 1:].tolist() == [encoder.index[UNK]] * 2
+    # the export is the EMA of the last checkpoint
+    ema = load_file(os.path.join(out, "checkpoint", "ema.safetensors"))
+    for k, v in encoder.state_dict().items():
+        torch.testing.assert_close(v, ema[f"adapters.0.{k}"], atol=0, rtol=0)
+    ids, mask = encoder.tokenize([pool[0], ""])
+    with torch.no_grad():
+        out_img = model(torch.randn(2, 3, 16, 16), torch.tensor([0.5, 0.5]), [encoder(ids)], [mask])
+    assert out_img.shape == (2, 3, 16, 16) and torch.isfinite(out_img).all()
+
+
+def test_learned_text_encoder_resumes(tmp_path):
+    out = train(tmp_path / "out", [], 3, "--text-encoder", "learned", "--eval-samples", "0")
+    train(out, [], 5, "--text-encoder", "learned", "--eval-samples", "0", "--resume")
+    assert [int(r["step"]) for r in loss_rows(out)] == list(range(1, 6))
+    assert checkpoint_state(out)["step"] == 5
+
+
+@pytest.mark.parametrize("llms, encoder", [([], "llm"), (["x.gguf"], "learned")])
+def test_text_encoder_and_llm_flags_must_agree(tmp_path, llms, encoder):
+    with pytest.raises(SystemExit):
+        train(tmp_path / "out", llms, 1, "--text-encoder", encoder)
