@@ -164,6 +164,10 @@ class Trainable(torch.nn.Module):
         return [a(x) if isinstance(a, WordEncoder) else hidden_states_to_context(x, a if use else None)
                 for x, a, use in zip(inputs, self.adapters, self.has_adapter)]
 
+    def forward(self, x0, inputs, masks, noise=None, t=None) -> torch.Tensor:
+        """The flow-matching loss; called through the prepared (DDP) model so that gradients sync across ranks."""
+        return flow_matching_loss(self.lidit, x0, self.contexts(inputs), masks, noise=noise, t=t)
+
 
 def text_streams(args, all_captions: list[str], train_captions: list[str], accelerator):
     """Per text stream: a function captions -> (input, mask) for Trainable.contexts, its encoder module (adapter,
