@@ -216,22 +216,68 @@ def train_step(model, opt, accelerator, x0, hidden, masks, lr: float, noise=None
     return accelerator.reduce(loss.detach(), "mean")
 
 
+STREAM_STRIDE = 1_000_003  # seeds of (seed, step) pairs never coincide for runs under a million steps
+RANK_STRIDE = 7_919
+
+
 def seed_streams(data, seed: int, step: int, rank: int) -> None:
     """Data, caption dropout and noise streams of one rank from (seed, step, rank): every rank draws its own
-    samples, and a resumed run continues with new draws instead of replaying the first run's."""
-    stream = seed * 1_000_003 + step + rank * 7_919
+    samples. A resume without the saved streams (another number of processes) continues with new draws."""
+    stream = seed * STREAM_STRIDE + step + rank * RANK_STRIDE
     data.rng = random.Random(stream)
     torch.manual_seed(stream)
     random.seed(stream)
 
 
+def _python_rng_tensor(state: tuple) -> torch.Tensor:
+    version, words, gauss_next = state  # Mersenne Twister words (< 2**32, exact in float64), a cached normal or None
+    return torch.tensor([version, *words, gauss_next is not None, gauss_next or 0.0], dtype=torch.float64)
+
+
+def _python_rng_state(t: torch.Tensor) -> tuple:
+    v = t.tolist()
+    return int(v[0]), tuple(int(w) for w in v[1:-2]), v[-1] if v[-2] else None
+
+
+def rng_streams(data) -> dict[str, torch.Tensor]:
+    """This rank's noise (torch), dropout (random) and data streams as tensors, so that ranks can gather them."""
+    streams = {"torch": torch.get_rng_state().to(torch.float64),
+               "random": _python_rng_tensor(random.getstate()), "data": _python_rng_tensor(data.rng.getstate())}
+    if torch.cuda.is_available():
+        streams["cuda"] = torch.cuda.get_rng_state().to(torch.float64)
+    return streams
+
+
+def restore_rng_streams(data, streams: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(streams["torch"].to(torch.uint8))
+    random.setstate(_python_rng_state(streams["random"]))
+    data.rng.setstate(_python_rng_state(streams["data"]))
+    if "cuda" in streams and torch.cuda.is_available():
+        torch.cuda.set_rng_state(streams["cuda"].to(torch.uint8))
+
+
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
+RNG_FILE = "rng.safetensors"  # optional: checkpoints from before it still resume, on fresh streams
 
 
-def save_training_state(path: str, trainable, ema, opt, step: int, args) -> None:
+def saved_rng_streams(path: str, rank: int, num_processes: int) -> dict[str, torch.Tensor] | None:
+    """This rank's streams from a checkpoint made by as many processes, else None."""
+    file = os.path.join(path, RNG_FILE)
+    if not os.path.isfile(file):
+        return None
+    streams = load_file(file)
+    if any(v.shape[0] != num_processes for v in streams.values()):
+        log.info("The checkpoint's random streams are from another number of processes; drawing fresh ones.")
+        return None
+    return {k: v[rank] for k, v in streams.items()}
+
+
+def save_training_state(path: str, trainable, ema, opt, step: int, args,
+                        rng: dict[str, torch.Tensor] | None = None) -> None:
     """Writes <path>.partial (state.json last, so a complete one has it), then swaps it in for <path>. At every
     point of a kill one complete checkpoint exists among <path>, <path>.partial and <path>.old, and
-    recover_checkpoint finds the newest."""
+    recover_checkpoint finds the newest. rng: every rank's streams ([ranks, ...] each), so that a resumed run
+    draws what the uninterrupted one would have."""
     tmp, old = path + ".partial", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from a killed save
     os.makedirs(tmp)
@@ -243,6 +289,8 @@ def save_training_state(path: str, trainable, ema, opt, step: int, args) -> None
         for name, val in st.items():
             tensors[f"{pid}.{name}"] = val.detach().reshape(-1) if val.dim() == 0 else val.detach().contiguous()
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+    if rng is not None:
+        save_file({k: v.contiguous() for k, v in rng.items()}, os.path.join(tmp, RNG_FILE))
     state = {"step": step, "param_groups": opt_state["param_groups"], "args": vars(args)}
     with open(os.path.join(tmp, "state.json.partial"), "w") as f:
         json.dump(state, f)
@@ -381,7 +429,10 @@ def main(argv=None):
     if args.resume and os.path.isdir(ckpt):
         step = load_training_state(ckpt, model, ema, opt)
         accelerator.print(f"resumed from {ckpt} at step {step}")
-    if step or accelerator.process_index:  # a fresh single-process run keeps the streams seeded before the init
+    saved = saved_rng_streams(ckpt, accelerator.process_index, accelerator.num_processes) if step else None
+    if saved:  # exactly where the saving run was: training in chunks equals one uninterrupted run
+        restore_rng_streams(data, saved)
+    elif step or accelerator.process_index:  # a fresh single-process run keeps the streams seeded before the init
         seed_streams(data, args.seed, step, accelerator.process_index)
     model, opt = accelerator.prepare(model, opt)
     raw = accelerator.unwrap_model(model)
@@ -411,10 +462,12 @@ def main(argv=None):
         if save_now and accelerator.is_main_process and args.data == "shapes" and args.eval_samples:
             acc = f"{evaluate(ema, batch_inputs, args, accelerator.device, args.eval_samples):.3f}"
             accelerator.print(f"step {step}: held-out single-object accuracy (EMA) {acc}")
+        # every rank takes part in gathering the streams; the main process writes them
+        rng = {k: accelerator.gather(v[None]) for k, v in rng_streams(data).items()} if save_now else None
         if accelerator.is_main_process:
             loss_log.write([step, f"{loss.item():.5f}", f"{lr_at(step - 1, args):.6g}", f"{rate:.2f}", acc])
             if save_now:
-                save_training_state(ckpt, raw, ema, opt, step, args)
+                save_training_state(ckpt, raw, ema, opt, step, args, rng)
     bar.close()
     if loss_log:
         loss_log.close()

@@ -79,6 +79,11 @@ def test_two_process_step_equals_one_step_on_the_whole_batch(tmp_path):
 
 
 def test_resume_gives_every_rank_its_own_continued_streams(two_process_run, tmp_path, tiny_llm_dirs):
+    """Each rank's streams come back from the checkpoint: 3 steps + 2 resumed draw what 5 steps in one go draw."""
+    whole = str(tmp_path / "whole")
+    os.makedirs(whole)
+    launch_two_processes("train", whole, "--llm", tiny_llm_dirs["llama"], "--out", whole, "--steps", "5", *TINY,
+                         "--eval-samples", "0")
     out = str(shutil.copytree(two_process_run, tmp_path / "out"))
     started = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in (0, 1)]
     launch_two_processes("train", out, "--llm", tiny_llm_dirs["llama"], "--out", out, "--steps", "5", *TINY,
@@ -92,3 +97,6 @@ def test_resume_gives_every_rank_its_own_continued_streams(two_process_run, tmp_
     assert [int(r["step"]) for r in loss_rows(out)] == [1, 2, 3, 4, 5]
     first, second = (load_file(os.path.join(out, f"rank{r}.safetensors")) for r in (0, 1))
     assert all(torch.equal(first[k], second[k]) for k in first)
+    in_one_go = [json.load(open(os.path.join(whole, f"rank{r}.json"))) for r in (0, 1)]
+    assert [rank[3:] for rank in in_one_go] == resumed
+    assert [r["loss"] for r in loss_rows(out)] == [r["loss"] for r in loss_rows(whole)]

@@ -116,6 +116,18 @@ def test_resume_continues_where_it_stopped(run6, tmp_path, tiny_llm_dirs, capsys
     assert sorted(os.listdir(os.path.join(out, "cache"))) == caches  # the LLM features were reused
 
 
+def test_training_in_chunks_equals_one_run(run6, tmp_path, tiny_llm_dirs):
+    """The default model is trained in chunks with --resume: the data, dropout and noise streams are restored from
+    the checkpoint, so the chunks give exactly the weights and losses of one uninterrupted run."""
+    llm = [tiny_llm_dirs["llama"]]
+    chunked = train(tmp_path / "chunked", llm, 3)
+    train(chunked, llm, 6, "--resume")
+    assert loss_rows(chunked) == [{**r, "samples_per_s": c["samples_per_s"]} for r, c in
+                                  zip(loss_rows(run6), loss_rows(chunked))]
+    whole, parts = (load_file(os.path.join(out, "checkpoint", "model.safetensors")) for out in (run6, chunked))
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+
+
 def test_resume_after_a_crash_does_not_duplicate_log_rows(tmp_path, tiny_llm_dirs):
     """Killed after logging step 5 with the last checkpoint at step 3: resuming must not log steps 4-5 twice."""
     llm = [tiny_llm_dirs["llama"]]
