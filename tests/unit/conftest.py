@@ -143,6 +143,26 @@ def save_tiny_llm(folder: str, arch: str) -> str:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_multimodal_gemma3(tmp_path_factory) -> str:
+    """Gemma 3 as from 4B up: a vision tower beside the text transformer, whose sizes sit under text_config."""
+    import transformers as tf
+    from transformers import AutoModelForCausalLM
+
+    hidden, layers, template = ARCHS["gemma3"]
+    tok = build_tokenizer(template)
+    vision = tf.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=28, patch_size=14)
+    config = tf.Gemma3Config(text_config=build_config("gemma3", hidden, layers, len(tok)).to_dict(),
+                             vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    assert not hasattr(config, "hidden_size")
+    folder = str(tmp_path_factory.mktemp("gemma3-multimodal"))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(params=list(ARCHS))
 def arch(request) -> str:
     """Every supported architecture; a test narrows it with @pytest.mark.parametrize("arch", [...])."""

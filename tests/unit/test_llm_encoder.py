@@ -124,24 +124,10 @@ def test_instruction_tokens_are_stripped_but_condition_the_prompt(arch, llm_load
         assert not torch.allclose(plain.hidden_states[:, block], instructed.hidden_states[:, block], atol=1e-4)
 
 
-def test_multimodal_gemma3_encodes_its_text_transformer(tmp_path, llm_loader):
+def test_multimodal_gemma3_encodes_its_text_transformer(tiny_multimodal_gemma3, arch_specs):
     """Gemma 3 from 4B up is multimodal: its config keeps hidden_size and num_hidden_layers under text_config."""
-    import transformers as tf
-
-    from conftest import ARCHS, build_config, build_tokenizer
-
-    hidden, layers, template = ARCHS["gemma3"]
-    tok = build_tokenizer(template)
-    vision = tf.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                   image_size=28, patch_size=14)
-    config = tf.Gemma3Config(text_config=build_config("gemma3", hidden, layers, len(tok)).to_dict(),
-                             vision_config=vision.to_dict(), mm_tokens_per_image=4)
-    assert not hasattr(config, "hidden_size")
-    torch.manual_seed(0)
-    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path, safe_serialization=True)
-    tok.save_pretrained(tmp_path)
-
-    model, tok = load_llm(str(tmp_path))
+    hidden, layers, _ = arch_specs["gemma3"]
+    model, tok = load_llm(tiny_multimodal_gemma3)
     assert model.config.model_type == "gemma3" and num_hidden_states(model) == layers + 1
     enc = encode_prompts(model, tok, [PROMPT], instruction=LI_DIT_INSTRUCTION)
     assert enc.hidden_states.shape == (1, layers + 1, len(prompt_ids(tok, PROMPT)), hidden)
