@@ -42,7 +42,7 @@ INSTRUCTION_PRESETS = {"none": None, "li-dit": LI_DIT_INSTRUCTION}
 TEMPLATE_DATE = datetime.date(2024, 7, 26)
 _STRFTIME_NOW = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
 # A GGUF file whose conversion took longer than this is kept converted (safetensors), which loads in seconds.
-# transformers 5 converts a 135M model in about a second, 4.x in about a minute.
+# SmolLM2-135M took about 25 s on 2 CPU cores with transformers 4.52 and 5.23 alike.
 KEEP_CONVERTED_AFTER_S = 10.0
 # transformers >= 4.56 takes `dtype` and warns on `torch_dtype`; older versions only know `torch_dtype`.
 _DTYPE_KWARG = "dtype" if "dtype" in inspect.signature(transformers.PretrainedConfig.__init__).parameters \

@@ -24,9 +24,13 @@ class LIDiTNet(LIDiT):
         self.dtype = dtype or torch.float32
         self.to(device=device, dtype=self.dtype)
         self.interrupt_check = mm.throw_exception_if_processing_interrupted  # one step can take minutes
+        self.fits = None  # (shape, device) of the last latent found to fit in memory
 
     def forward(self, x, timesteps, context=None, attention_mask=None, transformer_options={}, control=None, **kwargs):
-        check_sampling_memory(self.config, x.shape, self.dtype, x.device)  # KSampler comes here without the node
+        # Every sampler (KSampler too) comes here; checked once per latent size, not at every step.
+        if self.fits != (x.shape, x.device):
+            check_sampling_memory(self.config, x.shape, self.dtype, x.device)
+            self.fits = (x.shape, x.device)
         contexts, masks = split_streams(context, attention_mask, self.config.context_dims)
         return super().forward(x.to(self.dtype), timesteps, [c.to(self.dtype) for c in contexts], masks)
 

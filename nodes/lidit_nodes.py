@@ -12,7 +12,7 @@ from comfy_api.v0_0_2 import io
 
 from . import model_folders
 from ..adapters.lidit import LIDiTError
-from .lidit_model import check_sampling_memory, load_lidit_patcher, split_streams
+from .lidit_model import load_lidit_patcher, split_streams
 
 
 class LIDiTLoader(io.ComfyNode):
@@ -82,7 +82,6 @@ class LIDiTSampler(io.ComfyNode):
             raise LIDiTError(f"The latent has {samples.shape[1]} channels but this LI-DiT model works on "
                              f"{net.config.in_channels}. For a pixel-space model use "
                              "EmptyChromaRadianceLatentImage (3 channels) and VAELoader's 'pixel_space'.")
-        check_sampling_memory(net.config, samples.shape, net.dtype, model.load_device)
         # ComfyUI's own sampling path: progress bar, previews, interruption and memory management included.
         (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                              latent_image, denoise=denoise)
