@@ -26,9 +26,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating venv at $VENV"
   "$PY" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # pip's config on some machines lists local package folders that may be absent; the warnings are noise.
-pipq() { "${PIP[@]}" "$@" 2>&1 | grep -v "^WARNING: Location" || true; return "${PIPESTATUS[0]}"; }
+# PIP_PYTHON=... pipq installs into another venv (the floor one).
+pipq() { "${PIP_PYTHON:-$VENV/bin/python}" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; return "${PIPESTATUS[0]}"; }
 STAMP="$VENV/.setup-stamp"
 # The date makes the newest versions be looked up again each day.
 want_stamp="$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -c1-16) $(date -u +%F)"
@@ -77,10 +77,8 @@ if [ "$(cat "$FLOOR_STAMP" 2>/dev/null)" != "$want_stamp" ]; then
   # every requirement has a floor (">=X"): install exactly X
   sed -E -e 's/#.*//' -e 's/>=([^,;[:space:]]+).*/==\1/' -e '/^[[:space:]]*$/d' requirements.txt > "$CACHE/floor-requirements.txt"
   if grep -v '==' "$CACHE/floor-requirements.txt"; then log "every line of requirements.txt needs a floor (>=)"; exit 1; fi
-  PIP=("$FLOOR/bin/python" -m pip --disable-pip-version-check -q)
-  pipq install -c requirements-dev.txt -r "$CACHE/floor-requirements.txt"
-  PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-  echo "$want_stamp" > "$FLOOR_STAMP"
+  PIP_PYTHON="$FLOOR/bin/python" pipq install -c requirements-dev.txt -r "$CACHE/floor-requirements.txt"
+    echo "$want_stamp" > "$FLOOR_STAMP"
 fi
 
 mkdir -p "$COMFY/custom_nodes" "$COMFY/models/LLM"

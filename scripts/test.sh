@@ -11,7 +11,11 @@ bash "$ROOT/scripts/setup.sh"
 cd "$ROOT/tests"
 versions() { "$1" -c 'import importlib.metadata as m; print(", ".join(f"{p} {m.version(p)}" for p in
   ("transformers", "tokenizers", "huggingface-hub", "accelerate", "gguf", "safetensors")))'; }
-echo "== newest: $(versions "$ROOT/.venv/bin/python")"
+newest="$(versions "$ROOT/.venv/bin/python")" floors="$(versions "$ROOT/.venv-floor/bin/python")"
+if [ "$newest" = "$floors" ]; then  # one venv's packages leaked into the other: the two runs would test one set
+  echo "[test] .venv and .venv-floor hold the same versions ($newest); delete both and run again"; exit 1
+fi
+echo "== newest: $newest"
 "$ROOT/.venv/bin/python" -m pytest -ra "$@"
-echo "== floors: $(versions "$ROOT/.venv-floor/bin/python")"
+echo "== floors: $floors"
 "$ROOT/.venv-floor/bin/python" -m pytest -ra "$@" unit comfy/test_server.py::test_default_workflow_follows_its_prompt
