@@ -30,7 +30,8 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, output_dir: str, port: int | None = None, log_path: str | None = None,
-                 extra_args: list[str] | None = None, cpu: bool = True):
+                 extra_args: list[str] | None = None, cpu: bool = True, comfy_dir: str | None = None):
+        self.comfy_dir = comfy_dir or COMFY_DIR  # another ComfyUI folder (a clean copy, in the install test)
         self.extra_args = list(extra_args or []) + (["--cpu"] if cpu else [])
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -43,7 +44,7 @@ class ComfyServer:
         self._log = open(self.log_path, "w")
         cmd = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
                "--output-directory", self.output_dir, "--disable-auto-launch", *self.extra_args]
-        self.proc = subprocess.Popen(cmd, cwd=COMFY_DIR, stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
