@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .diff_adapter import LLMDiffAdapter
+from .diff_adapter import HostAdapter, LLMDiffAdapter
 from .lidit import LIDiT, LIDiTConfig
 from .word_encoder import WordEncoder
 
@@ -91,6 +91,41 @@ def load_adapter(path: str) -> tuple[LLMDiffAdapter, dict]:
     adapter = LLMDiffAdapter(*sizes)
     module_load(adapter, load_weights(path))
     return adapter, meta
+
+
+HOST_FAMILIES = ("lidit", "unet", "flux", "mmdit")
+
+
+def save_host_adapter(path: str, host: HostAdapter, family: str, llm_name: str, extra: dict | None = None) -> None:
+    """An LLM Diff Adapter for an existing model: the adapter and its second cross-attentions in one file, with
+    the host family, the LLM and every size needed to rebuild it in the metadata."""
+    if family not in HOST_FAMILIES:
+        raise ValueError(f"family must be one of {HOST_FAMILIES}, not '{family}'")
+    a = host.adapter
+    meta = {"format": "llm-host-adapter", "family": family, "llm": llm_name, "kind": host.kind,
+            "llm_hidden_size": str(a.llm_hidden_size), "num_hidden_states": str(a.num_hidden_states),
+            "context_dim": str(a.context_dim), "sites": json.dumps(host.sites)}
+    meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
+    _atomic_save(host.state_dict(), path, meta)
+
+
+def load_host_adapter(path: str) -> tuple[HostAdapter, dict]:
+    meta = read_metadata(path, "llm-host-adapter")
+    name = os.path.basename(path)
+    sizes = [_positive_int(meta, k, name) for k in ADAPTER_SIZES]
+    sites = _json_field(meta, "sites", name)
+    if not (isinstance(sites, list) and all(isinstance(s, list) and len(s) == 3 for s in sites)) \
+            or meta.get("family") not in HOST_FAMILIES or meta.get("kind") not in ("decoupled", "gated"):
+        raise CheckpointError(f"'{name}' has broken host metadata (family {meta.get('family')!r}, kind "
+                              f"{meta.get('kind')!r}, sites); the file was edited or is damaged. Train or export it "
+                              "again.")
+    build = lambda: HostAdapter(*sizes, sites, meta["kind"])  # noqa: E731
+    check_shapes(path, tensor_shapes(path), build)
+    host = build()
+    module_load(host, load_weights(path))
+    info = {k: v for k, v in meta.items() if k != "sites"}
+    info["sites"] = host.sites
+    return host, info
 
 
 def save_word_encoder(path: str, encoder: WordEncoder, extra: dict | None = None) -> None:

@@ -2,10 +2,13 @@
 
 The blocks of a decoder-only LLM act like denoising steps over the text representation, so every block's output
 carries information. The adapter weighs all of them with learned per-block weights, normalises and aligns the
-result to the diffusion model's context dimension. `GatedCrossAttention` is the branch that feeds it into an
-existing diffusion model next to its own cross-attention, mixed by a zero-initialised gate a*exp(b).
+result to the diffusion model's context dimension. An existing diffusion model keeps its own text path and gains a
+second cross-attention on that encoding, mixed with its own by gates a*exp(b) per branch, the new one closed at the
+start (`HostAdapter`: the adapter and one such branch per cross-attention site of the host).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -39,21 +42,138 @@ class LLMDiffAdapter(nn.Module):
         return self.proj(self.norm(fused.to(self.proj.weight.dtype)))       # [B, T, context_dim]
 
 
-class GatedCrossAttention(nn.Module):
-    """Second cross-attention on the LLM encoding, added beside a model's own: out = x + a*exp(b) * attn(x, llm).
+# (q, k, v, key_mask) -> out: q [B, N, inner], k and v [B, T, inner], key_mask [B, T] (1 = token) or None; the
+# host model's own attention kernel (ComfyUI passes optimized_attention), so the new branch runs on the same backend.
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
-    a starts at zero, so a freshly added branch leaves the host model's output unchanged.
+
+def sdpa_attention(num_heads: int) -> AttentionFn:
+    def attention(q, k, v, key_mask=None):
+        B, N, inner = q.shape
+        q, k, v = (x.view(B, x.shape[1], num_heads, inner // num_heads).transpose(1, 2) for x in (q, k, v))
+        mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, N, inner)
+    return attention
+
+
+def gate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # a * exp(b): a starts the gate (0 = closed, 1 = open), exp(b) rescales it multiplicatively
+    return a * b.exp()
+
+
+def attend(attention: AttentionFn, q, k, v, key_mask):
+    """attention(q, k, v, key_mask), where a prompt without any token gives zeros (an all-masked softmax is NaN)."""
+    if key_mask is None:
+        return attention(q, k, v, None)
+    empty = ~key_mask.bool().any(-1)                                       # [B]
+    if k.shape[1] == 0:
+        return torch.zeros_like(q)
+    if empty.any():
+        key_mask = key_mask.clone()
+        key_mask[empty, 0] = 1
+    return attention(q, k, v, key_mask) * (~empty).to(q.dtype)[:, None, None]
+
+
+class DecoupledCrossAttention(nn.Module):
+    """The paper's second cross-attention beside a host model's own, for hosts that have one (UNet, LI-DiT): the
+    host's query attends to the LLM encoding through new key and value projections, and each branch has its gate:
+
+        out = a_h exp(b_h) attn(q, k, v) + a_l exp(b_l) attn(q, W_k llm, W_v llm),   a_h = 1, a_l = 0 at start,
+
+    so a fresh adapter returns the host's output bit for bit. Works on the attention output before the host's
+    output projection, which stays the host's.
     """
+
+    def __init__(self, inner_dim: int, context_dim: int):
+        super().__init__()
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.host_gate_a = nn.Parameter(torch.ones(1))
+        self.host_gate_b = nn.Parameter(torch.zeros(1))
+        self.llm_gate_a = nn.Parameter(torch.zeros(1))
+        self.llm_gate_b = nn.Parameter(torch.zeros(1))
+
+    def forward(self, q: torch.Tensor, host_out: torch.Tensor, llm_context: torch.Tensor,
+                llm_mask: torch.Tensor | None, attention: AttentionFn, strength: float = 1.0) -> torch.Tensor:
+        # q, host_out: [B, N, inner], llm_context: [B, T, context_dim], llm_mask: [B, T]; strength scales the LLM branch
+        llm_context = llm_context.to(self.to_k.weight.dtype)
+        llm_out = attend(attention, q.to(llm_context.dtype), self.to_k(llm_context), self.to_v(llm_context), llm_mask)
+        host = gate(self.host_gate_a, self.host_gate_b).to(host_out.dtype)
+        llm = (strength * gate(self.llm_gate_a, self.llm_gate_b)).to(host_out.dtype)
+        return host * host_out + llm * llm_out.to(host_out.dtype)
+
+
+class GatedCrossAttention(nn.Module):
+    """Second cross-attention for hosts without a separable text branch (Flux-style joint attention): the image
+    tokens attend to the LLM encoding with their own query, out = x + a exp(b) attn(norm(x), llm), a = 0 at start."""
 
     def __init__(self, hidden_size: int, context_dim: int, num_heads: int):
         super().__init__()
+        self.num_heads = num_heads
         self.norm = nn.LayerNorm(hidden_size)
-        self.attn = nn.MultiheadAttention(hidden_size, num_heads, kdim=context_dim, vdim=context_dim, batch_first=True)
+        self.to_q = nn.Linear(hidden_size, hidden_size)
+        self.to_k = nn.Linear(context_dim, hidden_size)
+        self.to_v = nn.Linear(context_dim, hidden_size)
+        self.to_out = nn.Linear(hidden_size, hidden_size)
         self.gate_a = nn.Parameter(torch.zeros(1))
         self.gate_b = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, llm_context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, llm_context: torch.Tensor, mask: torch.Tensor | None = None,
+                attention: AttentionFn | None = None, strength: float = 1.0) -> torch.Tensor:
         # x: [B, N, hidden], llm_context: [B, T, context_dim], mask: [B, T] (1 = token)
-        pad = None if mask is None else mask == 0
-        out, _ = self.attn(self.norm(x), llm_context, llm_context, key_padding_mask=pad, need_weights=False)
-        return x + self.gate_a * self.gate_b.exp() * out
+        attention = attention or sdpa_attention(self.num_heads)
+        h = self.norm(x.to(self.to_q.weight.dtype))
+        llm_context = llm_context.to(h.dtype)
+        out = self.to_out(attend(attention, self.to_q(h), self.to_k(llm_context), self.to_v(llm_context), mask))
+        return x + (strength * gate(self.gate_a, self.gate_b) * out).to(x.dtype)
+
+
+class HostAdapter(nn.Module):
+    """What an existing diffusion model gains: the LLM Diff Adapter (every LLM block -> context tokens) and one
+    second cross-attention per cross-attention site of the host. sites: (name, width, heads) in the host's
+    order; kind "decoupled" shares the host's query (DecoupledCrossAttention), "gated" has its own
+    (GatedCrossAttention)."""
+
+    def __init__(self, llm_hidden_size: int, num_hidden_states: int, context_dim: int,
+                 sites: list[tuple[str, int, int]], kind: str):
+        super().__init__()
+        if kind not in ("decoupled", "gated"):
+            raise ValueError(f"kind must be 'decoupled' or 'gated', not '{kind}'")
+        self.kind = kind
+        self.sites = [(str(n), int(w), int(h)) for n, w, h in sites]
+        self.adapter = LLMDiffAdapter(llm_hidden_size, num_hidden_states, context_dim)
+        self.branches = nn.ModuleList([
+            DecoupledCrossAttention(w, context_dim) if kind == "decoupled" else GatedCrossAttention(w, context_dim, h)
+            for _, w, h in self.sites])
+
+    def branch(self, site: str) -> nn.Module:
+        return self.branches[[n for n, _, _ in self.sites].index(site)]
+
+
+def lidit_cross_attention_replace(branch: DecoupledCrossAttention, llm_context: torch.Tensor,
+                                  llm_mask: torch.Tensor | None, strength: float = 1.0):
+    """The LI-DiT cross-attention replacement of one block (adapters.lidit.Attention's `replace`): q, k, v and the
+    result are [B, heads, N, head_dim], after LI-DiT's QK norm; the host attention is LI-DiT's own."""
+    def replace(q, k, v, attn_mask):
+        B, H, N, hd = q.shape
+        host = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        flat = lambda x: x.transpose(1, 2).reshape(B, x.shape[2], H * hd)  # noqa: E731
+        out = branch(flat(q), flat(host), llm_context, llm_mask, sdpa_attention(H), strength)
+        return out.view(B, N, H, hd).transpose(1, 2)
+    return replace
+
+
+class AdaptedLIDiT(nn.Module):
+    """A frozen LI-DiT with the branches of a HostAdapter: called as LIDiT is, the last text stream being the fused
+    LLM encoding that the branches attend to (the others are the base model's own streams)."""
+
+    def __init__(self, base: nn.Module, branches: nn.ModuleList):
+        super().__init__()
+        self.base = base
+        self.branches = branches
+        self.config = base.config
+
+    def forward(self, x, t, contexts, masks=None):
+        llm, llm_mask = contexts[-1], None if masks is None else masks[-1]
+        replace = {i: lidit_cross_attention_replace(b, llm, llm_mask) for i, b in enumerate(self.branches)}
+        return self.base(x, t, contexts[:-1], None if masks is None else masks[:-1], cross_attention_replace=replace)

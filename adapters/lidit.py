@@ -102,8 +102,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                causal: bool = False, between_chunks: Callable[[], None] | None = None) -> torch.Tensor:
+                causal: bool = False, between_chunks: Callable[[], None] | None = None,
+                replace: Callable | None = None) -> torch.Tensor:
         # x: [B, N, dim], context: [B, T, context_dim], key_mask: [B, T] (1 = attend)
+        # replace(q, k, v, attn_mask) -> out, all [B, heads, N|T, head_dim]: an attention patch (LLM Diff Adapter)
         B, N, _ = x.shape
         context = x if context is None else context
         q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
@@ -115,7 +117,10 @@ class Attention(nn.Module):
         if causal:
             tri = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
             attn_mask = tri if attn_mask is None else attn_mask & tri
-        out = chunked_attention(q, k, v, attn_mask, between_chunks)  # [B, H, N, head_dim]
+        if replace is not None:
+            out = replace(q, k, v, attn_mask)
+        else:
+            out = chunked_attention(q, k, v, attn_mask, between_chunks)  # [B, H, N, head_dim]
         return self.proj(out.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -248,11 +253,13 @@ class LIDiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation[1].weight)
         nn.init.zeros_(self.adaLN_modulation[1].bias)
 
-    def forward(self, x, c, context, context_mask, between_chunks: Callable[[], None] | None = None):
+    def forward(self, x, c, context, context_mask, between_chunks: Callable[[], None] | None = None,
+                cross_attention_replace: Callable | None = None):
         # x: [B, N, dim], c: [B, dim], context: [B, T, dim], context_mask: [B, T]
         (sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3) = self.adaLN_modulation(c).chunk(9, dim=-1)
         x = x + g1.unsqueeze(1) * self.self_attn(modulate(self.norm1(x), sh1, sc1), between_chunks=between_chunks)
-        x = x + g2.unsqueeze(1) * self.cross_attn(modulate(self.norm2(x), sh2, sc2), context, context_mask)
+        x = x + g2.unsqueeze(1) * self.cross_attn(modulate(self.norm2(x), sh2, sc2), context, context_mask,
+                                                  replace=cross_attention_replace)
         return x + g3.unsqueeze(1) * self.mlp(modulate(self.norm3(x), sh3, sc3))
 
 
@@ -294,8 +301,10 @@ class LIDiT(nn.Module):
                 f"{dims}. Encode with the LLM(s) and adapter this model was trained with (see its metadata).")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, contexts: list[torch.Tensor],
-                masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+                masks: list[torch.Tensor] | None = None,
+                cross_attention_replace: dict[int, Callable] | None = None) -> torch.Tensor:
         # x: [B, C, H, W], t: [B] in [0, 1], contexts[i]: [B, T_i, context_dims[i]], masks[i]: [B, T_i]
+        # cross_attention_replace: block index -> Attention `replace` for that block's cross-attention
         self.check_contexts(contexts)
         if masks is None:
             masks = [torch.ones(c.shape[:2], device=c.device, dtype=torch.long) for c in contexts]
@@ -313,10 +322,11 @@ class LIDiT(nn.Module):
         t_emb = self.t_embedder(t)
         context, context_mask = self.refiner(contexts, masks, t_emb)           # [B, T, dim]
         c = t_emb + self.pooled_text_proj(masked_mean(context, context_mask))
-        for block in self.blocks:
+        replace = cross_attention_replace or {}
+        for i, block in enumerate(self.blocks):
             if self.interrupt_check:
                 self.interrupt_check()
-            h = block(h, c, context, context_mask, self.interrupt_check)
+            h = block(h, c, context, context_mask, self.interrupt_check, replace.get(i))
         h = self.final_layer(h, c)                                              # [B, N, p*p*C]
         h = h.view(B, gh, gw, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, gh * p, gw * p)
         return h[:, :, :H, :W]

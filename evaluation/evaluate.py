@@ -60,8 +60,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from adapters import captions as caption_language  # noqa: E402
 from adapters import shapes_world  # noqa: E402
-from adapters.checkpoint import load_adapter, load_lidit, load_word_encoder  # noqa: E402
+from adapters.checkpoint import load_adapter, load_host_adapter, load_lidit, load_word_encoder  # noqa: E402
 from adapters.conditioning import hidden_states_to_context  # noqa: E402
+from adapters.diff_adapter import AdaptedLIDiT  # noqa: E402
 from adapters.lidit import sample_euler  # noqa: E402
 from adapters.llm_encoder import load_llm, num_hidden_states, parse_layers  # noqa: E402
 from adapters.shapes_world import Scene  # noqa: E402
@@ -154,7 +155,7 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
              cfg: float = 3.0, seed: int = 0, llm_dirs: list[str] | None = None,
              device: str | torch.device | None = None, batch_size: int = 64, cache_dir: str | None = None,
              feature_cache: dict | None = None, save_grid: str | None = None, json_path: str | None = None,
-             oracle: bool = False, loss_draws: int = 4, log=None) -> dict:
+             oracle: bool = False, loss_draws: int = 4, diff_adapter: str | None = None, log=None) -> dict:
     """Samples and scores the prompts of every column; returns (and optionally writes as JSON) the results dict:
     splits[column]{prompts, images, criterion...}, kinds[kind][column] (overall accuracy), heldout_loss[column]
     {conditional, unconditional, text_gain}, positional_bias[set]{first, second, gap, both}, overall (all
@@ -162,6 +163,8 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
 
     oracle=True scores renders of the scenes themselves (with the training data's jitter) instead of samples: the
     checker's ceiling, no text encoder and no model weights needed (model_path may then be None).
+    diff_adapter: an adapter-only file (train_lidit --base) for this model: its LLM stream is added, and the model
+    runs with the adapter's second cross-attention in every block.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -193,9 +196,17 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
     # Text encodings, one stream per LLM (and its adapter) or the learned word encoder.
     t0 = time.perf_counter()
     streams = []
-    for entry in [] if oracle else info["text_encoders"]:
+    entries = [] if oracle else [(e, model_path) for e in info["text_encoders"]]
+    if diff_adapter:
+        host, host_info = load_host_adapter(diff_adapter)
+        if host_info["family"] != "lidit":
+            raise ValueError(f"'{diff_adapter}' is an adapter for a {host_info['family']} model, not for LI-DiT.")
+        host.eval().requires_grad_(False).to(device)
+        model = AdaptedLIDiT(model, host.branches)
+        entries.append(({**json.loads(host_info["encoder"]), "adapter": host.adapter}, diff_adapter))
+    for entry, owner in entries:
         if entry.get("type") == "learned":
-            encoder, _ = load_word_encoder(find_adapter(entry["encoder"], model_path))
+            encoder, _ = load_word_encoder(find_adapter(entry["encoder"], owner))
             streams.append(("learned", encoder.eval().requires_grad_(False).to(device)))
             continue
         settings = {k: entry[k] for k in ENCODER_KEYS}
@@ -209,9 +220,9 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
             cached["features"].update(feats)
         picked = parse_layers(settings["layers"], cached["num_states"])
         have = {c: cached["features"][c][picked] for c in captions}
-        adapter = None
-        if entry.get("adapter"):
-            adapter, _ = load_adapter(find_adapter(entry["adapter"], model_path))
+        adapter = entry.get("adapter")
+        if isinstance(adapter, str):
+            adapter, _ = load_adapter(find_adapter(adapter, owner))
             adapter.eval().requires_grad_(False).to(device)
         streams.append((have, adapter))
     timings["encode_s"] = time.perf_counter() - t0
@@ -278,6 +289,7 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
         return sum(vals) / len(vals) if vals else None
 
     result = {"model": "oracle renders" if oracle else os.path.abspath(model_path),
+              "diff_adapter": diff_adapter and os.path.abspath(diff_adapter),
               "text_encoders": info["text_encoders"],
               "settings": {"per_kind": per_kind, "images_per_prompt": images_per_prompt, "steps": steps, "cfg": cfg,
                            "seed": seed, "resolution": resolution, "device": str(device), "oracle": oracle},
@@ -415,6 +427,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=None, help="cache the LLM features here (default: cache nothing)")
     p.add_argument("--save-grid", default=None, help="PNG grid of the images (64 px each), prompts in PATH.txt")
     p.add_argument("--json", default=None, help="write the results (with per-image records) here")
+    p.add_argument("--diff-adapter", default=None,
+                   help="an adapter-only file for --model (training/train_lidit.py --base): evaluate the model with it")
     p.add_argument("--oracle", action="store_true",
                    help="score renders of the scenes instead of samples: the checker's ceiling (no model needed)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
@@ -428,7 +442,8 @@ def main(argv=None) -> dict:
     result = evaluate(args.model, per_kind=args.per_kind, images_per_prompt=args.images_per_prompt,
                       steps=args.steps, cfg=args.cfg, seed=args.seed, llm_dirs=args.llm_dir, device=args.device,
                       batch_size=args.batch_size, cache_dir=args.cache_dir, save_grid=args.save_grid,
-                      json_path=args.json, oracle=args.oracle, loss_draws=args.loss_draws)
+                      json_path=args.json, oracle=args.oracle, loss_draws=args.loss_draws,
+                      diff_adapter=args.diff_adapter)
     print(format_tables(result))
     return result
 

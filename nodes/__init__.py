@@ -8,7 +8,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 log = logging.getLogger(__name__)
 
-NODE_MODULES = ("llm_nodes", "lidit_nodes")
+NODE_MODULES = ("llm_nodes", "lidit_nodes", "diff_adapter_nodes")
 
 
 def _load_nodes() -> list[type[io.ComfyNode]]:

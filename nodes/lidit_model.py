@@ -2,6 +2,8 @@
 scheduler and CFG of ComfyUI work on it as on any other model."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import comfy.conds
@@ -32,7 +34,12 @@ class LIDiTNet(LIDiT):
             check_sampling_memory(self.config, x.shape, self.dtype, x.device)
             self.fits = (x.shape, x.device)
         contexts, masks = split_streams(context, attention_mask, self.config.context_dims)
-        return super().forward(x.to(self.dtype), timesteps, [c.to(self.dtype) for c in contexts], masks)
+        # attn2 replace patches ("lidit", block) take (q, k, v, attn_mask, extra_options), q/k/v [B, heads, N, head_dim]
+        patches = transformer_options.get("patches_replace", {}).get("attn2", {})
+        replace = {i: functools.partial(patches[("lidit", i)], extra_options=transformer_options)
+                   for i in range(self.config.depth) if ("lidit", i) in patches}
+        return super().forward(x.to(self.dtype), timesteps, [c.to(self.dtype) for c in contexts], masks,
+                               cross_attention_replace=replace)
 
 
 def check_sampling_memory(config: LIDiTConfig, shape, dtype: torch.dtype, device: torch.device) -> None:

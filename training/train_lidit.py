@@ -32,9 +32,10 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adapters import captions, shapes_world  # noqa: E402
-from adapters.checkpoint import save_adapter, save_lidit, save_word_encoder  # noqa: E402
+from adapters.checkpoint import (load_adapter, load_lidit, load_word_encoder, save_adapter,  # noqa: E402
+                                 save_host_adapter, save_lidit, save_word_encoder)
 from adapters.conditioning import hidden_states_to_context  # noqa: E402
-from adapters.diff_adapter import LLMDiffAdapter  # noqa: E402
+from adapters.diff_adapter import AdaptedLIDiT, HostAdapter, LLMDiffAdapter  # noqa: E402
 from adapters.lidit import LIDiT, LIDiTConfig, flow_matching_loss, sample_euler  # noqa: E402
 from adapters.word_encoder import WordEncoder, build_vocabulary  # noqa: E402
 from training.features import caption_features, collate, encoder_settings  # noqa: E402
@@ -48,6 +49,9 @@ def parse_args(argv=None):
                    help="LLM path (.gguf or HF folder); repeat to fuse several")
     p.add_argument("--text-encoder", default="llm", choices=["llm", "learned"],
                    help="'learned': the no-LLM baseline (word embeddings from scratch; no --llm)")
+    p.add_argument("--base", default=None,
+                   help="adapter-only training: freeze this LI-DiT file (and its own text encoders) and train an LLM "
+                        "Diff Adapter on --llm with a second cross-attention in every block (one output file)")
     p.add_argument("--data", default="shapes", help="'shapes' or a folder of images + .txt captions")
     p.add_argument("--out", required=True)
     p.add_argument("--name", default="lidit")
@@ -88,6 +92,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.text_encoder == "llm") != bool(args.llm):
         p.error("--text-encoder llm needs --llm (repeat to fuse several); --text-encoder learned takes none")
+    if args.base and (len(args.llm) != 1 or args.layers != "all"):
+        p.error("--base trains one LLM Diff Adapter: give exactly one --llm and --layers all")
     return args
 
 
@@ -190,14 +196,45 @@ def text_streams(args, all_captions: list[str], train_captions: list[str], accel
     return streams
 
 
+def base_streams(base_info: dict, base_path: str, all_captions: list[str], args, accelerator):
+    """The frozen text streams of a --base model, as text_streams gives them: its learned word encoder or its
+    LLM(s) (looked up beside --llm) through its own adapters, all frozen."""
+    streams, folder = [], os.path.dirname(os.path.abspath(base_path))
+    for entry in base_info["text_encoders"]:
+        if entry.get("type") == "learned":
+            encoder, _ = load_word_encoder(os.path.join(folder, entry["encoder"]))
+            streams.append((encoder.tokenize, encoder.requires_grad_(False), encoder.dim, entry))
+            continue
+        llm = os.path.join(os.path.dirname(os.path.abspath(args.llm[0])), entry["llm"])
+        settings = {k: entry[k] for k in ("llm", "layers", "instruction", "chat_template", "max_tokens")}
+        with accelerator.main_process_first():
+            feats, _ = caption_features(llm, all_captions, settings, args.cache_dir or os.path.join(args.out, "cache"))
+        adapter = load_adapter(os.path.join(folder, entry["adapter"]))[0].requires_grad_(False) \
+            if entry.get("adapter") else None
+        by_caption = dict(zip(all_captions, feats))
+        streams.append((lambda caps, f=by_caption: collate([f[c] for c in caps]), adapter, None, entry))
+    return streams
+
+
+def host_adapter_of(trainable: Trainable) -> HostAdapter:
+    """The trained parts of an adapter-only run (its last text stream's adapter and the LI-DiT branches) as one
+    HostAdapter, ready to save."""
+    adapter, lidit = trainable.adapters[-1], trainable.lidit
+    host = HostAdapter(adapter.llm_hidden_size, adapter.num_hidden_states, adapter.context_dim,
+                       lidit_sites(lidit.base), "decoupled")
+    host.adapter.load_state_dict(adapter.state_dict())
+    host.branches.load_state_dict(lidit.branches.state_dict())
+    return host
+
+
+def lidit_sites(lidit: LIDiT) -> list[tuple[str, int, int]]:
+    return [(f"block{i}", lidit.config.hidden_size, lidit.config.num_heads) for i in range(lidit.config.depth)]
+
+
 def heldout_scenes(num: int) -> list[shapes_world.Scene]:
     """The trainer's progress check: single objects in combinations training never shows, in seen wordings."""
     rng = random.Random(1234)
     return [captions.generate(rng, "single", "seen", "unseen") for _ in range(num)]
-
-    def forward(self, x0, hidden, masks, noise=None, t=None) -> torch.Tensor:
-        """The flow-matching loss; called through the prepared (DDP) model so that gradients sync across ranks."""
-        return flow_matching_loss(self.lidit, x0, self.contexts(hidden), masks, noise=noise, t=t)
 
 
 def train_step(model, opt, accelerator, x0, hidden, masks, lr: float, noise=None, t=None) -> torch.Tensor:
@@ -407,19 +444,28 @@ def main(argv=None):
     all_captions = list(dict.fromkeys(data.captions + eval_captions))
 
     streams = text_streams(args, all_captions, data.captions, accelerator)
+    if args.base:  # the base model's own streams first, frozen; the new LLM stream feeds only the new branches
+        base, base_info = load_lidit(args.base)
+        streams = base_streams(base_info, args.base, all_captions, args, accelerator) + streams
     adapters = [encoder for _, encoder, _, _ in streams]
     context_dims = [dim for _, _, dim, _ in streams]
     settings = [s for _, _, _, s in streams]
 
     def batch_inputs(batch_captions: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [to_input(batch_captions) for to_input, _, _, _ in streams]
-    config = LIDiTConfig(in_channels=3, patch_size=args.patch_size, hidden_size=args.hidden_size, depth=args.depth,
-                         num_heads=args.num_heads, context_dims=tuple(context_dims), refiner_depth=args.refiner_depth,
-                         refiner_causal=args.refiner_causal, fusion=args.fusion, pos_kernel_size=args.pos_kernel_size,
-                         pos_embed=args.pos_embed)
-    model = Trainable(LIDiT(config), adapters)
+    if args.base:
+        host = HostAdapter(adapters[-1].llm_hidden_size, adapters[-1].num_hidden_states, args.context_dim,
+                           lidit_sites(base), "decoupled")
+        model = Trainable(AdaptedLIDiT(base.requires_grad_(False), host.branches), adapters[:-1] + [host.adapter])
+    else:
+        config = LIDiTConfig(in_channels=3, patch_size=args.patch_size, hidden_size=args.hidden_size,
+                             depth=args.depth, num_heads=args.num_heads, context_dims=tuple(context_dims),
+                             refiner_depth=args.refiner_depth, refiner_causal=args.refiner_causal, fusion=args.fusion,
+                             pos_kernel_size=args.pos_kernel_size, pos_embed=args.pos_embed)
+        model = Trainable(LIDiT(config), adapters)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0,
+                            betas=(0.9, 0.99))
     ckpt = os.path.join(args.out, "checkpoint")
     step = 0
     if args.resume:
@@ -437,7 +483,7 @@ def main(argv=None):
     model, opt = accelerator.prepare(model, opt)
     raw = accelerator.unwrap_model(model)
     ema.to(accelerator.device)
-    n_params = sum(p.numel() for p in raw.parameters())
+    n_params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     accelerator.print(f"LI-DiT {n_params / 1e6:.2f}M trainable parameters, context dims {context_dims}")
 
     loss_log = LossLog(os.path.join(args.out, "loss.csv"), step) if accelerator.is_main_process else None
@@ -472,7 +518,13 @@ def main(argv=None):
     if loss_log:
         loss_log.close()
 
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and args.base:
+        export = ema if args.export_weights == "ema" else raw
+        save_host_adapter(os.path.join(args.out, f"{args.name}.safetensors"), host_adapter_of(export), "lidit",
+                          settings[-1]["llm"], extra={"encoder": {k: v for k, v in settings[-1].items() if k != "type"},
+                                                      "base": os.path.basename(args.base), "training": vars(args)})
+        accelerator.print(f"wrote {args.out}/{args.name}.safetensors")
+    elif accelerator.is_main_process:
         export = ema if args.export_weights == "ema" else raw
         text_encoders = []
         for i, (s, use_adapter) in enumerate(zip(settings, raw.has_adapter)):

@@ -21,11 +21,13 @@ from adapters.lidit import LIDiT, LIDiTConfig  # noqa: E402
 from safetensors.torch import load_file, safe_open, save_file  # noqa: E402
 
 WORKFLOW_DIR = os.path.join(ROOT, "workflows")
+TEST_NODES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "custom_nodes")  # test-only nodes
 DEFAULT_WORKFLOW = os.path.join(WORKFLOW_DIR, "lidit_shapes_default.json")
 
 
 def make_test_models(base: str) -> None:
     os.makedirs(os.path.join(base, "llm_adapters"))
+    make_host_models(base)
     torch.manual_seed(0)
     save_adapter(os.path.join(base, "llm_adapters", "mismatched-adapter.safetensors"),
                  LLMDiffAdapter(64, 5, 128), "tiny-llm-64x4")
@@ -43,6 +45,41 @@ def make_test_models(base: str) -> None:
     os.makedirs(os.path.join(base, "LLM", "loop"))
     os.symlink(".", os.path.join(base, "LLM", "loop", "a"))
     os.symlink("..", os.path.join(base, "LLM", "loop", "b"))
+
+
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HOST_MODELS = {"unet": "tiny-sd15.safetensors", "mmdit": "tiny-sd3.safetensors",
+               "lidit": "lidit-shapes-smollm2.safetensors"}  # family -> base model (the last one ships)
+
+
+def make_host_models(base: str) -> None:
+    """Apply LLM Diff Adapter test files: tiny SD 1.5 and SD3 models that ComfyUI's UNETLoader detects, and per
+    family a fresh adapter (gates closed) and one with open gates, all for SmolLM2; plus an adapter giving SD 1.5
+    a 768-wide context from SmolLM2 (its own text path here, as no CLIP weights exist)."""
+    import tiny_models
+    from llm_diffusion.adapters.checkpoint import read_lidit, save_host_adapter
+    from llm_diffusion.adapters.diff_adapter import HostAdapter
+    from llm_diffusion.nodes.diff_adapter_nodes import host_family
+    assert tiny_models.save_detectable(os.path.join(base, "diffusion_models")) == \
+        {k: v for k, v in HOST_MODELS.items() if k != "lidit"}
+    lidit, _ = read_lidit(os.path.join(ROOT, "models", "lidit", HOST_MODELS["lidit"]))
+    sites = {"unet": host_family(tiny_models.unet_net(tiny_models.SD15_DETECTABLE))[1],
+             "mmdit": host_family(tiny_models.mmdit_net())[1],
+             "lidit": [(f"block{i}", lidit.hidden_size, lidit.num_heads) for i in range(lidit.depth)]}
+    for family, family_sites in sites.items():
+        for gates in ("closed", "open"):
+            torch.manual_seed(1)
+            host = HostAdapter(576, 31, 64, family_sites, "gated" if family == "mmdit" else "decoupled")
+            if gates == "open":
+                with torch.no_grad():
+                    for name, p in host.named_parameters():
+                        if name.endswith("gate_a") and "host_gate" not in name:
+                            p.fill_(0.5)
+            save_host_adapter(os.path.join(base, "llm_adapters", f"{family}-{gates}.safetensors"), host, family,
+                              SMOLLM2)
+    torch.manual_seed(2)
+    save_adapter(os.path.join(base, "llm_adapters", "sd15-context-768.safetensors"), LLMDiffAdapter(576, 31, 768),
+                 SMOLLM2)
 
 
 def edit_metadata(path: str, edit) -> None:
@@ -85,7 +122,7 @@ def comfy_server(tmp_path_factory):
     config = os.path.join(base, "extra_model_paths.yaml")
     with open(config, "w") as f:
         f.write(f"llm_diffusion_tests:\n  base_path: {base}\n  LLM: LLM\n  llm_adapters: llm_adapters\n"
-                "  lidit: lidit\n")
+                f"  lidit: lidit\n  diffusion_models: diffusion_models\n  custom_nodes: {TEST_NODES}\n")
     out = str(tmp_path_factory.mktemp("comfy_output"))
     server = comfy_client.ComfyServer(out, extra_args=["--extra-model-paths-config", config])
     server.models_dir = base  # tests add files there to see the model lists follow

@@ -24,6 +24,8 @@ PACK_NODES = {
     "LIDiTSampler": {"model", "positive", "negative", "latent_image", "seed", "steps", "cfg", "sampler_name",
                      "scheduler", "denoise"},
     "LLMConditioningJoin": {"first", "second"},
+    "ApplyLLMDiffAdapter": {"model", "adapter_name", "strength"},
+    "LLMConditioningAttach": {"conditioning", "llm_encoding"},
 }
 
 

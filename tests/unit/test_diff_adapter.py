@@ -125,3 +125,98 @@ def test_gated_cross_attention_gate_gets_gradient_at_zero():
     x, ctx = gca_inputs()
     gca(x, ctx).pow(2).sum().backward()
     assert gca.gate_a.grad is not None and gca.gate_a.grad.abs() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DecoupledCrossAttention, HostAdapter, AdaptedLIDiT (an existing model keeps its own text path)
+
+from adapters.checkpoint import CheckpointError, load_host_adapter, save_host_adapter  # noqa: E402
+from adapters.diff_adapter import AdaptedLIDiT, DecoupledCrossAttention, HostAdapter, sdpa_attention  # noqa: E402
+from adapters.lidit import LIDiT, LIDiTConfig  # noqa: E402
+
+
+def host_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 6, 32, generator=g), torch.randn(2, 6, 32, generator=g), torch.randn(2, 4, C, generator=g))
+
+
+def test_fresh_decoupled_branch_returns_the_host_output_bit_for_bit():
+    branch = DecoupledCrossAttention(32, C)
+    q, host, llm = host_inputs()
+    assert torch.equal(branch(q, host, llm, torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]]), sdpa_attention(4)), host)
+
+
+def test_decoupled_gates_mix_both_branches():
+    torch.manual_seed(0)
+    branch = DecoupledCrossAttention(32, C)
+    q, host, llm = host_inputs()
+    attn = sdpa_attention(4)
+    llm_only = attn(q, branch.to_k(llm), branch.to_v(llm))
+    with torch.no_grad():
+        branch.llm_gate_a.fill_(0.5)
+        branch.host_gate_b.fill_(-1.0)
+    want = torch.exp(torch.tensor(-1.0)) * host + 0.5 * llm_only
+    torch.testing.assert_close(branch(q, host, llm, None, attn), want)
+    torch.testing.assert_close(branch(q, host, llm, None, attn, strength=2.0) - branch(q, host, llm, None, attn),
+                               0.5 * llm_only)
+
+
+def test_decoupled_branch_gives_zeros_for_a_prompt_without_tokens():
+    branch = DecoupledCrossAttention(32, C)
+    with torch.no_grad():
+        branch.llm_gate_a.fill_(1.0)
+    q, host, llm = host_inputs()
+    out = branch(q, host, llm, torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]]), sdpa_attention(4))
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1], host[1]) and not torch.equal(out[0], host[0])
+
+
+def tiny_lidit():
+    torch.manual_seed(0)
+    base = LIDiT(LIDiTConfig(patch_size=2, hidden_size=32, depth=2, num_heads=4, context_dims=(16,), refiner_depth=1))
+    with torch.no_grad():
+        for p in base.parameters():  # adaLN-Zero would make the blocks identities
+            p.normal_(0, 0.1)
+    return base
+
+
+def test_adapted_lidit_closed_gates_equal_base_and_gradients_reach_only_the_adapter():
+    base = tiny_lidit().requires_grad_(False)
+    host = HostAdapter(D, S, C, [(f"block{i}", 32, 4) for i in range(2)], "decoupled")
+    model = AdaptedLIDiT(base, host.branches)
+    x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    ctx, masks = [torch.randn(2, 5, 16)], [torch.ones(2, 5, dtype=torch.long)]
+    llm = host.adapter(hidden(T=6))
+    assert torch.equal(model(x, t, ctx + [llm], masks + [torch.ones(2, 6)]), base(x, t, ctx, masks))
+    model(x, t, ctx + [llm], masks + [torch.ones(2, 6)]).pow(2).mean().backward()
+    assert all(p.grad is None for p in base.parameters())
+    grads = {n: p.grad for n, p in host.named_parameters()}
+    assert all(grads[f"branches.{i}.llm_gate_a"].abs() > 0 for i in range(2))
+    # with the LLM gate closed nothing flows to the LLM side yet; the gate opens first
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if "to_k" in n or "adapter." in n)
+
+
+def test_host_adapter_file_round_trip_and_bad_metadata(tmp_path):
+    host = HostAdapter(D, S, C, [("input.1.0", 32, 4), ("middle.0.0", 64, 8)], "decoupled")
+    with torch.no_grad():
+        host.branches[1].llm_gate_a.fill_(0.25)
+    path = str(tmp_path / "host.safetensors")
+    save_host_adapter(path, host, "unet", "tiny-llm", extra={"encoder": {"layers": "all"}})
+    loaded, info = load_host_adapter(path)
+    assert info["family"] == "unet" and info["llm"] == "tiny-llm" and loaded.sites == host.sites
+    for (n, a), b in zip(host.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), n
+    from safetensors.torch import load_file, save_file
+    save_file(load_file(path), path, metadata={**{k: str(v) for k, v in info.items() if k != "sites"},
+                                               "format": "llm-host-adapter", "family": "sd-unknown", "sites": "[]"})
+    with pytest.raises(CheckpointError, match="broken host metadata"):
+        load_host_adapter(path)
+    with pytest.raises(CheckpointError, match="not a llm-host-adapter file"):
+        load_host_adapter(_plain_adapter(tmp_path))
+
+
+def _plain_adapter(tmp_path) -> str:
+    from adapters.checkpoint import save_adapter
+    path = str(tmp_path / "plain.safetensors")
+    save_adapter(path, LLMDiffAdapter(D, S, C), "tiny-llm")
+    return path

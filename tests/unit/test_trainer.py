@@ -234,3 +234,42 @@ def test_learned_text_encoder_resumes(tmp_path):
 def test_text_encoder_and_llm_flags_must_agree(tmp_path, llms, encoder):
     with pytest.raises(SystemExit):
         train(tmp_path / "out", llms, 1, "--text-encoder", encoder)
+
+
+def test_adapter_only_training_freezes_the_base_and_saves_one_file(tmp_path, tiny_llm_dirs):
+    """--base: the LI-DiT and its own (learned) text encoder stay frozen; an LLM Diff Adapter with a second
+    cross-attention per block is trained on the tiny LLM and saved as one host-adapter file."""
+    from adapters.checkpoint import load_host_adapter, load_word_encoder
+    from adapters.diff_adapter import AdaptedLIDiT
+
+    base_dir = train(tmp_path / "base", [], 3, "--text-encoder", "learned", "--eval-samples", "0")
+    base_path = os.path.join(base_dir, "lidit.safetensors")
+    out = train(tmp_path / "adapter", [tiny_llm_dirs["llama"]], 4, "--base", base_path, "--name", "host",
+                "--export-weights", "raw", "--lr", "1e-2", "--warmup", "1")
+    host, info = load_host_adapter(os.path.join(out, "host.safetensors"))
+    base, _ = load_lidit(base_path)
+    assert info["family"] == "lidit" and info["llm"] == os.path.basename(tiny_llm_dirs["llama"])
+    assert json.loads(info["base"]) == "lidit.safetensors" and json.loads(info["encoder"])["layers"] == "all"
+    assert host.sites == [(f"block{i}", 32, 2) for i in range(base.config.depth)]
+    assert all(b.llm_gate_a.abs().item() > 0 for b in host.branches), "the new branches' gates never opened"
+    # the base model and its word encoder in the final checkpoint are the base file's, bit for bit
+    trained = load_file(os.path.join(out, "checkpoint", "model.safetensors"))
+    for k, v in base.state_dict().items():
+        assert torch.equal(trained[f"lidit.base.{k}"].to(v.dtype), v), k
+    encoder, _ = load_word_encoder(os.path.join(base_dir, "lidit-text-encoder.safetensors"))
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(trained[f"adapters.0.{k}"], v), k
+    # the file runs as the trainer ran it: the base model with the adapter's branches
+    ids, mask = encoder.tokenize(["a red circle", ""])
+    llm_context = host.adapter(torch.randn(2, host.adapter.num_hidden_states, 3, host.adapter.llm_hidden_size))
+    with torch.no_grad():
+        img = AdaptedLIDiT(base, host.branches)(torch.randn(2, 3, 16, 16), torch.tensor([0.5, 0.5]),
+                                                [encoder(ids), llm_context], [mask, torch.ones(2, 3)])
+    assert torch.isfinite(img).all()
+
+
+def test_adapter_only_training_takes_one_llm_and_every_layer(tmp_path, tiny_llm_dirs):
+    with pytest.raises(SystemExit):
+        train(tmp_path / "out", [tiny_llm_dirs["llama"]] * 2, 1, "--base", "base.safetensors")
+    with pytest.raises(SystemExit):
+        train(tmp_path / "out", [tiny_llm_dirs["llama"]], 1, "--base", "base.safetensors", "--layers", "last")

@@ -1,0 +1,104 @@
+"""Apply LLM Diff Adapter and LLM Conditioning Attach in a real ComfyUI server, on one model of each family: our
+LI-DiT (the default model), an SD 1.5 UNet and an SD3 MMDiT (tiny random-weight files that ComfyUI's UNETLoader
+detects), sampled by KSampler with CFG and saved with SaveLatent."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import comfy_client
+from conftest import HOST_MODELS, SMOLLM2
+
+PROMPT = "a red square to the left of a blue circle"
+
+
+def encode(text: str, layers: str = "all", adapter: str | None = None) -> dict:
+    inputs = {"llm": ["llm", 0], "text": text, "instruction": "li-dit", "custom_instruction": "",
+              "chat_template": True, "layers": layers, "max_tokens": 64}
+    if adapter:
+        inputs["adapter"] = [f"adapter:{adapter}", 0]
+    return {"class_type": "LLMPromptEncode", "inputs": inputs}
+
+
+def graph(family: str, adapter: str | None = None, strength: float = 1.0, llm_layers: str = "all",
+          text: str = PROMPT) -> dict:
+    """KSampler (2 Euler steps, CFG 3) on the family's model; with `adapter`, patched by Apply LLM Diff Adapter and
+    fed the LLM hidden states through LLM Conditioning Attach on both positive and negative."""
+    g = {"llm": {"class_type": "LLMLoader", "inputs": {"llm_name": SMOLLM2, "dtype": "auto", "device": "auto"}}}
+    if family == "lidit":  # the default model's own text path: SmolLM2 through its adapter
+        own = "lidit-shapes-smollm2-adapter.safetensors"
+        g["model"] = {"class_type": "LIDiTLoader", "inputs": {"model_name": HOST_MODELS[family],
+                                                              "weight_dtype": "auto"}}
+        g["latent"] = {"class_type": "EmptyChromaRadianceLatentImage", "inputs": {"width": 32, "height": 32,
+                                                                                 "batch_size": 1}}
+    else:
+        own = "sd15-context-768.safetensors" if family == "unet" else None  # SD3: SmolLM2's last layer (576)
+        g["model"] = {"class_type": "UNETLoader", "inputs": {"unet_name": HOST_MODELS[family],
+                                                             "weight_dtype": "default"}}
+        g["latent"] = {"class_type": "EmptyLatentImage" if family == "unet" else "EmptySD3LatentImage",
+                       "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    if own:
+        g[f"adapter:{own}"] = {"class_type": "LLMAdapterLoader", "inputs": {"adapter_name": own}}
+    for sign, words in (("positive", text), ("negative", "")):
+        g[f"own:{sign}"] = encode(words, "all" if own else "last", own)
+        cond = [f"own:{sign}", 0]
+        if family == "mmdit":  # SD3's pooled embedding (a CLIP output; a test node stands in, see custom_nodes/)
+            g[f"pooled:{sign}"] = {"class_type": "TestSetPooledOutput",
+                                   "inputs": {"conditioning": cond, "width": 32, "seed": 0}}
+            cond = [f"pooled:{sign}", 0]
+        if adapter:
+            g[f"llm:{sign}"] = encode(words, llm_layers)
+            g[f"attach:{sign}"] = {"class_type": "LLMConditioningAttach",
+                                   "inputs": {"conditioning": cond, "llm_encoding": [f"llm:{sign}", 0]}}
+            cond = [f"attach:{sign}", 0]
+        g[f"cond:{sign}"] = cond
+    model = ["model", 0]
+    if adapter:
+        g["apply"] = {"class_type": "ApplyLLMDiffAdapter",
+                      "inputs": {"model": model, "adapter_name": adapter, "strength": strength}}
+        model = ["apply", 0]
+    g["sample"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": 0, "steps": 2, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": g.pop("cond:positive"), "negative": g.pop("cond:negative"), "latent_image": ["latent", 0],
+        "denoise": 1.0}}
+    g["save"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0],
+                                                        "filename_prefix": f"adapter-{family}"}}
+    return g
+
+
+def latent(server, prompt: dict) -> torch.Tensor:
+    entry = server.run(prompt)
+    files = [f for out in entry["outputs"].values() for f in out.get("latents", [])]
+    assert len(files) == 1
+    return load_file(f"{server.output_dir}/{files[0]['subfolder']}/{files[0]['filename']}")["latent_tensor"]
+
+
+def test_nodes_are_registered(object_info):
+    spec = object_info["ApplyLLMDiffAdapter"]["input"]["required"]
+    assert set(spec) == {"model", "adapter_name", "strength"}
+    assert {"unet-closed.safetensors", "mmdit-open.safetensors"} <= set(spec["adapter_name"][1]["options"])
+    assert set(object_info["LLMConditioningAttach"]["input"]["required"]) == {"conditioning", "llm_encoding"}
+    assert object_info["ApplyLLMDiffAdapter"]["output"] == ["MODEL"]
+
+
+@pytest.mark.parametrize("family", list(HOST_MODELS))
+def test_every_family_runs_through_the_apply_node(comfy_server, family):
+    base = latent(comfy_server, graph(family))
+    closed = latent(comfy_server, graph(family, f"{family}-closed.safetensors"))
+    opened = latent(comfy_server, graph(family, f"{family}-open.safetensors"))
+    assert torch.isfinite(base).all() and base.abs().sum() > 0
+    assert torch.equal(closed, base), "a fresh adapter (gates closed) must leave the model's output unchanged"
+    assert torch.isfinite(opened).all() and (opened - base).abs().mean() > 1e-4
+    zero = latent(comfy_server, graph(family, f"{family}-open.safetensors", strength=0.0))
+    assert torch.equal(zero, base)
+    # the unpatched model is cached by ComfyUI and still gives its own output after the patched runs
+    assert torch.equal(latent(comfy_server, graph(family)), base)
+
+
+def test_bad_input_gets_an_error_naming_the_fix_and_comfyui_keeps_running(comfy_server):
+    with pytest.raises(comfy_client.WorkflowError, match="trained for a unet model, but this MODEL is mmdit"):
+        comfy_server.run(graph("mmdit", "unet-open.safetensors"))
+    with pytest.raises(comfy_client.WorkflowError, match="has 576 features per token.*SmolLM2.*31 hidden states"):
+        comfy_server.run(graph("unet", "unet-open.safetensors", llm_layers="last"))
+    with pytest.raises(comfy_client.WorkflowError, match="is an LLM Diff Adapter for an LI-DiT .*LLM Adapter Loader"):
+        comfy_server.run(graph("unet", "sd15-context-768.safetensors"))
+    assert torch.isfinite(latent(comfy_server, graph("unet", "unet-open.safetensors"))).all()
