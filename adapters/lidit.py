@@ -55,10 +55,16 @@ class LIDiTConfig:
         return asdict(self)
 
 
+# The paper's model sizes (latent space, 16 channels); train_lidit.py --preset takes their widths and depths.
 PRESETS = {
     "LI-DiT-1B": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2, in_channels=16),
     "LI-DiT-10B": dict(hidden_size=2816, depth=48, num_heads=44, patch_size=2, in_channels=16),
 }
+
+
+def pooled_mlp(dim: int) -> nn.Sequential:
+    """Mean-pooled text tokens -> a [B, dim] conditioning vector added to the timestep embedding."""
+    return nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -169,7 +175,7 @@ class TokenRefiner(nn.Module):
         super().__init__()
         self.causal = causal
         self.in_proj = nn.Linear(context_dim, dim)
-        self.pooled_proj = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.pooled_proj = pooled_mlp(dim)
         self.blocks = nn.ModuleList([RefinerBlock(dim, num_heads, mlp_ratio) for _ in range(depth)])
 
     def forward(self, tokens, mask, t_emb):
@@ -289,7 +295,7 @@ class LIDiT(nn.Module):
         self.pos_block = PositionResBlock(dim, config.pos_kernel_size)
         self.t_embedder = TimestepEmbedder(dim)
         self.refiner = CollaborativeRefiner(config)
-        self.pooled_text_proj = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.pooled_text_proj = pooled_mlp(dim)
         self.blocks = nn.ModuleList([LIDiTBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
         self.final_layer = FinalLayer(dim, p, config.in_channels)
 

@@ -75,6 +75,7 @@ ADAPTER_DIRS = [os.path.join(ROOT, "models", "llm_adapters"), os.path.join(ROOT,
 SPLITS = tuple(caption_language.SPLITS)  # the four columns
 KINDS = caption_language.KINDS
 GRID_CELL, GRID_PAD = 64, 2  # --save-grid: images of 64 px, prompt by prompt, images_per_prompt of each
+ORACLE_SEED_STRIDE = 1_000_003  # --oracle: the render of image k of prompt i has its own seed, for any i < 1e6
 CRITERIA = ("color", "shape", "count", "position", "relation", "overall")
 ENCODER_KEYS = ("llm", "layers", "instruction", "chat_template", "max_tokens")
 
@@ -246,7 +247,7 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
     images = [None] * len(jobs)
     if oracle:
         for j, (i, k) in enumerate(jobs):
-            rng = random.Random((seed + k) * 1_000_003 + i)
+            rng = random.Random((seed + k) * ORACLE_SEED_STRIDE + i)
             images[j] = shapes_world.render(scenes[i], resolution, rng)
     else:
         noise = [torch.randn(model.config.in_channels, resolution, resolution,

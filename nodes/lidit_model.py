@@ -76,7 +76,7 @@ def split_streams(context: torch.Tensor, mask: torch.Tensor | None, dims: tuple[
     if mask.dim() == 2:
         mask = mask.unsqueeze(1).expand(-1, len(dims), -1)
     if mask.shape[-1] != context.shape[1]:  # ComfyUI repeated the tokens to batch cond and uncond together
-        mask = mask.repeat(1, 1, context.shape[1] // mask.shape[-1])
+        mask = mask.repeat(1, 1, -(-context.shape[1] // mask.shape[-1]))[..., :context.shape[1]]
     return contexts, [mask[:, i] for i in range(len(dims))]
 
 

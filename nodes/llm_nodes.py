@@ -29,6 +29,10 @@ class LLMModule(torch.nn.Module):
         self.llm = hf_model
 
 
+RESIDENT_VRAM_SHARE = 0.9     # device=auto keeps the LLM resident when it takes at most this share of free VRAM
+STREAMING_BLOCKS_FREED = 2     # streaming: room for one block at a time, and as much again for activations
+
+
 class LoadedLLM:
     """What flows on an LLM wire: the model under ComfyUI's memory manager, its tokenizer and device policy."""
 
@@ -59,12 +63,13 @@ class LoadedLLM:
             return False
         if self.device_policy == "stream":
             return True
-        return self.patcher.model_size() > mm.get_free_memory(device) * 0.9
+        return self.patcher.model_size() > mm.get_free_memory(device) * RESIDENT_VRAM_SHARE
 
     def encode(self, prompts: list[str], on_block, **options) -> llm_encoder.PromptEncoding:
         device = self.patcher.load_device
         if self.streams():
-            mm.free_memory(self.patcher.model_size() // max(1, self.num_hidden_states - 1) * 2, device)
+            block_bytes = self.patcher.model_size() // max(1, self.num_hidden_states - 1)
+            mm.free_memory(block_bytes * STREAMING_BLOCKS_FREED, device)
             with llm_encoder.stream_blocks(self.hf_model, device):
                 return llm_encoder.encode_prompts(self.hf_model, self.tokenizer, prompts, device=device,
                                                   on_block=on_block, **options)
@@ -202,7 +207,10 @@ class LLMPromptEncode(io.ComfyNode):
             context = hidden_states_to_context(enc.hidden_states.float(), adapter)
         info = {"llm": llm.name, "layers": enc.layers, "adapter": getattr(adapter, "name", None),
                 "truncated_tokens": enc.truncated[0]}
-        cond = [[context.float().cpu(), {"attention_mask": enc.attention_mask.cpu(), "llm_encoding": info}]]
+        extra = {"llm_encoding": info}
+        if not bool(enc.attention_mask.all()):  # an all-ones mask would stop ComfyUI batching cond with uncond
+            extra["attention_mask"] = enc.attention_mask.cpu()
+        cond = [[context.float().cpu(), extra]]
         llm.encodings[key] = (adapter, cond)  # holding the adapter keeps its id from being reused
         while len(llm.encodings) > ENCODING_CACHE_SIZE:
             llm.encodings.popitem(last=False)

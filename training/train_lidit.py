@@ -36,7 +36,7 @@ from adapters.checkpoint import (load_adapter, load_lidit, load_word_encoder, sa
                                  save_host_adapter, save_lidit, save_word_encoder)
 from adapters.conditioning import hidden_states_to_context  # noqa: E402
 from adapters.diff_adapter import AdaptedLIDiT, HostAdapter, LLMDiffAdapter  # noqa: E402
-from adapters.lidit import LIDiT, LIDiTConfig, flow_matching_loss, sample_euler  # noqa: E402
+from adapters.lidit import PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler  # noqa: E402
 from adapters.word_encoder import WordEncoder, build_vocabulary  # noqa: E402
 from training.features import caption_features, collate, encoder_settings  # noqa: E402
 
@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--base", default=None,
                    help="adapter-only training: freeze this LI-DiT file (and its own text encoders) and train an LLM "
                         "Diff Adapter on --llm with a second cross-attention in every block (one output file)")
+    p.add_argument("--host-gate", default="learned", choices=["learned", "fixed"],
+                   help="--base: learn the base branch's gate a*exp(b) beside the new one (the paper), or keep it at 1")
     p.add_argument("--data", default="shapes", help="'shapes' or a folder of images + .txt captions")
     p.add_argument("--out", required=True)
     p.add_argument("--name", default="lidit")
@@ -61,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="the paper's width, depth, heads and patch (adapters.lidit.PRESETS), in pixel space; "
+                        "overrides --hidden-size, --depth, --num-heads and --patch-size")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--num-heads", type=int, default=4)
@@ -92,6 +97,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.text_encoder == "llm") != bool(args.llm):
         p.error("--text-encoder llm needs --llm (repeat to fuse several); --text-encoder learned takes none")
+    if args.preset:
+        preset = PRESETS[args.preset]
+        args.hidden_size, args.depth, args.num_heads, args.patch_size = (
+            preset[k] for k in ("hidden_size", "depth", "num_heads", "patch_size"))
     if args.base and (len(args.llm) != 1 or args.layers != "all"):
         p.error("--base trains one LLM Diff Adapter: give exactly one --llm and --layers all")
     return args
@@ -148,11 +157,14 @@ class FolderData:
         return torch.stack(imgs) * 2 - 1, idx
 
 
+LR_FLOOR = 0.1  # the cosine schedule ends at this share of --lr, not at 0
+
+
 def lr_at(step: int, args) -> float:
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return args.lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class Trainable(torch.nn.Module):
@@ -456,6 +468,10 @@ def main(argv=None):
     if args.base:
         host = HostAdapter(adapters[-1].llm_hidden_size, adapters[-1].num_hidden_states, args.context_dim,
                            lidit_sites(base), "decoupled")
+        if args.host_gate == "fixed":
+            for branch in host.branches:
+                branch.host_gate_a.requires_grad_(False)
+                branch.host_gate_b.requires_grad_(False)
         model = Trainable(AdaptedLIDiT(base.requires_grad_(False), host.branches), adapters[:-1] + [host.adapter])
     else:
         config = LIDiTConfig(in_channels=3, patch_size=args.patch_size, hidden_size=args.hidden_size,

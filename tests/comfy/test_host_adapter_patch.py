@@ -189,3 +189,26 @@ def test_an_encoding_from_another_llm_is_refused_at_sampling_with_the_fix():
     with pytest.raises(dan.AdapterError, match=f"has {S * D + 8} features per token.*trained on SmolLM2 "
                                                f"\\({S} hidden states of size {D}"):
         comfy.sample.sample(patched, latent, 1, 1.0, "euler", "simple", wrong, wrong, latent, disable_pbar=True)
+
+
+@pytest.mark.parametrize("masks, calls_per_step", [(False, 1), (True, 2)])
+def test_lidit_cond_and_uncond_share_a_forward_unless_masks_differ(masks, calls_per_step):
+    """LLM Prompt Encode attaches no all-ones mask (one prompt is never padded): ComfyUI then batches cond and uncond
+    of different lengths into one forward (repeating the shorter tokens, which changes no attention); masks of
+    different shapes cannot be batched and cost a second forward."""
+    model = lidit_model().clone()
+    calls = []
+
+    def count(executor, *args, **kwargs):
+        calls.append(args[0].shape[0])
+        return executor(*args, **kwargs)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "count", count)
+    g = torch.Generator().manual_seed(0)
+    cond = [[torch.randn(1, 6, 16, generator=g), {}]]
+    uncond = [[torch.randn(1, 3, 16, generator=g), {}]]
+    if masks:
+        cond[0][1]["attention_mask"], uncond[0][1]["attention_mask"] = torch.ones(1, 6), torch.ones(1, 3)
+    latent = torch.zeros(1, 3, 16, 16)
+    comfy.sample.sample(model, torch.randn(latent.shape, generator=g), 3, 3.0, "euler", "simple", cond, uncond,
+                        latent, disable_pbar=True)
+    assert len(calls) == 3 * calls_per_step

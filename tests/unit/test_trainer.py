@@ -273,3 +273,12 @@ def test_adapter_only_training_takes_one_llm_and_every_layer(tmp_path, tiny_llm_
         train(tmp_path / "out", [tiny_llm_dirs["llama"]] * 2, 1, "--base", "base.safetensors")
     with pytest.raises(SystemExit):
         train(tmp_path / "out", [tiny_llm_dirs["llama"]], 1, "--base", "base.safetensors", "--layers", "last")
+
+
+def test_preset_takes_the_papers_sizes():
+    from adapters.lidit import PRESETS
+    from training.train_lidit import parse_args
+    args = parse_args(["--text-encoder", "learned", "--out", "x", "--preset", "LI-DiT-1B", "--hidden-size", "8"])
+    want = PRESETS["LI-DiT-1B"]
+    assert (args.hidden_size, args.depth, args.num_heads, args.patch_size) == (
+        want["hidden_size"], want["depth"], want["num_heads"], want["patch_size"])
