@@ -56,7 +56,14 @@ ABLATIONS = {
     "2llm-concat": ("SmolLM2 + Gemma-3-270M, plain concatenation",
                     [*SMOL, "--llm", GEMMA3, "--layers", "all", "--instruction", "li-dit", "--refiner-depth", "2",
                      "--fusion", "concat"]),
+    # The LLM Diff Adapter on an existing model: "no-llm" frozen, only the adapter and the second
+    # cross-attention trained (BASE_OF names the frozen run; its model file is <out>/<base>/<base>.safetensors).
+    "no-llm+adapter": ("no-llm frozen + LLM Diff Adapter on SmolLM2 (adapter-only; gates on both branches)",
+                       [*SMOL, "--layers", "all", "--instruction", "li-dit"]),
+    "no-llm+adapter-fixed-host-gate": ("as no-llm+adapter, the base branch's gate kept at 1 (new branch gated only)",
+                                       [*SMOL, "--layers", "all", "--instruction", "li-dit", "--host-gate", "fixed"]),
 }
+BASE_OF = {"no-llm+adapter": "no-llm", "no-llm+adapter-fixed-host-gate": "no-llm"}
 
 BUDGET = ["--hidden-size", "96", "--depth", "4", "--num-heads", "4", "--patch-size", "4", "--batch-size", "32",
           "--lr", "1e-3", "--warmup", "50", "--ema", "0.99", "--eval-samples", "0", "--pool-size", "2000"]
@@ -66,6 +73,9 @@ def run(name: str, args, feature_cache: dict) -> dict:
     out = os.path.join(args.out, name)
     model = os.path.join(out, f"{name}.safetensors")
     flags = ABLATIONS[name][1]
+    base = os.path.join(args.out, BASE_OF[name], f"{BASE_OF[name]}.safetensors") if name in BASE_OF else None
+    if base:
+        flags = [*flags, "--base", base]
     if not os.path.exists(model):
         train_lidit.main([*flags, *BUDGET, "--steps", str(args.steps), "--save-every",
                           str(args.steps), "--seed", str(args.seed), "--out", out, "--name", name,
@@ -78,8 +88,8 @@ def run(name: str, args, feature_cache: dict) -> dict:
             result = json.load(f)
         if "heldout_loss" in result and "splits" in result:  # not an evaluation of the old format
             return result
-    return ev.evaluate(model, per_kind=args.per_kind, images_per_prompt=args.images_per_prompt, seed=args.seed,
-                       cache_dir=args.cache_dir,
+    return ev.evaluate(base or model, diff_adapter=model if base else None, per_kind=args.per_kind,
+                       images_per_prompt=args.images_per_prompt, seed=args.seed, cache_dir=args.cache_dir,
                        feature_cache=feature_cache, save_grid=grid, json_path=scores)
 
 

@@ -1,16 +1,20 @@
-"""LI-DiT Loader, LI-DiT Sampler and LLM Conditioning Join."""
+"""LI-DiT Loader, LI-DiT Sampler, LLM Conditioning Join and LI-DiT Word Encode."""
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
 import comfy.samplers
+import folder_paths
 import nodes as comfy_nodes
 from comfy_api.v0_0_2 import io
 
 from . import model_folders
+from ..adapters.checkpoint import load_word_encoder
 from ..adapters.lidit import LIDiTError
 from .lidit_model import load_lidit_patcher, split_streams
 
@@ -117,4 +121,40 @@ class LLMConditioningJoin(io.ComfyNode):
         return io.NodeOutput(out)
 
 
-NODES = [LIDiTLoader, LIDiTSampler, LLMConditioningJoin]
+@functools.lru_cache(maxsize=4)
+def _word_encoder(path: str, mtime: float):
+    encoder, _ = load_word_encoder(path)
+    return encoder.eval().requires_grad_(False)
+
+
+class LIDiTWordEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LIDiTWordEncode",
+            display_name="LI-DiT Word Encode",
+            category="llm_diffusion",
+            description="The no-LLM baseline's text encoder: word embeddings learned with an LI-DiT model "
+                        "(train_lidit.py --text-encoder learned). Words it never saw in training become <unk>.",
+            inputs=[
+                io.Combo.Input("encoder_name", options=folder_paths.get_filename_list("llm_adapters"),
+                               tooltip="The <model>-text-encoder.safetensors file exported beside the model."),
+                io.String.Input("text", multiline=True, default=""),
+            ],
+            outputs=[io.Conditioning.Output(tooltip="Word embeddings for the LI-DiT model trained with them.")],
+        )
+
+    @classmethod
+    def execute(cls, encoder_name: str, text: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("llm_adapters", encoder_name)
+        encoder = _word_encoder(path, os.path.getmtime(path))
+        ids, mask = encoder.tokenize([text])
+        with torch.no_grad():
+            context = encoder(ids)
+        extra = {"llm_encoding": {"encoder": encoder_name}}
+        if not bool(mask.all()):
+            extra["attention_mask"] = mask
+        return io.NodeOutput([[context.float(), extra]])
+
+
+NODES = [LIDiTLoader, LIDiTSampler, LLMConditioningJoin, LIDiTWordEncode]

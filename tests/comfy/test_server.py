@@ -26,6 +26,7 @@ PACK_NODES = {
     "LLMConditioningJoin": {"first", "second"},
     "ApplyLLMDiffAdapter": {"model", "adapter_name", "strength"},
     "LLMConditioningAttach": {"conditioning", "llm_encoding"},
+    "LIDiTWordEncode": {"encoder_name", "text"},
 }
 
 
