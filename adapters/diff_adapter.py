@@ -47,15 +47,6 @@ class LLMDiffAdapter(nn.Module):
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def sdpa_attention(num_heads: int) -> AttentionFn:
-    def attention(q, k, v, key_mask=None):
-        B, N, inner = q.shape
-        q, k, v = (x.view(B, x.shape[1], num_heads, inner // num_heads).transpose(1, 2) for x in (q, k, v))
-        mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, N, inner)
-    return attention
-
-
 def gate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # a * exp(b): a starts the gate (0 = closed, 1 = open), exp(b) rescales it multiplicatively
     return a * b.exp()
@@ -150,15 +141,30 @@ class HostAdapter(nn.Module):
         return self.branches[[n for n, _, _ in self.sites].index(site)]
 
 
+def heads_attention(kernel, num_heads: int) -> AttentionFn:
+    """An AttentionFn (q, k, v [B, N, inner], key_mask [B, T]) on an LI-DiT attention kernel ([B, heads, N, head_dim],
+    boolean mask)."""
+    def attention(q, k, v, key_mask=None):
+        B, N, inner = q.shape
+        q, k, v = (x.view(B, x.shape[1], num_heads, inner // num_heads).transpose(1, 2) for x in (q, k, v))
+        mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
+        return kernel(q, k, v, mask).transpose(1, 2).reshape(B, N, inner)
+    return attention
+
+
+def sdpa_attention(num_heads: int) -> AttentionFn:
+    return heads_attention(F.scaled_dot_product_attention, num_heads)
+
+
 def lidit_cross_attention_replace(branch: DecoupledCrossAttention, llm_context: torch.Tensor,
                                   llm_mask: torch.Tensor | None, strength: float = 1.0):
     """The LI-DiT cross-attention replacement of one block (adapters.lidit.Attention's `replace`): q, k, v and the
-    result are [B, heads, N, head_dim], after LI-DiT's QK norm; the host attention is LI-DiT's own."""
-    def replace(q, k, v, attn_mask):
+    result are [B, heads, N, head_dim], after LI-DiT's QK norm; both branches run on LI-DiT's own kernel."""
+    def replace(q, k, v, attn_mask, kernel):
         B, H, N, hd = q.shape
-        host = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        host = kernel(q, k, v, attn_mask)
         flat = lambda x: x.transpose(1, 2).reshape(B, x.shape[2], H * hd)  # noqa: E731
-        out = branch(flat(q), flat(host), llm_context, llm_mask, sdpa_attention(H), strength)
+        out = branch(flat(q), flat(host), llm_context, llm_mask, heads_attention(kernel, H), strength)
         return out.view(B, N, H, hd).transpose(1, 2)
     return replace
 

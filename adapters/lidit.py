@@ -22,6 +22,10 @@ class LIDiTError(ValueError):
     and the fix."""
 
 
+# (q, k, v, attn_mask) -> out, all [B, heads, N|T, head_dim], attn_mask boolean (True = attend) and broadcastable to
+# [B, heads, N, T]: PyTorch's SDPA here; ComfyUI hands in its own backend (nodes/lidit_model.py).
+AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
 # Self-attention over more query x key pairs than this is computed in query chunks (exact: each query's softmax is
 # its own), with the caller's interrupt check between chunks: at 2048 px one attention call alone takes minutes.
 SCORES_PER_CHUNK = 2 ** 22
@@ -62,9 +66,9 @@ PRESETS = {
 }
 
 
-def pooled_mlp(dim: int) -> nn.Sequential:
+def pooled_mlp(dim: int, ops=nn) -> nn.Sequential:
     """Mean-pooled text tokens -> a [B, dim] conditioning vector added to the timestep embedding."""
-    return nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+    return nn.Sequential(ops.Linear(dim, dim), nn.SiLU(), ops.Linear(dim, dim))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -80,11 +84,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class TimestepEmbedder(nn.Module):
     """t in [0, 1] -> [B, hidden] (sinusoidal frequencies over t * 1000, then an MLP, as in DiT)."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, ops=nn):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
-                                 nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(ops.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 ops.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.frequency_embedding_size // 2
@@ -95,23 +99,25 @@ class TimestepEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with QK RMSNorm; self-attention when no context is given."""
+    """Multi-head attention with QK RMSNorm; self-attention when no context is given. `kernel` computes the
+    attention itself (AttentionKernel)."""
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None):
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, ops=nn):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(context_dim or dim, 2 * dim)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
-        self.proj = nn.Linear(dim, dim)
+        self.q = ops.Linear(dim, dim)
+        self.kv = ops.Linear(context_dim or dim, 2 * dim)
+        self.q_norm = ops.RMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = ops.RMSNorm(self.head_dim, eps=1e-6)
+        self.proj = ops.Linear(dim, dim)
+        self.kernel: AttentionKernel = F.scaled_dot_product_attention
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
                 causal: bool = False, between_chunks: Callable[[], None] | None = None,
                 replace: Callable | None = None) -> torch.Tensor:
         # x: [B, N, dim], context: [B, T, context_dim], key_mask: [B, T] (1 = attend)
-        # replace(q, k, v, attn_mask) -> out, all [B, heads, N|T, head_dim]: an attention patch (LLM Diff Adapter)
+        # replace(q, k, v, attn_mask, kernel) -> out: an attention patch (LLM Diff Adapter), layouts as the kernel's
         B, N, _ = x.shape
         context = x if context is None else context
         q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
@@ -124,40 +130,41 @@ class Attention(nn.Module):
             tri = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
             attn_mask = tri if attn_mask is None else attn_mask & tri
         if replace is not None:
-            out = replace(q, k, v, attn_mask)
+            out = replace(q, k, v, attn_mask, self.kernel)
         else:
-            out = chunked_attention(q, k, v, attn_mask, between_chunks)  # [B, H, N, head_dim]
+            out = chunked_attention(q, k, v, attn_mask, between_chunks, self.kernel)  # [B, H, N, head_dim]
         return self.proj(out.transpose(1, 2).reshape(B, N, -1))
 
 
-def chunked_attention(q, k, v, attn_mask, between_chunks: Callable[[], None] | None) -> torch.Tensor:
+def chunked_attention(q, k, v, attn_mask, between_chunks: Callable[[], None] | None,
+                      kernel: AttentionKernel = F.scaled_dot_product_attention) -> torch.Tensor:
     N, T = q.shape[2], k.shape[2]
     if between_chunks is None or N * T <= SCORES_PER_CHUNK:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return kernel(q, k, v, attn_mask)
     rows, parts = max(1, SCORES_PER_CHUNK // T), []
     for i in range(0, N, rows):
         between_chunks()
         mask = attn_mask if attn_mask is None or attn_mask.shape[-2] == 1 else attn_mask[..., i:i + rows, :]
-        parts.append(F.scaled_dot_product_attention(q[:, :, i:i + rows], k, v, attn_mask=mask))
+        parts.append(kernel(q[:, :, i:i + rows], k, v, mask))
     return torch.cat(parts, dim=2)
 
 
 class FeedForward(nn.Sequential):
-    def __init__(self, dim: int, mlp_ratio: float):
+    def __init__(self, dim: int, mlp_ratio: float, ops=nn):
         hidden = int(dim * mlp_ratio)
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        super().__init__(ops.Linear(dim, hidden), nn.GELU(approximate="tanh"), ops.Linear(hidden, dim))
 
 
 class RefinerBlock(nn.Module):
     """Bidirectional self-attention + FFN whose residuals are scaled by gates that start at zero."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, ops=nn):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = FeedForward(dim, mlp_ratio)
-        self.adaLN_gates = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.norm1 = ops.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads, ops=ops)
+        self.norm2 = ops.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = FeedForward(dim, mlp_ratio, ops)
+        self.adaLN_gates = nn.Sequential(nn.SiLU(), ops.Linear(dim, 2 * dim))
         nn.init.zeros_(self.adaLN_gates[1].weight)
         nn.init.zeros_(self.adaLN_gates[1].bias)
 
@@ -171,12 +178,13 @@ class RefinerBlock(nn.Module):
 class TokenRefiner(nn.Module):
     """Linguistic token refiner for one LLM: projection to the model width, then `depth` RefinerBlocks."""
 
-    def __init__(self, context_dim: int, dim: int, num_heads: int, depth: int, mlp_ratio: float, causal: bool):
+    def __init__(self, context_dim: int, dim: int, num_heads: int, depth: int, mlp_ratio: float, causal: bool,
+                 ops=nn):
         super().__init__()
         self.causal = causal
-        self.in_proj = nn.Linear(context_dim, dim)
-        self.pooled_proj = pooled_mlp(dim)
-        self.blocks = nn.ModuleList([RefinerBlock(dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.in_proj = ops.Linear(context_dim, dim)
+        self.pooled_proj = pooled_mlp(dim, ops)
+        self.blocks = nn.ModuleList([RefinerBlock(dim, num_heads, mlp_ratio, ops) for _ in range(depth)])
 
     def forward(self, tokens, mask, t_emb):
         # tokens: [B, T, context_dim] -> [B, T, dim]
@@ -191,16 +199,16 @@ class CollaborativeRefiner(nn.Module):
     """One TokenRefiner per LLM; with several LLMs each branch cross-attends to all other branches
     (zero-initialised gate) before the branches are concatenated along the token axis."""
 
-    def __init__(self, config: LIDiTConfig):
+    def __init__(self, config: LIDiTConfig, ops=nn):
         super().__init__()
         dim, heads = config.hidden_size, config.num_heads
         self.branches = nn.ModuleList([
-            TokenRefiner(d, dim, heads, config.refiner_depth, config.mlp_ratio, config.refiner_causal)
+            TokenRefiner(d, dim, heads, config.refiner_depth, config.mlp_ratio, config.refiner_causal, ops)
             for d in config.context_dims])
         self.collaborate = len(config.context_dims) > 1 and config.fusion == "collaborative"
         if self.collaborate:
-            self.cross_norm = nn.ModuleList([nn.LayerNorm(dim, eps=1e-6) for _ in config.context_dims])
-            self.cross_attn = nn.ModuleList([Attention(dim, heads) for _ in config.context_dims])
+            self.cross_norm = nn.ModuleList([ops.LayerNorm(dim, eps=1e-6) for _ in config.context_dims])
+            self.cross_attn = nn.ModuleList([Attention(dim, heads, ops=ops) for _ in config.context_dims])
             self.cross_gate = nn.Parameter(torch.zeros(len(config.context_dims), dim))
 
     def forward(self, contexts: list[torch.Tensor], masks: list[torch.Tensor], t_emb: torch.Tensor):
@@ -220,12 +228,12 @@ class PositionResBlock(nn.Module):
     """Conv ResBlock on the patch grid: zero padding tells each token where the borders are, so the model needs
     no fixed-size position table and runs at any resolution."""
 
-    def __init__(self, dim: int, kernel_size: int):
+    def __init__(self, dim: int, kernel_size: int, ops=nn):
         super().__init__()
         pad = kernel_size // 2
-        self.conv1 = nn.Conv2d(dim, dim, kernel_size, padding=pad)
-        self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=pad)
-        self.norm = nn.GroupNorm(1, dim)
+        self.conv1 = ops.Conv2d(dim, dim, kernel_size, padding=pad)
+        self.conv2 = ops.Conv2d(dim, dim, kernel_size, padding=pad)
+        self.norm = ops.GroupNorm(1, dim)
 
     def forward(self, x):  # [B, dim, h, w]
         return x + self.conv2(F.silu(self.conv1(self.norm(x))))
@@ -247,15 +255,15 @@ def sincos_2d(dim: int, gh: int, gw: int, device) -> torch.Tensor:
 class LIDiTBlock(nn.Module):
     """self-attention -> cross-attention to LLM tokens -> FFN, each modulated by adaLN-Zero."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, ops=nn):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.self_attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.cross_attn = Attention(dim, num_heads, context_dim=dim)
-        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = FeedForward(dim, mlp_ratio)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
+        self.norm1 = ops.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.self_attn = Attention(dim, num_heads, ops=ops)
+        self.norm2 = ops.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.cross_attn = Attention(dim, num_heads, context_dim=dim, ops=ops)
+        self.norm3 = ops.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = FeedForward(dim, mlp_ratio, ops)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), ops.Linear(dim, 9 * dim))
         nn.init.zeros_(self.adaLN_modulation[1].weight)
         nn.init.zeros_(self.adaLN_modulation[1].bias)
 
@@ -270,11 +278,11 @@ class LIDiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, dim: int, patch_size: int, out_channels: int):
+    def __init__(self, dim: int, patch_size: int, out_channels: int, ops=nn):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.norm = ops.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = ops.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), ops.Linear(dim, 2 * dim))
         for layer in (self.linear, self.adaLN_modulation[1]):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -285,19 +293,23 @@ class FinalLayer(nn.Module):
 
 
 class LIDiT(nn.Module):
-    def __init__(self, config: LIDiTConfig):
+    """ops: the namespace the layers come from (Linear, Conv2d, LayerNorm, GroupNorm, RMSNorm): torch.nn here,
+    ComfyUI's `operations` inside ComfyUI (manual cast, fp8, low-VRAM partial loading)."""
+
+    def __init__(self, config: LIDiTConfig, ops=nn):
         super().__init__()
         self.config = config
         # Called between blocks and attention chunks; may raise to stop a long forward (ComfyUI's interrupt).
         self.interrupt_check: Callable[[], None] | None = None
         dim, p = config.hidden_size, config.patch_size
-        self.x_embedder = nn.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
-        self.pos_block = PositionResBlock(dim, config.pos_kernel_size)
-        self.t_embedder = TimestepEmbedder(dim)
-        self.refiner = CollaborativeRefiner(config)
-        self.pooled_text_proj = pooled_mlp(dim)
-        self.blocks = nn.ModuleList([LIDiTBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
-        self.final_layer = FinalLayer(dim, p, config.in_channels)
+        self.x_embedder = ops.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
+        self.pos_block = PositionResBlock(dim, config.pos_kernel_size, ops)
+        self.t_embedder = TimestepEmbedder(dim, ops=ops)
+        self.refiner = CollaborativeRefiner(config, ops)
+        self.pooled_text_proj = pooled_mlp(dim, ops)
+        self.blocks = nn.ModuleList([LIDiTBlock(dim, config.num_heads, config.mlp_ratio, ops)
+                                     for _ in range(config.depth)])
+        self.final_layer = FinalLayer(dim, p, config.in_channels, ops)
 
     def check_contexts(self, contexts: list[torch.Tensor]) -> None:
         dims = tuple(c.shape[-1] for c in contexts)

@@ -119,16 +119,17 @@ class UNetPatch:
 
 
 class LIDiTPatch:
-    """LI-DiT's attn2 replace patch ("lidit", block): q, k, v as [B, heads, N, head_dim] after the QK norm."""
+    """LI-DiT's attn2 replace patch ("lidit", block): q, k, v as [B, heads, N, head_dim] after the QK norm, and
+    LI-DiT's attention kernel for both branches."""
 
     def __init__(self, branch, strength: float):
         self.branch, self.strength = branch, strength
 
-    def __call__(self, q, k, v, attn_mask, extra_options):
+    def __call__(self, q, k, v, attn_mask, kernel, extra_options):
         llm = extra_options.get(OPTIONS_KEY)
         if llm is None:
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return lidit_cross_attention_replace(self.branch, *llm, self.strength)(q, k, v, attn_mask)
+            return kernel(q, k, v, attn_mask)
+        return lidit_cross_attention_replace(self.branch, *llm, self.strength)(q, k, v, attn_mask, kernel)
 
 
 class DiTPatch:

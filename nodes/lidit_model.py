@@ -11,9 +11,11 @@ import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.ops
 import comfy.supported_models_base
+from comfy.ldm.modules.attention import optimized_attention_masked
 from ..adapters.checkpoint import CheckpointError, load_weights, module_load, read_lidit
-from ..adapters.lidit import LIDiT, LIDiTConfig, LIDiTError, forward_bytes
+from ..adapters.lidit import Attention, LIDiT, LIDiTConfig, LIDiTError, forward_bytes
 
 LATENT_FORMATS = {3: comfy.latent_formats.ChromaRadiance, 16: comfy.latent_formats.Flux}
 
@@ -22,9 +24,12 @@ class LIDiTNet(LIDiT):
     """The diffusion_model inside ComfyUI's BaseModel: takes ComfyUI's (x, timesteps, context, ...) call."""
 
     def __init__(self, dtype=None, device=None, operations=None, **config):
-        super().__init__(LIDiTConfig(**config))
+        super().__init__(LIDiTConfig(**config), ops=operations or comfy.ops.disable_weight_init)
         self.dtype = dtype or torch.float32
         self.to(device=device, dtype=self.dtype)
+        for module in self.modules():  # ComfyUI's attention backend (xformers, sage, flash, PyTorch, sub-quadratic)
+            if isinstance(module, Attention):
+                module.kernel = comfy_attention
         self.interrupt_check = mm.throw_exception_if_processing_interrupted  # one step can take minutes
         self.fits = None  # (shape, device) of the last latent found to fit in memory
 
@@ -34,12 +39,22 @@ class LIDiTNet(LIDiT):
             check_sampling_memory(self.config, x.shape, self.dtype, x.device)
             self.fits = (x.shape, x.device)
         contexts, masks = split_streams(context, attention_mask, self.config.context_dims)
-        # attn2 replace patches ("lidit", block) take (q, k, v, attn_mask, extra_options), q/k/v [B, heads, N, head_dim]
+        # attn2 replace patches ("lidit", block) take (q, k, v, attn_mask, kernel, extra_options) in the layouts of
+        # adapters.lidit.AttentionKernel
         patches = transformer_options.get("patches_replace", {}).get("attn2", {})
         replace = {i: functools.partial(patches[("lidit", i)], extra_options=transformer_options)
                    for i in range(self.config.depth) if ("lidit", i) in patches}
         return super().forward(x.to(self.dtype), timesteps, [c.to(self.dtype) for c in contexts], masks,
                                cross_attention_replace=replace)
+
+
+def comfy_attention(q, k, v, attn_mask=None):
+    """adapters.lidit.AttentionKernel on ComfyUI's optimized_attention: [B, heads, N, head_dim] in and out, the
+    boolean mask made additive as ComfyUI's backends take it."""
+    if attn_mask is not None:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            ~attn_mask, -torch.finfo(q.dtype).max)
+    return optimized_attention_masked(q, k, v, q.shape[1], mask=attn_mask, skip_reshape=True, skip_output_reshape=True)
 
 
 def check_sampling_memory(config: LIDiTConfig, shape, dtype: torch.dtype, device: torch.device) -> None:
