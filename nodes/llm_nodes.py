@@ -22,11 +22,13 @@ log = logging.getLogger(__name__)
 
 
 class LLMModule(torch.nn.Module):
-    """Holds the Hugging Face model for ModelPatcher, which needs to set `.device` (an HF model's is read-only)."""
+    """Holds the LLM's text transformer for ModelPatcher, which needs to set `.device` (an HF model's is read-only).
+    Only the decoder (embeddings, blocks, final norm): the LM head is never run, and with tied embeddings ComfyUI
+    would count that matrix twice when it budgets memory."""
 
     def __init__(self, hf_model):
         super().__init__()
-        self.llm = hf_model
+        self.decoder = llm_encoder.decoder(hf_model)
 
 
 RESIDENT_VRAM_SHARE = 0.9     # device=auto keeps the LLM resident when it takes at most this share of free VRAM

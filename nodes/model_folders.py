@@ -5,6 +5,7 @@ llm_adapters: models/llm_adapters, and the pack's own models/llm_adapters (the d
 lidit:        models/lidit (also diffusion_models), and the pack's own models/lidit (the default model)
 """
 import contextlib
+import functools
 import os
 
 import folder_paths
@@ -37,11 +38,22 @@ def _is_lidit(name: str) -> bool:
     if not path or not path.endswith(".safetensors"):
         return False
     try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    return _file_format(path, stat.st_mtime_ns, stat.st_size) == "li-dit"
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_format(path: str, mtime_ns: int, size: int) -> str | None:
+    """The `format` metadata of a safetensors file, read once per version of the file (the list is asked for on
+    every schema request, and diffusion_models may hold hundreds of large checkpoints)."""
+    try:
         from safetensors import safe_open
         with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("format") == "li-dit"
+            return (f.metadata() or {}).get("format")
     except Exception:
-        return False
+        return None
 
 
 MAX_LLM_DEPTH = 4  # folders below an LLM root; a deeper tree is not a model collection
