@@ -16,6 +16,7 @@ import comfy.supported_models_base
 from comfy.ldm.modules.attention import optimized_attention_masked
 from ..adapters.checkpoint import CheckpointError, load_weights, module_load, read_lidit
 from ..adapters.lidit import Attention, LIDiT, LIDiTConfig, LIDiTError, forward_bytes
+from .types import DTYPES
 
 LATENT_FORMATS = {3: comfy.latent_formats.ChromaRadiance, 16: comfy.latent_formats.Flux}
 
@@ -136,7 +137,7 @@ def load_lidit_patcher(path: str, dtype_choice: str = "auto") -> tuple[comfy.mod
     if dtype_choice == "auto":
         dtype = mm.unet_dtype(supported_dtypes=model_config.supported_inference_dtypes)
     else:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_choice]
+        dtype = DTYPES[dtype_choice]
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, device=offload_device)
     module_load(model.diffusion_model, load_weights(path))

@@ -16,7 +16,7 @@ from ..adapters import llm_encoder
 from ..adapters.checkpoint import load_adapter
 from ..adapters.conditioning import hidden_states_to_context
 from . import model_folders
-from .types import LLM, LLM_ADAPTER
+from .types import DTYPES, LLM, LLM_ADAPTER
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,6 @@ class LoadedLLM:
         mm.load_models_gpu([self.patcher])
         return llm_encoder.encode_prompts(self.hf_model, self.tokenizer, prompts, device=device,
                                           on_block=on_block, **options)
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def pick_dtype(choice: str, device_policy: str) -> torch.dtype:
