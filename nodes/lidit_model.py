@@ -35,6 +35,9 @@ class LIDiTNet(LIDiT):
         self.fits = None  # (shape, device) of the last latent found to fit in memory
 
     def forward(self, x, timesteps, context=None, attention_mask=None, transformer_options={}, control=None, **kwargs):
+        if control is not None:  # ignoring it would sample as if the ControlNet were not there
+            raise LIDiTError("LI-DiT models take no ControlNet: remove the Apply ControlNet node from this model's "
+                             "conditioning.")
         # Every sampler (KSampler too) comes here; checked once per latent size, not at every step.
         if self.fits != (x.shape, x.device):
             check_sampling_memory(self.config, x.shape, self.dtype, x.device)

@@ -30,3 +30,12 @@ def test_lidit_runs_on_comfys_operations_and_attention_with_unchanged_results():
         got = net(x, t, context=context, attention_mask=mask)
     assert want.abs().mean() > 0.1
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)  # fp32 noise of another attention kernel
+
+
+def test_a_controlnet_on_lidit_is_refused_not_ignored():
+    import pytest
+    from llm_diffusion.adapters.lidit import LIDiTError
+    net = load_lidit_patcher(DEFAULT_MODEL, "fp32")[0].model.diffusion_model
+    x, context = torch.randn(1, 3, 32, 32), torch.randn(1, 4, net.config.context_dims[0])
+    with pytest.raises(LIDiTError, match="take no ControlNet"):
+        net(x, torch.tensor([0.5]), context=context, control={"input": [], "output": [], "middle": []})
