@@ -95,20 +95,21 @@ def run(name: str, args, feature_cache: dict) -> dict:
 
 def table(results: dict) -> str:
     """Per run, in the four columns (seen / unseen combination / unseen wording / both unseen): the held-out loss
-    with the caption and its text gain, then the share of images that pass every criterion; last, the
-    positional-bias test over all two-object prompts."""
+    with the caption and its text gain, the share of images that pass every criterion, and the share with an
+    object of every asked colour; last, the positional-bias test over all two-object prompts."""
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
     cols = " / ".join(ev.SPLITS)
     lines = [f"| run | what changes | held-out loss, text gain % ({cols}) | accuracy ({cols}) | mean | "
-             "1st vs 2nd object |", "|---|---|---:|---:|---:|---:|"]
+             f"colour right ({cols}) | 1st vs 2nd object |", "|---|---|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         hl, sp = r["heldout_loss"], r["splits"]
         bias = r["positional_bias"].get("all two-object")
         gap = f"{pct(bias['first'])} / {pct(bias['second'])}" if bias else "-"
         losses = " / ".join(f"{hl[c]['conditional']:.4f} ({pct(hl[c]['text_gain'])})" for c in ev.SPLITS)
         accuracy = " / ".join(pct(sp[c]["overall"]) for c in ev.SPLITS)
+        colour = " / ".join(pct(sp[c]["color"]) for c in ev.SPLITS)
         lines.append(f"| {name} | {ABLATIONS[name][0]} | {losses} | {accuracy} | **{pct(r['overall_mean'])}** | "
-                     f"{gap} |")
+                     f"{colour} | {gap} |")
     return "\n".join(lines)
 
 
@@ -120,9 +121,13 @@ COMPARISON_PROMPTS = {("seen", "relation"): (0,), ("unseen combination", "single
                       ("both unseen", "triple"): (0,)}
 
 
-def comparison_grid(args, names: list[str], path: str) -> None:
-    """One row per run, one column per prompt of COMPARISON_PROMPTS (first image of each), labelled; the prompts
-    go to a same-name .txt file."""
+# the unseen-wording grid: the first two prompts of every kind in that column
+UNSEEN_WORDING_PROMPTS = {("unseen wording", kind): (0, 1) for kind in ev.KINDS}
+
+
+def comparison_grid(args, names: list[str], path: str, picks: dict = COMPARISON_PROMPTS) -> None:
+    """One row per run, one column per prompt of `picks` (first image of each), labelled; the prompts go to a
+    same-name .txt file."""
     from PIL import Image, ImageDraw
 
     with open(os.path.join(args.out, names[0], "heldout.txt")) as f:
@@ -130,8 +135,8 @@ def comparison_grid(args, names: list[str], path: str) -> None:
     first_of = {}
     for i, (split, kind, _) in enumerate(prompts):
         first_of.setdefault((split, kind), i)
-    picked = [first_of[key] + j for key, js in COMPARISON_PROMPTS.items() for j in js]
-    label_w, cell, pad = 120, ev.GRID_CELL, 4
+    picked = [first_of[key] + j for key, js in picks.items() for j in js]
+    label_w, cell, pad = max(120, 8 + 6 * max(len(n) for n in names)), ev.GRID_CELL, 4  # PIL's default font: 6 px
     sheet = Image.new("RGB", (label_w + len(picked) * (cell + pad), 16 + len(names) * (cell + pad)), "white")
     draw = ImageDraw.Draw(sheet)
     for col in range(len(picked)):
@@ -152,7 +157,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "ablations"))
     p.add_argument("--cache-dir", default=os.path.join(ROOT, "runs", "cache"))
-    p.add_argument("--docs", default=None, help="write the comparison grid and the loss curves (SVG) here")
+    p.add_argument("--docs", default=None, help="write the comparison grids and the loss curves (SVG) here")
+    p.add_argument("--docs-prefix", default="", help="prefix of the file names written to --docs")
     p.add_argument("--only", nargs="*", default=None, help="run these ablations only")
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
@@ -169,12 +175,14 @@ def main(argv=None):
         results[name] = run(name, args, feature_cache)
         print(f"[{time.time() - started:.0f}s] {name}: overall {results[name]['overall_mean']:.3f}", flush=True)
     print(table(results))
-    with open(os.path.join(args.out, "ablations.json"), "w") as f:
+    with open(os.path.join(args.out, f"{args.docs_prefix}ablations.json"), "w") as f:
         json.dump({k: {kk: vv for kk, vv in v.items() if kk != "records"} for k, v in results.items()}, f, indent=1)
     if args.docs:
-        comparison_grid(args, names, os.path.join(args.docs, "ablation-grid.png"))
+        comparison_grid(args, names, os.path.join(args.docs, f"{args.docs_prefix}ablation-grid.png"))
+        comparison_grid(args, names, os.path.join(args.docs, f"{args.docs_prefix}unseen-wording-grid.png"),
+                        UNSEEN_WORDING_PROMPTS)
         curves = {n: read_loss(os.path.join(args.out, n, "loss.csv")) for n in names}
-        with open(os.path.join(args.docs, "ablation-loss.svg"), "w") as f:
+        with open(os.path.join(args.docs, f"{args.docs_prefix}ablation-loss.svg"), "w") as f:
             f.write(loss_svg(curves, "Ablations: flow-matching loss (moving average of 25 steps, log scale)",
                              log_y=True))
 

@@ -164,9 +164,15 @@ def fuse_tokens(host: HostAdapter, tokens: torch.Tensor, name: str, llm: str) ->
 
 
 def apply_host_adapter(model: comfy.model_patcher.ModelPatcher, host: HostAdapter, info: dict, name: str,
-                       strength: float) -> comfy.model_patcher.ModelPatcher:
+                       strength: float, host_patcher: comfy.model_patcher.ModelPatcher | None = None
+                       ) -> comfy.model_patcher.ModelPatcher:
+    """A clone of `model` with the adapter patched in. host_patcher: the one ModelPatcher that moves the adapter's
+    weights (shared by every model the same file is applied to)."""
     net = model.model.diffusion_model
     family, sites = host_family(net)
+    if model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+        raise AdapterError("This MODEL has an LLM Diff Adapter applied already; one adapter reads the attached LLM "
+                           "encoding. Remove one of the Apply LLM Diff Adapter nodes.")
     if info["family"] != family:
         raise AdapterError(f"'{name}' was trained for a {info['family']} model, but this MODEL is {family}. Load the "
                            f"adapter made for this model family, or the {info['family']} model it belongs to.")
@@ -181,7 +187,9 @@ def apply_host_adapter(model: comfy.model_patcher.ModelPatcher, host: HostAdapte
     if family == "unet":
         previous = replace.get("attn2", {})
         for (key, _), branch in zip(unet_sites(net), host.branches):
-            patched.set_model_attn2_replace(UNetPatch(branch, strength, previous.get(key)), *key)
+            # a patch set without a transformer index covers the whole block
+            patched.set_model_attn2_replace(UNetPatch(branch, strength, previous.get(key, previous.get(key[:2]))),
+                                            *key)
     elif family == "lidit":
         for i, branch in enumerate(host.branches):
             patched.set_model_attn2_replace(LIDiTPatch(branch, strength), "lidit", i)
@@ -199,15 +207,20 @@ def apply_host_adapter(model: comfy.model_patcher.ModelPatcher, host: HostAdapte
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, fuse_llm_tokens)
-    patched.set_additional_models(WRAPPER_KEY, [comfy.model_patcher.ModelPatcher(
-        host, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())])
+    patched.set_additional_models(WRAPPER_KEY, [host_patcher or adapter_patcher(host)])
     return patched
+
+
+def adapter_patcher(host: HostAdapter) -> comfy.model_patcher.ModelPatcher:
+    return comfy.model_patcher.ModelPatcher(host, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
 
 
 @functools.lru_cache(maxsize=4)
 def _load(path: str, mtime: float):
     host, info = load_host_adapter(path)
-    return host.eval().requires_grad_(False), info
+    host.eval().requires_grad_(False)
+    return host, info, adapter_patcher(host)
 
 
 class ApplyLLMDiffAdapter(io.ComfyNode):
@@ -234,7 +247,7 @@ class ApplyLLMDiffAdapter(io.ComfyNode):
     def execute(cls, model, adapter_name: str, strength: float) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("llm_adapters", adapter_name)
         try:
-            host, info = _load(path, os.path.getmtime(path))
+            host, info, host_patcher = _load(path, os.path.getmtime(path))
         except CheckpointError:
             with contextlib.suppress(CheckpointError):
                 read_metadata(path, "llm-diff-adapter")
@@ -242,7 +255,7 @@ class ApplyLLMDiffAdapter(io.ComfyNode):
                                    "load it with LLM Adapter Loader into LLM Prompt Encode. Apply LLM Diff Adapter "
                                    "takes an adapter trained for an existing model (train_lidit.py --base).") from None
             raise
-        return io.NodeOutput(apply_host_adapter(model, host, info, adapter_name, strength))
+        return io.NodeOutput(apply_host_adapter(model, host, info, adapter_name, strength, host_patcher))
 
 
 class LLMConditioningAttach(io.ComfyNode):

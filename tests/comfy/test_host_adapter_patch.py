@@ -159,11 +159,18 @@ def test_stacks_with_a_weight_patch_and_a_previous_replace_patch():
         calls.append(extra_options["block"])
         return 0.5 * comfy.ldm.modules.attention.optimized_attention(q, k, v, extra_options["n_heads"])
     for (key, _) in dan.unet_sites(model.model.diffusion_model):
-        halved.set_model_attn2_replace(half_attention, *key)
+        halved.set_model_attn2_replace(half_attention, *key[:2])  # a whole-block key, as most packs set them
     reference = sample(halved, "sd15")
     calls.clear()
     assert torch.equal(sample(dan.apply_host_adapter(halved, host, info, "fresh", 1.0), "sd15"), reference)
     assert calls, "the previous replace patch was not called"
+
+
+def test_a_second_adapter_on_the_same_model_is_refused():
+    model = tiny_models.sd15_model()
+    patched = dan.apply_host_adapter(model, *host_for(model), "first", 1.0)
+    with pytest.raises(dan.AdapterError, match="has an LLM Diff Adapter applied already"):
+        dan.apply_host_adapter(patched, *host_for(model, seed=1), "second", 1.0)
 
 
 def test_an_adapter_for_another_family_or_model_is_refused_with_the_fix():
