@@ -32,7 +32,8 @@ class LIDiTLoader(io.ComfyNode):
                 io.Combo.Input("model_name", options=model_folders.lidit_models()),
                 io.Combo.Input("weight_dtype", options=["auto", "fp32", "bf16", "fp16"], default="auto"),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The LI-DiT model, for LI-DiT Sampler, KSampler or Apply LLM Diff "
+                                                     "Adapter.")],
         )
 
     @classmethod
@@ -63,7 +64,8 @@ class LIDiTSampler(io.ComfyNode):
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple"),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(tooltip="The denoised latent; decode a pixel-space model with VAELoader's "
+                                                      "'pixel_space'.")],
         )
 
     @classmethod
@@ -102,7 +104,7 @@ class LLMConditioningJoin(io.ComfyNode):
             description="Joins the encodings of two LLMs for an LI-DiT model that fuses several LLMs (collaborative "
                         "refiner): their features side by side, each with its own token mask.",
             inputs=[io.Conditioning.Input("first"), io.Conditioning.Input("second")],
-            outputs=[io.Conditioning.Output()],
+            outputs=[io.Conditioning.Output(tooltip="Both encodings side by side, each with its own token mask.")],
         )
 
     @classmethod

@@ -109,7 +109,7 @@ class LLMLoader(io.ComfyNode):
                                tooltip="auto: GPU through ComfyUI's memory manager, streamed block by block "
                                        "when it does not fit in free VRAM. stream: always block by block."),
             ],
-            outputs=[LLM.Output()],
+            outputs=[LLM.Output(tooltip="The LLM under ComfyUI's memory manager, for LLM Prompt Encode.")],
         )
 
     @classmethod
@@ -133,7 +133,7 @@ class LLMAdapterLoader(io.ComfyNode):
             description="Loads an LLM Diff Adapter: learned weights over every LLM block and a projection to the "
                         "diffusion model's context size.",
             inputs=[io.Combo.Input("adapter_name", options=folder_paths.get_filename_list("llm_adapters"))],
-            outputs=[LLM_ADAPTER.Output()],
+            outputs=[LLM_ADAPTER.Output(tooltip="The adapter, for the adapter input of LLM Prompt Encode.")],
         )
 
     @classmethod
@@ -173,7 +173,8 @@ class LLMPromptEncode(io.ComfyNode):
                              tooltip="Prompt tokens kept; longer prompts are cut with a warning."),
                 LLM_ADAPTER.Input("adapter", optional=True),
             ],
-            outputs=[io.Conditioning.Output()],
+            outputs=[io.Conditioning.Output(tooltip="Every block's output fused by the adapter, or the chosen "
+                                                            "layers side by side.")],
         )
 
     @classmethod

@@ -52,6 +52,8 @@ def test_object_info_lists_every_node_with_its_inputs(object_info):
         spec = object_info[name]["input"]
         declared = set(spec.get("required", {})) | set(spec.get("optional", {}))
         assert declared == inputs, name
+        tips = object_info[name].get("output_tooltips", [])
+        assert len(tips) == len(object_info[name]["output"]) and all(tips), f"{name}: an output without a tooltip"
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in object_info["LLMLoader"]["input"]["required"]["llm_name"][1]["options"]
     assert "lidit-shapes-smollm2.safetensors" in object_info["LIDiTLoader"]["input"]["required"]["model_name"][1]["options"]
     assert object_info["LLMPromptEncode"]["output"] == ["CONDITIONING"]
