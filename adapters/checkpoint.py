@@ -128,6 +128,15 @@ def load_host_adapter(path: str) -> tuple[HostAdapter, dict]:
     return host, info
 
 
+def trained_on_contributions(meta: dict) -> bool:
+    """Whether an adapter file's encoder settings (its `encoder` metadata) are block contributions rather than
+    hidden states (train_lidit.py --block-outputs)."""
+    try:
+        return bool(json.loads(meta.get("encoder", "{}")).get("contributions", False))
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
 def save_word_encoder(path: str, encoder: WordEncoder, extra: dict | None = None) -> None:
     """The no-LLM baseline's text encoder; its vocabulary goes into the metadata as JSON (no pickle)."""
     meta = {"format": "word-encoder", "vocabulary": json.dumps(encoder.vocabulary), "dim": str(encoder.dim),

@@ -280,11 +280,13 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], prefix: str, prefix_has_
 @torch.no_grad()
 def encode_prompts(model, tokenizer, prompts: Sequence[str], *, instruction: str | None = None,
                    use_chat_template: bool = True, layers: str = "all", max_tokens: int = 256,
-                   device: torch.device | None = None,
+                   device: torch.device | None = None, contributions: bool = False,
                    on_block: Callable[[int, int], None] | None = None) -> PromptEncoding:
     """One forward pass of [prefix + prompt] per prompt (right-padded batch); returns the prompt tokens only.
 
     An empty prompt gives a single all-zero token: the unconditional encoding that trainers drop captions to.
+    contributions: every hidden state minus the same token's hidden state when it is the whole input (the LLM
+    Diff Adapter paper's contribution of the context at each block; 0 for the embeddings).
     """
     if not prompts:
         raise LLMError("No prompt given.")
@@ -323,10 +325,26 @@ def encode_prompts(model, tokenizer, prompts: Sequence[str], *, instruction: str
         for b, n in enumerate(lengths):
             out[b, :, :n] = selected[b, :, start:start + n]
             mask[b, :n] = 1
+        if contributions:  # max(lengths) > 0 here: some prompt has a token
+            alone = token_alone_states(model, prompt_ids, picked, device)
+            for b, ids in enumerate(prompt_ids):
+                if ids:
+                    out[b, :, :len(ids)] -= torch.stack([alone[i] for i in ids], dim=1).to(out.dtype)
     for b, n in enumerate(lengths):
         if n == 0:
             mask[b, 0] = 1
     return PromptEncoding(out, mask, picked, truncated)
+
+
+def token_alone_states(model, prompt_ids: list[list[int]], picked: list[int], device) -> dict[int, torch.Tensor]:
+    """token id -> [S, D]: the picked hidden states of that token as the whole input (one position, no prefix)."""
+    unique = sorted({i for ids in prompt_ids for i in ids})
+    input_ids = torch.tensor(unique, dtype=torch.long).view(-1, 1)
+    with no_forward_cycles(model):
+        states = decoder(model)(input_ids=input_ids.to(device), attention_mask=torch.ones_like(input_ids).to(device),
+                                output_hidden_states=True, use_cache=False).hidden_states
+    selected = torch.stack([states[i][:, 0] for i in picked], dim=1).cpu()  # [U, S, D]
+    return {token: selected[u] for u, token in enumerate(unique)}
 
 
 @contextlib.contextmanager

@@ -77,7 +77,6 @@ KINDS = caption_language.KINDS
 GRID_CELL, GRID_PAD = 64, 2  # --save-grid: images of 64 px, prompt by prompt, images_per_prompt of each
 ORACLE_SEED_STRIDE = 1_000_003  # --oracle: the render of image k of prompt i has its own seed, for any i < 1e6
 CRITERIA = ("color", "shape", "count", "position", "relation", "overall")
-ENCODER_KEYS = ("llm", "layers", "instruction", "chat_template", "max_tokens")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,7 +209,7 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
             encoder, _ = load_word_encoder(find_adapter(entry["encoder"], owner))
             streams.append(("learned", encoder.eval().requires_grad_(False).to(device)))
             continue
-        settings = {k: entry[k] for k in ENCODER_KEYS}
+        settings = features.settings_of(entry)
         key = json.dumps({k: v for k, v in settings.items() if k != "layers"}, sort_keys=True)
         cached = feature_cache.setdefault(key, {"features": {}, "num_states": None})
         missing = [c for c in captions if c not in cached["features"]]

@@ -32,11 +32,12 @@ import folder_paths
 from comfy.ldm.modules.attention import optimized_attention, optimized_attention_masked
 from comfy_api.v0_0_2 import io
 
-from ..adapters.checkpoint import CheckpointError, load_host_adapter, read_metadata
+from ..adapters.checkpoint import CheckpointError, load_host_adapter, read_metadata, trained_on_contributions
 from ..adapters.diff_adapter import HostAdapter, lidit_cross_attention_replace
 from .lidit_model import LIDiTNet
 
-COND_KEY = "llm_diff_adapter_tokens"   # model_conds entry: [B, T, S * D + 1], the last channel is the token mask
+COND_KEY = "llm_diff_adapter_tokens"   # model_conds entry: [B, T, S * D + 2]: hidden states, token mask, and 1
+                                       # where the states are block contributions (LLM Prompt Encode's option)
 OPTIONS_KEY = "llm_diff_adapter"       # transformer_options entry: (context [B, T, C], mask [B, T])
 WRAPPER_KEY = "llm_diff_adapter"
 
@@ -147,19 +148,25 @@ class DiTPatch:
         return out
 
 
-def fuse_tokens(host: HostAdapter, tokens: torch.Tensor, name: str, llm: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, T, S * D + 1] (hidden states side by side, then the mask) -> the adapter's context [B, T, C], mask."""
+def fuse_tokens(host: HostAdapter, tokens: torch.Tensor, name: str, llm: str, contributions: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T, S * D + 2] (hidden states side by side, mask, contributions flag) -> the adapter's context [B, T, C],
+    mask."""
     a = host.adapter
     B, T, width = tokens.shape
-    if width != a.num_hidden_states * a.llm_hidden_size + 1:
+    if width != a.num_hidden_states * a.llm_hidden_size + 2:
         raise AdapterError(
-            f"The LLM encoding attached to this conditioning has {width - 1} features per token, but '{name}' was "
+            f"The LLM encoding attached to this conditioning has {width - 2} features per token, but '{name}' was "
             f"trained on {llm} ({a.num_hidden_states} hidden states of size {a.llm_hidden_size}, "
             f"{a.num_hidden_states * a.llm_hidden_size} features). Encode with that LLM in LLM Prompt Encode "
             "(layers 'all', no adapter) and attach that.")
+    if bool((tokens[..., -1] > 0.5).any()) != contributions:
+        raise AdapterError(f"'{name}' was trained on each block's {'contribution' if contributions else 'output'}: "
+                           f"turn block_contributions {'on' if contributions else 'off'} in the LLM Prompt Encode "
+                           "nodes attached to this model's conditioning.")
     weight = a.proj.weight
-    hidden = tokens[..., :-1].to(weight.device, torch.float32).view(B, T, a.num_hidden_states, a.llm_hidden_size)
-    mask = tokens[..., -1].to(weight.device) > 0.5
+    hidden = tokens[..., :-2].to(weight.device, torch.float32).view(B, T, a.num_hidden_states, a.llm_hidden_size)
+    mask = tokens[..., -2].to(weight.device) > 0.5
     return a(hidden.permute(0, 2, 1, 3).to(weight.dtype)), mask
 
 
@@ -182,6 +189,7 @@ def apply_host_adapter(model: comfy.model_patcher.ModelPatcher, host: HostAdapte
                            f"sites of widths [{widths(host.sites)}], but this one has {len(sites)} of widths "
                            f"[{widths(sites)}]: it belongs to another {family} model (e.g. SD 1.5 vs SDXL). Load the "
                            "adapter trained for this model.")
+    contributions = trained_on_contributions(info)
     patched = model.clone()
     replace = patched.model_options["transformer_options"].get("patches_replace", {})
     if family == "unet":
@@ -203,7 +211,8 @@ def apply_host_adapter(model: comfy.model_patcher.ModelPatcher, host: HostAdapte
                         **kwargs):
         tokens = kwargs.pop(COND_KEY, None)
         if tokens is not None:
-            transformer_options = {**transformer_options, OPTIONS_KEY: fuse_tokens(host, tokens, name, info["llm"])}
+            transformer_options = {**transformer_options,
+                                   OPTIONS_KEY: fuse_tokens(host, tokens, name, info["llm"], contributions)}
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, fuse_llm_tokens)
@@ -284,7 +293,8 @@ class LLMConditioningAttach(io.ComfyNode):
             raise AdapterError(f"llm_encoding went through the adapter '{info['adapter']}'; the Apply LLM Diff Adapter "
                                "file holds its own. Disconnect the adapter from LLM Prompt Encode.")
         mask = extra.get("attention_mask", torch.ones(hidden.shape[:2]))
-        tokens = torch.cat([hidden.float(), mask.to(torch.float32).unsqueeze(-1)], dim=-1)
+        flag = torch.full(hidden.shape[:2], float(bool(info.get("contributions"))))
+        tokens = torch.cat([hidden.float(), mask.to(torch.float32).unsqueeze(-1), flag.unsqueeze(-1)], dim=-1)
         out = []
         for context, cond_extra in conditioning:
             model_conds = {**cond_extra.get("model_conds", {}), COND_KEY: CONDLLMTokens(tokens)}

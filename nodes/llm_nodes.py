@@ -13,7 +13,7 @@ import folder_paths
 from comfy_api.v0_0_2 import io
 
 from ..adapters import llm_encoder
-from ..adapters.checkpoint import load_adapter
+from ..adapters.checkpoint import load_adapter, trained_on_contributions
 from ..adapters.conditioning import hidden_states_to_context
 from . import model_folders
 from .types import DTYPES, LLM, LLM_ADAPTER
@@ -172,6 +172,10 @@ class LLMPromptEncode(io.ComfyNode):
                 io.Int.Input("max_tokens", default=256, min=1, max=8192,
                              tooltip="Prompt tokens kept; longer prompts are cut with a warning."),
                 LLM_ADAPTER.Input("adapter", optional=True),
+                io.Boolean.Input("block_contributions", default=False, optional=True,
+                                 tooltip="Give each block's contribution (its output in context minus the token's "
+                                         "output alone) instead of its output: for adapters trained that way "
+                                         "(train_lidit.py --block-outputs contributions)."),
             ],
             outputs=[io.Conditioning.Output(tooltip="Every block's output fused by the adapter, or the chosen "
                                                             "layers side by side.")],
@@ -179,7 +183,7 @@ class LLMPromptEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, llm: LoadedLLM, text: str, instruction: str, custom_instruction: str, chat_template: bool,
-                layers: str, max_tokens: int, adapter=None) -> io.NodeOutput:
+                layers: str, max_tokens: int, adapter=None, block_contributions: bool = False) -> io.NodeOutput:
         if instruction == "custom" and not custom_instruction.strip():
             raise llm_encoder.LLMError("instruction is 'custom' but custom_instruction is empty: write the "
                                        "instruction, or pick 'li-dit' or 'none'.")
@@ -187,10 +191,11 @@ class LLMPromptEncode(io.ComfyNode):
             raise llm_encoder.LLMError(f"Unknown instruction preset '{instruction}': pick one of "
                                        f"{sorted(llm_encoder.INSTRUCTION_PRESETS)} or 'custom'.")
         if adapter is not None:
-            check_adapter(adapter, llm, layers)
+            check_adapter(adapter, llm, layers, block_contributions)
         options = dict(instruction=custom_instruction.strip() if instruction == "custom"
                        else llm_encoder.INSTRUCTION_PRESETS[instruction],
-                       use_chat_template=chat_template, layers=layers, max_tokens=max_tokens)
+                       use_chat_template=chat_template, layers=layers, max_tokens=max_tokens,
+                       contributions=block_contributions)
         key = (id(adapter), text, tuple(sorted(options.items())))
         if key in llm.encodings:
             llm.encodings.move_to_end(key)
@@ -206,7 +211,7 @@ class LLMPromptEncode(io.ComfyNode):
         with torch.no_grad():
             context = hidden_states_to_context(enc.hidden_states.float(), adapter)
         info = {"llm": llm.name, "layers": enc.layers, "adapter": getattr(adapter, "name", None),
-                "truncated_tokens": enc.truncated[0]}
+                "truncated_tokens": enc.truncated[0], "contributions": block_contributions}
         extra = {"llm_encoding": info}
         if not bool(enc.attention_mask.all()):  # an all-ones mask would stop ComfyUI batching cond with uncond
             extra["attention_mask"] = enc.attention_mask.cpu()
@@ -217,7 +222,7 @@ class LLMPromptEncode(io.ComfyNode):
         return io.NodeOutput(cond)
 
 
-def check_adapter(adapter, llm: LoadedLLM, layers: str) -> None:
+def check_adapter(adapter, llm: LoadedLLM, layers: str, contributions: bool) -> None:
     want = (adapter.num_hidden_states, adapter.llm_hidden_size)
     have = (llm.num_hidden_states, llm.hidden_size)
     if want != have:
@@ -228,6 +233,11 @@ def check_adapter(adapter, llm: LoadedLLM, layers: str) -> None:
     if layers.strip().lower() != "all":
         raise llm_encoder.LLMError(f"An adapter fuses every LLM block, but layers is '{layers}': set layers to "
                                    "'all', or disconnect the adapter.")
+    if trained_on_contributions(adapter.meta) != contributions:
+        raise llm_encoder.LLMError(
+            f"Adapter '{adapter.name}' was trained on each block's {'contribution' if not contributions else 'output'}"
+            f": turn block_contributions {'on' if not contributions else 'off'}.")
+
 
 
 NODES = [LLMLoader, LLMAdapterLoader, LLMPromptEncode]

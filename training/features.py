@@ -15,9 +15,24 @@ from adapters.llm_encoder import INSTRUCTION_PRESETS, encode_prompts, load_llm, 
 log = logging.getLogger(__name__)
 
 
-def encoder_settings(llm_path: str, layers: str, instruction: str, max_tokens: int) -> dict:
-    return {"llm": os.path.basename(llm_path.rstrip("/")), "layers": layers, "instruction": instruction,
-            "chat_template": True, "max_tokens": max_tokens}
+def encoder_settings(llm_path: str, layers: str, instruction: str, max_tokens: int,
+                     contributions: bool = False) -> dict:
+    settings = {"llm": os.path.basename(llm_path.rstrip("/")), "layers": layers, "instruction": instruction,
+                "chat_template": True, "max_tokens": max_tokens}
+    if contributions:  # only then, so that the feature caches of plain hidden states keep their keys
+        settings["contributions"] = True
+    return settings
+
+
+ENCODER_KEYS = ("llm", "layers", "instruction", "chat_template", "max_tokens")
+
+
+def settings_of(entry: dict) -> dict:
+    """The encoder settings of a model file's text-encoder entry (its metadata), as encoder_settings makes them."""
+    settings = {k: entry[k] for k in ENCODER_KEYS}
+    if entry.get("contributions"):
+        settings["contributions"] = True
+    return settings
 
 
 def llm_fingerprint(llm_path: str) -> list:
@@ -52,7 +67,8 @@ def encode_captions(model, tokenizer, captions: list[str], settings: dict, batch
         batch = captions[start:start + batch_size]
         enc = encode_prompts(model, tokenizer, batch, instruction=INSTRUCTION_PRESETS[settings["instruction"]],
                              use_chat_template=settings["chat_template"], layers="all",
-                             max_tokens=settings["max_tokens"], device=device)
+                             max_tokens=settings["max_tokens"], device=device,
+                             contributions=settings.get("contributions", False))
         for b in range(len(batch)):
             n = int(enc.attention_mask[b].sum())
             out.append(enc.hidden_states[b, :, :n].to(torch.float16).cpu().clone())

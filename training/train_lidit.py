@@ -38,7 +38,7 @@ from adapters.conditioning import hidden_states_to_context  # noqa: E402
 from adapters.diff_adapter import AdaptedLIDiT, HostAdapter, LLMDiffAdapter  # noqa: E402
 from adapters.lidit import PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler  # noqa: E402
 from adapters.word_encoder import WordEncoder, build_vocabulary  # noqa: E402
-from training.features import caption_features, collate, encoder_settings  # noqa: E402
+from training.features import caption_features, collate, encoder_settings, settings_of  # noqa: E402
 
 log = logging.getLogger("train_lidit")
 
@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--fusion", default="collaborative", choices=["collaborative", "concat"])
     p.add_argument("--layers", default="all", help="'all' (through the LLM Diff Adapter), 'last', '-3', ...")
     p.add_argument("--instruction", default="li-dit", choices=["li-dit", "none"])
+    p.add_argument("--block-outputs", default="states", choices=["states", "contributions"],
+                   help="what the LLM Diff Adapter mixes: every block's hidden state, or its contribution (the state "
+                        "in context minus the token's state alone)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--context-dim", type=int, default=128, help="adapter output size (learned encoder: its width)")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance")
@@ -196,7 +199,8 @@ def text_streams(args, all_captions: list[str], train_captions: list[str], accel
         return [(encoder.tokenize, encoder, args.context_dim, settings)]
     streams = []
     for llm in args.llm:
-        s = encoder_settings(llm, args.layers, args.instruction, args.max_tokens)
+        s = encoder_settings(llm, args.layers, args.instruction, args.max_tokens,
+                             contributions=args.block_outputs == "contributions")
         with accelerator.main_process_first():
             feats, num_states = caption_features(llm, all_captions, s,
                                                  args.cache_dir or os.path.join(args.out, "cache"))
@@ -218,7 +222,7 @@ def base_streams(base_info: dict, base_path: str, all_captions: list[str], args,
             streams.append((encoder.tokenize, encoder.requires_grad_(False), encoder.dim, entry))
             continue
         llm = os.path.join(os.path.dirname(os.path.abspath(args.llm[0])), entry["llm"])
-        settings = {k: entry[k] for k in ("llm", "layers", "instruction", "chat_template", "max_tokens")}
+        settings = settings_of(entry)
         with accelerator.main_process_first():
             feats, _ = caption_features(llm, all_captions, settings, args.cache_dir or os.path.join(args.out, "cache"))
         adapter = load_adapter(os.path.join(folder, entry["adapter"]))[0].requires_grad_(False) \

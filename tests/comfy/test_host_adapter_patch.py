@@ -56,8 +56,8 @@ def conditioning(name: str, prompt_seed: int, llm_tokens: int | None = 6):
         extras["attention_mask"] = torch.ones(1, 5, dtype=torch.long)
     if llm_tokens is not None:
         hidden = torch.randn(1, llm_tokens, S * D, generator=g)
-        mask = torch.ones(1, llm_tokens, 1)
-        extras["model_conds"] = {dan.COND_KEY: dan.CONDLLMTokens(torch.cat([hidden, mask], -1))}
+        mask, states = torch.ones(1, llm_tokens, 1), torch.zeros(1, llm_tokens, 1)  # hidden states, not contributions
+        extras["model_conds"] = {dan.COND_KEY: dan.CONDLLMTokens(torch.cat([hidden, mask, states], -1))}
     return [[torch.randn(1, 5, width, generator=g), extras]]
 
 
@@ -193,9 +193,14 @@ def test_an_encoding_from_another_llm_is_refused_at_sampling_with_the_fix():
     latent = torch.zeros(1, 4, 16, 16)
     wrong = conditioning("sd15", 0, llm_tokens=None)
     wrong[0][1]["model_conds"] = {dan.COND_KEY: dan.CONDLLMTokens(torch.ones(1, 3, S * D + 9))}
-    with pytest.raises(dan.AdapterError, match=f"has {S * D + 8} features per token.*trained on SmolLM2 "
+    with pytest.raises(dan.AdapterError, match=f"has {S * D + 7} features per token.*trained on SmolLM2 "
                                                f"\\({S} hidden states of size {D}"):
         comfy.sample.sample(patched, latent, 1, 1.0, "euler", "simple", wrong, wrong, latent, disable_pbar=True)
+    contributions = conditioning("sd15", 0)
+    contributions[0][1]["model_conds"][dan.COND_KEY].cond[..., -1] = 1.0  # block contributions, not states
+    with pytest.raises(dan.AdapterError, match="trained on each block's output: turn block_contributions off"):
+        comfy.sample.sample(patched, latent, 1, 1.0, "euler", "simple", contributions, contributions, latent,
+                            disable_pbar=True)
 
 
 @pytest.mark.parametrize("masks, calls_per_step", [(False, 1), (True, 2)])

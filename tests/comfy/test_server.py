@@ -19,7 +19,7 @@ PACK_NODES = {
     "LLMLoader": {"llm_name", "dtype", "device"},
     "LLMAdapterLoader": {"adapter_name"},
     "LLMPromptEncode": {"llm", "text", "instruction", "custom_instruction", "chat_template", "layers", "max_tokens",
-                        "adapter"},
+                        "adapter", "block_contributions"},
     "LIDiTLoader": {"model_name", "weight_dtype"},
     "LIDiTSampler": {"model", "positive", "negative", "latent_image", "seed", "steps", "cfg", "sampler_name",
                      "scheduler", "denoise"},

@@ -454,3 +454,25 @@ def test_report_blocks_without_callback_adds_no_hooks(llm_loader):
     before = library_hooks(model, tok)
     with report_blocks(model, None):
         assert hooks(model) == before
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_contributions_are_the_states_minus_each_token_alone(arch, llm_loader):
+    """The LLM Diff Adapter's block contributions: a token's hidden state in context minus its hidden state as the
+    whole input; the embeddings contribute nothing."""
+    model, tok = llm_loader(arch)
+    prompts = [PROMPT, "a red circle"]
+    states = encode_prompts(model, tok, prompts, instruction=None, layers="all")
+    contributions = encode_prompts(model, tok, prompts, instruction=None, layers="all", contributions=True)
+    assert torch.equal(contributions.attention_mask, states.attention_mask)
+    for b, prompt in enumerate(prompts):
+        ids = prompt_ids(tok, prompt)
+        n = int(states.attention_mask[b].sum())
+        assert n == len(ids)
+        for t, token in enumerate(ids):
+            alone = model.get_decoder()(input_ids=torch.tensor([[token]]), output_hidden_states=True).hidden_states
+            alone = torch.stack([h[0, 0] for h in alone])                              # [L+1, D]
+            torch.testing.assert_close(contributions.hidden_states[b, :, t], states.hidden_states[b, :, t] - alone,
+                                       atol=1e-5, rtol=1e-5)
+        assert contributions.hidden_states[b, 0, :n].abs().max() < 1e-6               # embeddings: no context
+        assert contributions.hidden_states[b, -1, 1:n].abs().mean() > 1e-3            # later tokens: context

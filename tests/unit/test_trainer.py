@@ -282,3 +282,18 @@ def test_preset_takes_the_papers_sizes():
     want = PRESETS["LI-DiT-1B"]
     assert (args.hidden_size, args.depth, args.num_heads, args.patch_size) == (
         want["hidden_size"], want["depth"], want["num_heads"], want["patch_size"])
+
+
+def test_block_contributions_are_trained_on_and_named_in_the_metadata(tmp_path, tiny_llm_dirs):
+    from adapters.checkpoint import trained_on_contributions
+    llm = tiny_llm_dirs["llama"]
+    out = train(tmp_path / "out", [llm], 2, "--block-outputs", "contributions", "--eval-samples", "0")
+    _, info = load_lidit(os.path.join(out, "lidit.safetensors"))
+    (entry,) = info["text_encoders"]
+    assert entry["contributions"] is True
+    _, meta = load_adapter(os.path.join(out, entry["adapter"]))
+    assert trained_on_contributions(meta)
+    states, _ = caption_features(llm, ["a red circle"], encoder_settings(llm, "all", "li-dit", 64), str(tmp_path))
+    contrib, _ = caption_features(llm, ["a red circle"], encoder_settings(llm, "all", "li-dit", 64, True),
+                                  str(tmp_path))
+    assert contrib[0][0].abs().max() == 0 and not torch.equal(contrib[0], states[0])  # embeddings: no context
