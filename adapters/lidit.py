@@ -90,12 +90,13 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(ops.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
                                  ops.Linear(hidden_size, hidden_size))
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        # dtype: the compute dtype (the input's; under a manual cast it differs from the weights')
         half = self.frequency_embedding_size // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         args = (t.float() * 1000)[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return self.mlp(emb.to(dtype or self.mlp[0].weight.dtype))
 
 
 class Attention(nn.Module):
@@ -337,7 +338,7 @@ class LIDiT(nn.Module):
             # normalised coordinates let a small model learn "left" or "top" in a few hundred steps.
             h = h + sincos_2d(h.shape[-1], gh, gw, h.device).to(h.dtype)
 
-        t_emb = self.t_embedder(t)
+        t_emb = self.t_embedder(t, h.dtype)
         context, context_mask = self.refiner(contexts, masks, t_emb)           # [B, T, dim]
         c = t_emb + self.pooled_text_proj(masked_mean(context, context_mask))
         replace = cross_attention_replace or {}

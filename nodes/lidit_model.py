@@ -48,7 +48,8 @@ class LIDiTNet(LIDiT):
         patches = transformer_options.get("patches_replace", {}).get("attn2", {})
         replace = {i: functools.partial(patches[("lidit", i)], extra_options=transformer_options)
                    for i in range(self.config.depth) if ("lidit", i) in patches}
-        return super().forward(x.to(self.dtype), timesteps, [c.to(self.dtype) for c in contexts], masks,
+        # BaseModel hands x and the context over in the compute dtype (the weights' or the manual-cast one)
+        return super().forward(x, timesteps, [c.to(x.dtype) for c in contexts], masks,
                                cross_attention_replace=replace)
 
 
@@ -141,7 +142,9 @@ def load_lidit_patcher(path: str, dtype_choice: str = "auto") -> tuple[comfy.mod
         dtype = mm.unet_dtype(supported_dtypes=model_config.supported_inference_dtypes)
     else:
         dtype = DTYPES[dtype_choice]
-    model_config.set_inference_dtype(dtype, None)
+    # weights the device cannot compute in (fp16 or bf16 on a CPU) are cast layer by layer by ComfyUI's operations
+    model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device,
+                                                                model_config.supported_inference_dtypes))
     model = model_config.get_model({}, device=offload_device)
     module_load(model.diffusion_model, load_weights(path))
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)

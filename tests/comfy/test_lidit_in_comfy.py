@@ -39,3 +39,21 @@ def test_a_controlnet_on_lidit_is_refused_not_ignored():
     x, context = torch.randn(1, 3, 32, 32), torch.randn(1, 4, net.config.context_dims[0])
     with pytest.raises(LIDiTError, match="take no ControlNet"):
         net(x, torch.tensor([0.5]), context=context, control={"input": [], "output": [], "middle": []})
+
+
+def test_half_precision_weights_run_on_a_cpu_through_comfys_manual_cast():
+    """fp16 or bf16 weights on a device that cannot compute in them (a CPU): stored in half precision, cast
+    layer by layer to the compute dtype ComfyUI picks (unet_manual_cast), as ComfyUI's own models do."""
+    full = load_lidit_patcher(DEFAULT_MODEL, "fp32")[0].model
+    for choice, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        half = load_lidit_patcher(DEFAULT_MODEL, choice)[0].model
+        assert next(half.diffusion_model.parameters()).dtype == dtype
+        assert half.manual_cast_dtype == torch.float32
+        g = torch.Generator().manual_seed(0)
+        x, sigma = torch.randn(1, 3, 32, 32, generator=g), torch.tensor([0.6])
+        context = torch.randn(1, 5, full.diffusion_model.config.context_dims[0], generator=g)
+        with torch.no_grad():
+            want = full.apply_model(x, sigma, c_crossattn=context)
+            got = half.apply_model(x, sigma, c_crossattn=context)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)  # the weights' rounding, not a failure
