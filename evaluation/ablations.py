@@ -62,8 +62,12 @@ ABLATIONS = {
                        [*SMOL, "--layers", "all", "--instruction", "li-dit"]),
     "no-llm+adapter-fixed-host-gate": ("as no-llm+adapter, the base branch's gate kept at 1 (new branch gated only)",
                                        [*SMOL, "--layers", "all", "--instruction", "li-dit", "--host-gate", "fixed"]),
+    "no-llm+adapter-contributions": ("as no-llm+adapter, each block weighted by its contribution (state in context "
+                                     "minus the token alone)",
+                                     [*SMOL, "--layers", "all", "--instruction", "li-dit", "--block-outputs",
+                                      "contributions"]),
 }
-BASE_OF = {"no-llm+adapter": "no-llm", "no-llm+adapter-fixed-host-gate": "no-llm"}
+BASE_OF = {name: "no-llm" for name in ABLATIONS if name.startswith("no-llm+")}
 
 BUDGET = ["--hidden-size", "96", "--depth", "4", "--num-heads", "4", "--patch-size", "4", "--batch-size", "32",
           "--lr", "1e-3", "--warmup", "50", "--ema", "0.99", "--eval-samples", "0", "--pool-size", "2000"]
