@@ -169,6 +169,11 @@ def lidit_cross_attention_replace(branch: DecoupledCrossAttention, llm_context: 
     return replace
 
 
+def lidit_sites(config) -> list[tuple[str, int, int]]:
+    """The cross-attention sites (name, width, heads) of an LI-DiT with this LIDiTConfig: one per block."""
+    return [(f"block{i}", config.hidden_size, config.num_heads) for i in range(config.depth)]
+
+
 class AdaptedLIDiT(nn.Module):
     """A frozen LI-DiT with the branches of a HostAdapter: called as LIDiT is, the last text stream being the fused
     LLM encoding that the branches attend to (the others are the base model's own streams)."""

@@ -29,12 +29,12 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.patcher_extension
 import folder_paths
-from comfy.ldm.modules.attention import optimized_attention, optimized_attention_masked
+from comfy.ldm.modules.attention import optimized_attention
 from comfy_api.v0_0_2 import io
 
 from ..adapters.checkpoint import CheckpointError, load_host_adapter, read_metadata, trained_on_contributions
-from ..adapters.diff_adapter import HostAdapter, lidit_cross_attention_replace
-from .lidit_model import LIDiTNet
+from ..adapters.diff_adapter import HostAdapter, heads_attention, lidit_cross_attention_replace, lidit_sites
+from .lidit_model import LIDiTNet, comfy_attention
 
 COND_KEY = "llm_diff_adapter_tokens"   # model_conds entry: [B, T, S * D + 2]: hidden states, token mask, and 1
                                        # where the states are block contributions (LLM Prompt Encode's option)
@@ -80,7 +80,7 @@ def unet_sites(net) -> list[tuple[tuple, object]]:
 def host_family(net) -> tuple[str, list[tuple[str, int, int]]]:
     """(family, [(site, width, heads)]) of a diffusion model, or an AdapterError naming what is supported."""
     if isinstance(net, LIDiTNet):
-        return "lidit", [(f"block{i}", net.config.hidden_size, net.config.num_heads) for i in range(net.config.depth)]
+        return "lidit", lidit_sites(net.config)
     if isinstance(net, openaimodel.UNetModel):
         return "unet", [("{}.{}.{}".format(*key), tb.attn2.heads * tb.attn2.dim_head, tb.attn2.heads)
                         for key, tb in unet_sites(net)]
@@ -90,16 +90,6 @@ def host_family(net) -> tuple[str, list[tuple[str, int, int]]]:
         return "mmdit", [(f"double_block{i}", net.hidden_size, net.num_heads) for i in range(len(net.joint_blocks))]
     raise AdapterError(f"Apply LLM Diff Adapter supports LI-DiT, ComfyUI's UNet (SD 1.x, SD 2.x, SDXL), Flux and "
                        f"SD3 (MMDiT) models; this MODEL is a {type(net).__name__}. Use one of those families.")
-
-
-def comfy_attention(heads: int):
-    """The adapters' attention signature on ComfyUI's attention backend (xformers, sage, flash, PyTorch...)."""
-    def attention(q, k, v, key_mask=None):
-        if key_mask is None:
-            return optimized_attention(q, k, v, heads)
-        bias = (key_mask.to(q.dtype)[:, None, :] - 1) * torch.finfo(q.dtype).max  # [B, 1, T] additive
-        return optimized_attention_masked(q, k, v, heads, mask=bias)
-    return attention
 
 
 class UNetPatch:
@@ -116,7 +106,7 @@ class UNetPatch:
         llm = extra_options.get(OPTIONS_KEY)
         if llm is None:
             return host
-        return self.branch(q, host, *llm, comfy_attention(heads), self.strength)
+        return self.branch(q, host, *llm, heads_attention(comfy_attention, heads), self.strength)
 
 
 class LIDiTPatch:
@@ -144,7 +134,7 @@ class DiTPatch:
         out = self.previous(args, extras) if self.previous else extras["original_block"](args)
         llm = args["transformer_options"].get(OPTIONS_KEY)
         if llm is not None:
-            out["img"] = self.branch(out["img"], *llm, comfy_attention(self.heads), self.strength)
+            out["img"] = self.branch(out["img"], *llm, heads_attention(comfy_attention, self.heads), self.strength)
         return out
 
 

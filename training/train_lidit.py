@@ -35,7 +35,7 @@ from adapters import captions, shapes_world  # noqa: E402
 from adapters.checkpoint import (load_adapter, load_lidit, load_word_encoder, save_adapter,  # noqa: E402
                                  save_host_adapter, save_lidit, save_word_encoder)
 from adapters.conditioning import hidden_states_to_context  # noqa: E402
-from adapters.diff_adapter import AdaptedLIDiT, HostAdapter, LLMDiffAdapter  # noqa: E402
+from adapters.diff_adapter import AdaptedLIDiT, HostAdapter, LLMDiffAdapter, lidit_sites  # noqa: E402
 from adapters.lidit import PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler  # noqa: E402
 from adapters.word_encoder import WordEncoder, build_vocabulary  # noqa: E402
 from training.features import caption_features, collate, encoder_settings, settings_of  # noqa: E402
@@ -237,14 +237,10 @@ def host_adapter_of(trainable: Trainable) -> HostAdapter:
     HostAdapter, ready to save."""
     adapter, lidit = trainable.adapters[-1], trainable.lidit
     host = HostAdapter(adapter.llm_hidden_size, adapter.num_hidden_states, adapter.context_dim,
-                       lidit_sites(lidit.base), "decoupled")
+                       lidit_sites(lidit.base.config), "decoupled")
     host.adapter.load_state_dict(adapter.state_dict())
     host.branches.load_state_dict(lidit.branches.state_dict())
     return host
-
-
-def lidit_sites(lidit: LIDiT) -> list[tuple[str, int, int]]:
-    return [(f"block{i}", lidit.config.hidden_size, lidit.config.num_heads) for i in range(lidit.config.depth)]
 
 
 def heldout_scenes(num: int) -> list[shapes_world.Scene]:
@@ -471,7 +467,7 @@ def main(argv=None):
         return [to_input(batch_captions) for to_input, _, _, _ in streams]
     if args.base:
         host = HostAdapter(adapters[-1].llm_hidden_size, adapters[-1].num_hidden_states, args.context_dim,
-                           lidit_sites(base), "decoupled")
+                           lidit_sites(base.config), "decoupled")
         if args.host_gate == "fixed":
             for branch in host.branches:
                 branch.host_gate_a.requires_grad_(False)

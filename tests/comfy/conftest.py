@@ -58,14 +58,14 @@ def make_host_models(base: str) -> None:
     a 768-wide context from SmolLM2 (its own text path here, as no CLIP weights exist)."""
     import tiny_models
     from llm_diffusion.adapters.checkpoint import read_lidit, save_host_adapter
-    from llm_diffusion.adapters.diff_adapter import HostAdapter
+    from llm_diffusion.adapters.diff_adapter import HostAdapter, lidit_sites
     from llm_diffusion.nodes.diff_adapter_nodes import host_family
     assert tiny_models.save_detectable(os.path.join(base, "diffusion_models")) == \
         {k: v for k, v in HOST_MODELS.items() if k != "lidit"}
     lidit, _ = read_lidit(os.path.join(ROOT, "models", "lidit", HOST_MODELS["lidit"]))
     sites = {"unet": host_family(tiny_models.unet_net(tiny_models.SD15_DETECTABLE))[1],
              "mmdit": host_family(tiny_models.mmdit_net())[1],
-             "lidit": [(f"block{i}", lidit.hidden_size, lidit.num_heads) for i in range(lidit.depth)]}
+             "lidit": lidit_sites(lidit)}
     for family, family_sites in sites.items():
         for gates in ("closed", "open"):
             torch.manual_seed(1)
