@@ -150,6 +150,23 @@ def chunked_attention(q, k, v, attn_mask, between_chunks: Callable[[], None] | N
     return torch.cat(parts, dim=2)
 
 
+def scores_attention(q, k, v, attn_mask=None) -> torch.Tensor:
+    """AttentionKernel with the scores formed explicitly, softmax in fp32. For training at small token counts (32 px:
+    64 patch tokens): under CPU bf16 autocast PyTorch's flash kernel runs its backward about 4x slower than in fp32,
+    and this form lets torch.compile fuse the softmax into its neighbours (benchmarks/bench_lidit.py). A query whose
+    keys are all masked attends uniformly instead of giving NaN."""
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5            # [B, H, N, T]
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+    return scores.softmax(-1).to(v.dtype) @ v
+
+
+def set_attention_kernel(model: nn.Module, kernel: AttentionKernel) -> None:
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.kernel = kernel
+
+
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, mlp_ratio: float, ops=nn):
         hidden = int(dim * mlp_ratio)

@@ -49,10 +49,12 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from adapters.checkpoint import load_lidit  # noqa: E402
 from adapters.diff_adapter import LLMDiffAdapter  # noqa: E402
-from adapters.lidit import PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler  # noqa: E402
+from adapters.lidit import (PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler,  # noqa: E402
+                            scores_attention, set_attention_kernel)
 
 DEFAULT_MODEL = os.path.join(ROOT, "models", "lidit", "lidit-shapes-smollm2.safetensors")
 SMOLLM2_STATES, SMOLLM2_WIDTH = 31, 576  # embeddings + 30 blocks, hidden size 576
+COMPILE_WARMUP = 3
 
 
 def training_defaults() -> argparse.Namespace:
@@ -170,7 +172,6 @@ def bench_training(args, device) -> list[list[str]]:
     torch.manual_seed(0)
     lidit = LIDiT(default_config(defaults.context_dim)).to(device)
     adapter = LLMDiffAdapter(SMOLLM2_WIDTH, SMOLLM2_STATES, defaults.context_dim).to(device)
-    ema_lidit, ema_adapter = copy.deepcopy(lidit).requires_grad_(False), copy.deepcopy(adapter).requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     x0 = (torch.rand(batch, 3, defaults.resolution, defaults.resolution, generator=g) * 2 - 1).to(device)
     tokens = args.tokens
@@ -182,8 +183,6 @@ def bench_training(args, device) -> list[list[str]]:
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else torch.autocast("cpu", enabled=False)
 
     opt = torch.optim.AdamW(lidit.parameters(), lr=1e-4, weight_decay=0.0, betas=(0.9, 0.99))
-    full_params = list(lidit.parameters()) + list(adapter.parameters())
-    full_opt = torch.optim.AdamW(full_params, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.99))
 
     def forward_only():
         with torch.no_grad(), autocast():
@@ -202,16 +201,29 @@ def bench_training(args, device) -> list[list[str]]:
         loss.backward()
         opt.step()
 
-    def trainer_step():
-        with autocast():
-            loss = flow_matching_loss(lidit, x0, [adapter(hidden)], masks)
-        full_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(full_params, 1.0)
-        full_opt.step()
-        with torch.no_grad():
-            for pe, p in zip(list(ema_lidit.parameters()) + list(ema_adapter.parameters()), full_params):
-                pe.lerp_(p, 1 - defaults.ema)
+    def trainer_step_of(bf16: bool, scores_kernel: bool, compiled: bool):
+        """The trainer's step on its own copy of the models: AdamW on LI-DiT + adapter, clipping, EMA."""
+        m, a = copy.deepcopy(lidit), copy.deepcopy(adapter)
+        if scores_kernel:
+            set_attention_kernel(m, scores_attention)
+        params = list(m.parameters()) + list(a.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.99))
+        ema = [p.detach().clone() for p in params]
+        if compiled:
+            m.compile()
+            a.compile()
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = flow_matching_loss(m, x0, [a(hidden)], masks)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            with torch.no_grad():
+                for pe, p in zip(ema, params):
+                    pe.lerp_(p, 1 - defaults.ema)
+        return step
 
     # FLOPs of one forward(+backward), on the device itself on CUDA, on a meta copy on the CPU.
     def flops_of(with_backward: bool, with_adapter: bool) -> int:
@@ -240,11 +252,21 @@ def bench_training(args, device) -> list[list[str]]:
     cases = [("forward only, no grad (baseline)", forward_only, f_fwd),
              ("flow_matching_loss + backward", loss_backward, f_bwd),
              ("+ AdamW step", adamw_step, f_bwd),
-             ("trainer step: + adapter on 31x576 states, clip, EMA", trainer_step, f_full)]
+             ("trainer step before: + adapter on 31x576 states, clip, EMA", trainer_step_of(use_amp, False, False),
+              f_full)]
+    if device.type == "cpu":
+        cases.append(("trainer step, --precision bf16 (CPU autocast), scores attention",
+                      trainer_step_of(True, True, False), f_full))
+    else:
+        cases.append(("trainer step, scores attention", trainer_step_of(True, True, False), f_full))
+    if not args.no_compile:
+        cases.append(("trainer step now: + --compile", trainer_step_of(True, True, True), f_full))
     peak = args.peak_tflops if device.type == "cuda" else matmul_peak(device)
     rows, base = [], None
     for name, fn, flops in cases:
-        sec = statistics.median(timed(fn, device, args.train_steps, args.warmup))
+        # the first calls of a compiled step compile (the forward, then the backward and the AdamW update)
+        warmup = max(args.warmup, COMPILE_WARMUP) if "compile" in name else args.warmup
+        sec = statistics.median(timed(fn, device, args.train_steps, warmup))
         base = base or sec
         tflops = flops / sec / 1e12
         mfu = f"{100 * tflops / peak:.1f}%"
@@ -322,6 +344,8 @@ def parse_args(argv=None):
     p.add_argument("--preset-context-dim", type=int, default=4096, help="LLM width (Llama-3-8B: 4096)")
     p.add_argument("--skip", default="", help="comma list of tables to leave out: a,b,c")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--no-compile", action="store_true", help="(b) leave out the torch.compile row (it compiles "
+                   "for a minute or two)")
     p.add_argument("--quick", action="store_true", help="tiny settings: 4 steps, 2 repeats, batch 8, 2 train steps")
     args = p.parse_args(argv)
     if args.quick:

@@ -15,7 +15,7 @@ import comfy.ops
 import comfy.supported_models_base
 from comfy.ldm.modules.attention import optimized_attention_masked
 from ..adapters.checkpoint import CheckpointError, load_weights, module_load, read_lidit
-from ..adapters.lidit import Attention, LIDiT, LIDiTConfig, LIDiTError, forward_bytes
+from ..adapters.lidit import LIDiT, LIDiTConfig, LIDiTError, forward_bytes, set_attention_kernel
 from .types import DTYPES
 
 LATENT_FORMATS = {3: comfy.latent_formats.ChromaRadiance, 16: comfy.latent_formats.Flux}
@@ -28,9 +28,8 @@ class LIDiTNet(LIDiT):
         super().__init__(LIDiTConfig(**config), ops=operations or comfy.ops.disable_weight_init)
         self.dtype = dtype or torch.float32
         self.to(device=device, dtype=self.dtype)
-        for module in self.modules():  # ComfyUI's attention backend (xformers, sage, flash, PyTorch, sub-quadratic)
-            if isinstance(module, Attention):
-                module.kernel = comfy_attention
+        # ComfyUI's attention backend (xformers, sage, flash, PyTorch, sub-quadratic)
+        set_attention_kernel(self, comfy_attention)
         self.interrupt_check = mm.throw_exception_if_processing_interrupted  # one step can take minutes
         self.fits = None  # (shape, device) of the last latent found to fit in memory
 

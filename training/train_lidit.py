@@ -36,7 +36,8 @@ from adapters.checkpoint import (load_adapter, load_lidit, load_word_encoder, sa
                                  save_host_adapter, save_lidit, save_word_encoder)
 from adapters.conditioning import hidden_states_to_context  # noqa: E402
 from adapters.diff_adapter import AdaptedLIDiT, HostAdapter, LLMDiffAdapter, lidit_sites  # noqa: E402
-from adapters.lidit import PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler  # noqa: E402
+from adapters.lidit import (PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler,  # noqa: E402
+                            scores_attention, set_attention_kernel)
 from adapters.word_encoder import WordEncoder, build_vocabulary  # noqa: E402
 from training.features import caption_features, collate, encoder_settings, settings_of  # noqa: E402
 
@@ -97,6 +98,12 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=None, help="LLM feature cache (default <out>/cache); runs may share it")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast dtype of forward and backward (weights, AdamW and EMA stay fp32); auto: bf16 on "
+                        "CUDA and on CPUs with native bf16 matmuls (AVX512-BF16, AMX), else fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: a minute or two of compiling at the start (and at every --resume), "
+                        "then faster steps (benchmarks/bench_lidit.py)")
     args = p.parse_args(argv)
     if (args.text_encoder == "llm") != bool(args.llm):
         p.error("--text-encoder llm needs --llm (repeat to fuse several); --text-encoder learned takes none")
@@ -161,6 +168,14 @@ class FolderData:
 
 
 LR_FLOOR = 0.1  # the cosine schedule ends at this share of --lr, not at 0
+
+
+def mixed_precision(precision: str) -> str:
+    """--precision -> Accelerator's mixed_precision."""
+    if precision == "auto":
+        fast_bf16 = torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        precision = "bf16" if fast_bf16 else "fp32"
+    return "no" if precision == "fp32" else "bf16"
 
 
 def lr_at(step: int, args) -> float:
@@ -445,7 +460,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    accelerator = Accelerator(mixed_precision=mixed_precision(args.precision))
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
@@ -479,6 +494,7 @@ def main(argv=None):
                              refiner_depth=args.refiner_depth, refiner_causal=args.refiner_causal, fusion=args.fusion,
                              pos_kernel_size=args.pos_kernel_size, pos_embed=args.pos_embed)
         model = Trainable(LIDiT(config), adapters)
+    set_attention_kernel(model, scores_attention)  # the same function as SDPA's; faster here (its docstring)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0,
                             betas=(0.9, 0.99))
@@ -496,11 +512,14 @@ def main(argv=None):
         restore_rng_streams(data, saved)
     elif step or accelerator.process_index:  # a fresh single-process run keeps the streams seeded before the init
         seed_streams(data, args.seed, step, accelerator.process_index)
+    if args.compile:
+        model.compile()  # in place: parameter names, and so checkpoints, stay those of the eager model
     model, opt = accelerator.prepare(model, opt)
     raw = accelerator.unwrap_model(model)
     ema.to(accelerator.device)
     n_params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    accelerator.print(f"LI-DiT {n_params / 1e6:.2f}M trainable parameters, context dims {context_dims}")
+    accelerator.print(f"LI-DiT {n_params / 1e6:.2f}M trainable parameters, context dims {context_dims}, "
+                      f"mixed precision {accelerator.mixed_precision}{', compiled' if args.compile else ''}")
 
     loss_log = LossLog(os.path.join(args.out, "loss.csv"), step) if accelerator.is_main_process else None
     bar = tqdm(total=args.steps, initial=step, disable=not accelerator.is_main_process, desc="train")

@@ -211,3 +211,13 @@ def activate_zero_init(module: torch.nn.Module, std: float = 0.1, seed: int = 0)
 @pytest.fixture
 def wake():
     return activate_zero_init
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state (device, mixed precision) from the first Accelerator on; the trainer
+    runs in this process test after test, so each test starts from none, as a new training process does."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -16,6 +16,8 @@ from adapters.lidit import (
     forward_bytes,
     masked_mean,
     sample_euler,
+    scores_attention,
+    set_attention_kernel,
 )
 
 DIMS = (48, 64)
@@ -391,3 +393,53 @@ def test_memory_estimate_grows_with_the_image_and_bounds_the_large_sizes():
     # 8192 px: 4.2 M patch tokens of 128 features, cond + uncond: tens of GB, refused on any ordinary machine.
     assert large > 4 * 2 ** 20 * 128 * 4 * 2 * 10
     assert forward_bytes(config, 1, 512, 512) * 2 == forward_bytes(config, 2, 512, 512)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainer's attention kernel
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "keys", "causal"])
+def test_scores_attention_equals_sdpa_with_gradients(mask_kind):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g, requires_grad=True) for _ in range(3))
+    mask = None
+    if mask_kind == "keys":
+        mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+        mask[0, ..., 4:] = False
+    elif mask_kind == "causal":
+        mask = torch.ones(7, 7, dtype=torch.bool).tril()
+    ours = scores_attention(q, k, v, mask)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_scores_attention_keeps_a_fully_masked_query_finite():
+    q, k, v = (torch.randn(1, 2, 3, 4) for _ in range(3))
+    out = scores_attention(q, k, v, torch.zeros(1, 1, 1, 3, dtype=torch.bool))
+    assert torch.isfinite(out).all()
+
+
+def test_scores_attention_under_bf16_autocast_stays_close_to_fp32():
+    q, k, v = (torch.randn(2, 4, 64, 32, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    ref = scores_attention(q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = scores_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_model_on_the_scores_kernel_matches_the_sdpa_model(wake):
+    model = wake(tiny_model())
+    x, (contexts, masks) = image(), text_inputs()
+    t = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        ref = model(x, t, contexts, masks)
+        set_attention_kernel(model, scores_attention)
+        ours = model(x, t, contexts, masks)
+    assert all(m.kernel is scores_attention for m in model.modules() if isinstance(m, Attention))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)

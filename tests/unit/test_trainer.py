@@ -297,3 +297,24 @@ def test_block_contributions_are_trained_on_and_named_in_the_metadata(tmp_path, 
     contrib, _ = caption_features(llm, ["a red circle"], encoder_settings(llm, "all", "li-dit", 64, True),
                                   str(tmp_path))
     assert contrib[0][0].abs().max() == 0 and not torch.equal(contrib[0], states[0])  # embeddings: no context
+
+
+def test_precision_picks_the_autocast_dtype():
+    from training.train_lidit import mixed_precision
+    assert mixed_precision("fp32") == "no" and mixed_precision("bf16") == "bf16"
+    fast = torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert mixed_precision("auto") == ("bf16" if fast else "no")
+
+
+def test_bf16_and_compiled_training_follow_the_fp32_run(tmp_path, tiny_llm_dirs):
+    """The fast path (bf16 autocast, compiled model) trains the same model: the same checkpoint names and shapes,
+    fp32 weights, and the loss of every step within bf16 rounding of the fp32 run's (same seed, same draws)."""
+    llm = [tiny_llm_dirs["llama"]]
+    fp32 = train(tmp_path / "fp32", llm, 3, "--precision", "fp32", "--eval-samples", "0")
+    fast = train(tmp_path / "fast", llm, 3, "--precision", "bf16", "--compile", "--eval-samples", "0")
+    a, b = (load_file(os.path.join(out, "checkpoint", "model.safetensors")) for out in (fp32, fast))
+    assert a.keys() == b.keys()
+    assert all(b[k].shape == a[k].shape and b[k].dtype == torch.float32 for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # bf16 really ran
+    for r, s in zip(loss_rows(fp32), loss_rows(fast)):
+        assert float(s["loss"]) == pytest.approx(float(r["loss"]), rel=0.03)
