@@ -83,12 +83,25 @@ CRITERIA = ("color", "shape", "count", "position", "relation", "overall")
 # Prompt sets
 
 
-def prompt_sets(per_kind: int = 8, seed: int = 0) -> dict[str, list[Scene]]:
-    """Column -> per_kind distinct captions of every kind (in KINDS order), drawn in that column's split."""
+PROMPT_SPLITS = ("test", "validation")
+VALIDATION_SEED_OFFSET = 7_777  # any offset whose draws differ from the test prompts'
+TEST_REACH = 64  # validation prompts avoid every caption of the test sets up to this many prompts per kind
+
+
+def prompt_sets(per_kind: int = 8, seed: int = 0, prompt_split: str = "test") -> dict[str, list[Scene]]:
+    """Column -> per_kind distinct captions of every kind (in KINDS order), drawn in that column's split.
+    prompt_split "test" gives the reported prompts; "validation" other prompts of the same columns, none of them a
+    test caption, to choose between runs on (the reported numbers are never what a choice is made on)."""
+    if prompt_split not in PROMPT_SPLITS:
+        raise ValueError(f"prompt_split must be one of {PROMPT_SPLITS}, not '{prompt_split}'")
+    test = set()
+    if prompt_split == "validation":
+        test = {s.caption for scenes in prompt_sets(max(per_kind, TEST_REACH), seed).values() for s in scenes}
+        seed += VALIDATION_SEED_OFFSET
     rng = random.Random(seed + 3)
     sets = {}
     for split, (wording, combination) in caption_language.SPLITS.items():
-        scenes, seen = [], set()
+        scenes, seen = [], set(test)
         for kind in KINDS:
             for _ in range(100 * per_kind):
                 if sum(s.kind == kind for s in scenes) >= per_kind:
@@ -155,7 +168,8 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
              cfg: float = 3.0, seed: int = 0, llm_dirs: list[str] | None = None,
              device: str | torch.device | None = None, batch_size: int = 64, cache_dir: str | None = None,
              feature_cache: dict | None = None, save_grid: str | None = None, json_path: str | None = None,
-             oracle: bool = False, loss_draws: int = 4, diff_adapter: str | None = None, log=None) -> dict:
+             oracle: bool = False, loss_draws: int = 4, diff_adapter: str | None = None, prompt_split: str = "test",
+             log=None) -> dict:
     """Samples and scores the prompts of every column; returns (and optionally writes as JSON) the results dict:
     splits[column]{prompts, images, criterion...}, kinds[kind][column] (overall accuracy), heldout_loss[column]
     {conditional, unconditional, text_gain}, positional_bias[set]{first, second, gap, both}, overall (all
@@ -185,7 +199,7 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
             raise ValueError(f"'{model_path}' works in '{latent}' space; this evaluation scores pixel-space "
                              "models.")
     resolution = int(info.get("resolution", 32))
-    sets = prompt_sets(per_kind, seed)
+    sets = prompt_sets(per_kind, seed, prompt_split)
     prompts = [(split, s) for split in SPLITS for s in sets[split]]
     scenes = [s for _, s in prompts]
     captions = list(dict.fromkeys([s.caption for s in scenes] + [""]))
@@ -292,7 +306,8 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
               "diff_adapter": diff_adapter and os.path.abspath(diff_adapter),
               "text_encoders": info["text_encoders"],
               "settings": {"per_kind": per_kind, "images_per_prompt": images_per_prompt, "steps": steps, "cfg": cfg,
-                           "seed": seed, "resolution": resolution, "device": str(device), "oracle": oracle},
+                           "seed": seed, "resolution": resolution, "device": str(device), "oracle": oracle,
+                           "prompt_split": prompt_split},
               "splits": {}, "kinds": {}, "positional_bias": {}, "timings": timings, "records": records}
     for split in SPLITS:
         recs = [r for r in records if r["split"] == split]
@@ -380,7 +395,8 @@ def format_tables(result: dict) -> str:
     lines = [f"### Prompt following: {os.path.basename(result['model'])}", "",
              (f"{s['images_per_prompt']} render(s) per prompt (the checker's ceiling)" if s.get("oracle") else
               f"{s['images_per_prompt']} image(s) per prompt, Euler {s['steps']} steps, CFG {s['cfg']:g}")
-             + f", seed {s['seed']}, {s['resolution']} px, {s['per_kind']} prompts of each kind per column; "
+             + f", seed {s['seed']}, {s['resolution']} px, {s['per_kind']} {s.get('prompt_split', 'test')} prompts "
+               "of each kind per column; "
                "accuracy in % of images.", "",
              f"| criterion | {cols} |", "|---|" + "---:|" * len(SPLITS)]
     splits = result["splits"]
@@ -432,6 +448,9 @@ def parse_args(argv=None):
     p.add_argument("--oracle", action="store_true",
                    help="score renders of the scenes instead of samples: the checker's ceiling (no model needed)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--prompt-split", default="test", choices=PROMPT_SPLITS,
+                   help="test: the reported prompts; validation: other prompts of the same columns, to choose "
+                        "between runs on")
     return p.parse_args(argv)
 
 
@@ -443,7 +462,7 @@ def main(argv=None) -> dict:
                       steps=args.steps, cfg=args.cfg, seed=args.seed, llm_dirs=args.llm_dir, device=args.device,
                       batch_size=args.batch_size, cache_dir=args.cache_dir, save_grid=args.save_grid,
                       json_path=args.json, oracle=args.oracle, loss_draws=args.loss_draws,
-                      diff_adapter=args.diff_adapter)
+                      diff_adapter=args.diff_adapter, prompt_split=args.prompt_split)
     print(format_tables(result))
     return result
 

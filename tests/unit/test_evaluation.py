@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torchvision.utils import save_image
 
+from adapters import captions as caption_language
 from adapters.lidit import LIDiT, LIDiTConfig
 from evaluation import ablations
 from evaluation import evaluate as ev
@@ -33,6 +34,19 @@ def test_the_checker_accepts_ground_truth_renders():
     assert all(row["prompts"] == 3 * len(ev.KINDS) for row in result["splits"].values())
     assert all(result["splits"][s]["overall"] >= 0.9 for s in ev.SPLITS)
     assert "heldout_loss" not in result
+
+
+def test_validation_prompts_are_in_their_columns_and_never_test_prompts():
+    test = ev.prompt_sets(per_kind=4)
+    val = ev.prompt_sets(per_kind=4, prompt_split="validation")
+    reach = {s.caption for scenes in ev.prompt_sets(per_kind=ev.TEST_REACH).values() for s in scenes}
+    for split, (wording, combination) in caption_language.SPLITS.items():
+        assert [s.kind for s in val[split]] == [s.kind for s in test[split]]
+        assert all(caption_language.split_of(s) == (wording, combination) for s in val[split])
+        assert not reach & {s.caption for s in val[split]}
+    assert ev.prompt_sets(per_kind=4, prompt_split="validation") == val
+    with pytest.raises(ValueError, match="prompt_split"):
+        ev.prompt_sets(per_kind=4, prompt_split="train")
 
 
 def test_prompt_sets_are_in_their_columns():
