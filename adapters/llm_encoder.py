@@ -381,33 +381,3 @@ def report_blocks(model, on_block: Callable[[int, int], None] | None):
     finally:
         for h in handles:
             h.remove()
-
-
-@contextlib.contextmanager
-def stream_blocks(model, compute_device: torch.device):
-    """Low-VRAM path: weights stay on their offload device and each block visits `compute_device` in turn.
-
-    Only one block's weights are on the compute device at a time, so an LLM larger than free VRAM still runs;
-    the arithmetic is the same as with the whole model resident.
-    """
-    layers = decoder_layers(model)
-    offload_device = next(layers[0].parameters()).device
-    resident = [m for name, m in decoder(model).named_children() if name != "layers"]
-    for m in resident:  # embeddings, final norm, rotary tables: small next to the blocks
-        m.to(compute_device)
-    def move_to(device):
-        def hook(module, *_):  # must return None: a hook's return value replaces the block's input/output
-            module.to(device)
-        return hook
-
-    handles = []
-    for layer in layers:
-        handles.append(layer.register_forward_pre_hook(move_to(compute_device)))
-        handles.append(layer.register_forward_hook(move_to(offload_device)))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        for m in resident:
-            m.to(offload_device)

@@ -4,7 +4,7 @@ Run from the repository root (CPU; a few minutes, most of it the one-off GGUF de
 
     .venv/bin/python benchmarks/bench_encode.py                       # SmolLM2 from .comfyui/models/LLM
     .venv/bin/python benchmarks/bench_encode.py --quick --threads 1   # 2 timed repeats, while other jobs run
-    .venv/bin/python benchmarks/bench_encode.py --device cuda         # + streamed and offloaded rows
+    .venv/bin/python benchmarks/bench_encode.py --device cuda         # + the offloaded row
 
 Variants, all on the same LLM weights and the same prompt(s):
 
@@ -15,9 +15,7 @@ Variants, all on the same LLM weights and the same prompt(s):
   (c) +adapter   (b) followed by a randomly initialised LLMDiffAdapter (context 128) through
                  adapters.conditioning.hidden_states_to_context: the node's full output (the adapter runs on
                  the CPU on the float32 states, as in the node).
-  (d) stream     (b) inside llm_encoder.stream_blocks: on the CPU this measures the hook overhead only; on CUDA
-                 the weights stay in CPU memory and each block visits the GPU in turn (low-VRAM path).
-  (e) offload    CUDA only: weights in CPU memory, `model.to(cuda)` before and `.to(cpu)` after every call (what
+  (d) offload    CUDA only: weights in CPU memory, `model.to(cuda)` before and `.to(cpu)` after every call (what
                  a memory manager that swaps the whole LLM does).
 
 Columns: median wall-clock ms of --repeats calls after --warmup calls; the ratio to (a); memory; and the largest
@@ -65,8 +63,7 @@ VARIANTS = {
     "plain": "(a) plain decoder forward",
     "encode": "(b) encode_prompts layers='all'",
     "adapter": "(c) (b) + LLMDiffAdapter",
-    "stream": "(d) (b) in stream_blocks",
-    "offload": "(e) (b) offloaded (.to per call)",
+    "offload": "(d) (b) offloaded (.to per call)",
 }
 
 
@@ -142,10 +139,6 @@ def run_variant(cfg: dict) -> dict:
             with torch.no_grad():
                 out = decoder(ids, attention_mask=mask if padded else None, output_hidden_states=True)
             return torch.stack(out.hidden_states, 1)[0, :, start:start + n0]
-        if variant == "stream":
-            with llm_encoder.stream_blocks(model, device):
-                enc = llm_encoder.encode_prompts(model, tokenizer, prompts, device=device, **options)
-            return enc.hidden_states[0, :, :n0]
         if variant == "offload":
             model.to(device)
             try:
@@ -230,7 +223,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     llm_encoder.check_weights_path(args.llm)
     variants = args.variants.split(",") if args.variants else \
-        ["plain", "encode", "adapter", "stream"] + (["offload"] if args.device == "cuda" else [])
+        ["plain", "encode", "adapter"] + (["offload"] if args.device == "cuda" else [])
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; pick from {list(VARIANTS)}")

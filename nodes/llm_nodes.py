@@ -8,6 +8,7 @@ import torch
 
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.ops
 import comfy.utils
 import folder_paths
 from comfy_api.v0_0_2 import io
@@ -21,18 +22,64 @@ from .types import DTYPES, LLM, LLM_ADAPTER
 log = logging.getLogger(__name__)
 
 
+class CastParameters(comfy.ops.CastWeightBiasOp):
+    """Mixin for an LLM layer that comfy.ops has no class for (the model's own RMSNorm, Gemma's scaled embedding):
+    when ComfyUI's partial loading leaves its weights on the offload device, they are cast to the input's device for
+    the call, as comfy.ops layers do. The dtype stays the weights' own: the LLM computes in it, and an embedding's
+    input is integer ids."""
+    bias = None  # cast_bias_weight reads it; these layers have none
+
+    def forward(self, x, *args, **kwargs):
+        if not (self.comfy_cast_weights or self.weight_function or self.bias_function):
+            return super().forward(x, *args, **kwargs)
+        weight, bias, stream = comfy.ops.cast_bias_weight(self, device=x.device, dtype=self.weight.dtype,
+                                                          offloadable=True)
+        stored = dict(self._parameters)
+        self._parameters.update({"weight": weight} if bias is None else {"weight": weight, "bias": bias})
+        try:  # the layer's own arithmetic on the cast tensors
+            return super().forward(x, *args, **kwargs)
+        finally:
+            self._parameters.update(stored)
+            comfy.ops.uncast_bias_weight(self, weight, bias, stream)
+
+
+COMFY_LAYERS = {torch.nn.Linear: comfy.ops.disable_weight_init.Linear,
+                torch.nn.Embedding: comfy.ops.disable_weight_init.Embedding}
+_cast_classes: dict[type, type] = {}
+
+
+def on_comfy_ops(module: torch.nn.Module) -> torch.nn.Module:
+    """Every layer with weights becomes one that ComfyUI can leave on the offload device under partial loading
+    (--lowvram, or a diffusion model that needs the room): Linear and Embedding as comfy.ops layers, any other layer
+    with only weight/bias through CastParameters. Classes change in place; weights and arithmetic stay the same."""
+    for name, m in module.named_modules():
+        own = dict(m.named_parameters(recurse=False))
+        if not own or isinstance(m, comfy.ops.CastWeightBiasOp):
+            continue
+        cls = type(m)
+        if cls in COMFY_LAYERS:
+            m.__class__ = COMFY_LAYERS[cls]
+            if not hasattr(m, "bias"):  # comfy.ops' Embedding sets it when it builds one
+                m.bias = None
+        elif set(own) <= {"weight", "bias"} and not list(m.children()):
+            if cls not in _cast_classes:
+                _cast_classes[cls] = type(f"Comfy{cls.__name__}", (CastParameters, cls), {})
+            m.__class__ = _cast_classes[cls]
+        else:
+            raise llm_encoder.LLMError(f"LLM layer '{name}' ({cls.__name__}) holds parameters "
+                                       f"{sorted(own)} that ComfyUI's partial loading cannot cast.")
+    return module
+
+
 class LLMModule(torch.nn.Module):
     """Holds the LLM's text transformer for ModelPatcher, which needs to set `.device` (an HF model's is read-only).
     Only the decoder (embeddings, blocks, final norm): the LM head is never run, and with tied embeddings ComfyUI
-    would count that matrix twice when it budgets memory."""
+    would count that matrix twice when it budgets memory. Its layers are on comfy.ops (on_comfy_ops), so ComfyUI
+    may load any part of it."""
 
     def __init__(self, hf_model):
         super().__init__()
-        self.decoder = llm_encoder.decoder(hf_model)
-
-
-RESIDENT_VRAM_SHARE = 0.9     # device=auto keeps the LLM resident when it takes at most this share of free VRAM
-STREAMING_BLOCKS_FREED = 2     # streaming: room for one block at a time, and as much again for activations
+        self.decoder = on_comfy_ops(llm_encoder.decoder(hf_model))
 
 
 class LoadedLLM:
@@ -58,26 +105,22 @@ class LoadedLLM:
     def hidden_size(self) -> int:
         return llm_encoder.hidden_size(self.hf_model)
 
-    def streams(self) -> bool:
-        """Block-by-block streaming when asked, or (auto) when the weights do not fit in free VRAM."""
+    def load(self) -> None:
+        """ComfyUI's memory manager moves the weights, all of them or (when they do not fit, or for 'stream') as
+        many as it allows, the rest cast layer by layer; it pushes them back when the diffusion model needs the
+        room."""
         device = self.patcher.load_device
-        if device.type == "cpu" or self.device_policy == "gpu":
-            return False
-        if self.device_policy == "stream":
-            return True
-        return self.patcher.model_size() > mm.get_free_memory(device) * RESIDENT_VRAM_SHARE
+        if self.device_policy == "gpu":
+            mm.load_models_gpu([self.patcher], force_full_load=True)
+        elif self.device_policy == "stream" and device.type != "cpu":
+            # asking to keep all free memory for the forward leaves ComfyUI's smallest weight share resident
+            mm.load_models_gpu([self.patcher], minimum_memory_required=mm.get_free_memory(device))
+        else:
+            mm.load_models_gpu([self.patcher])
 
     def encode(self, prompts: list[str], on_block, **options) -> llm_encoder.PromptEncoding:
-        device = self.patcher.load_device
-        if self.streams():
-            block_bytes = self.patcher.model_size() // max(1, self.num_hidden_states - 1)
-            mm.free_memory(block_bytes * STREAMING_BLOCKS_FREED, device)
-            with llm_encoder.stream_blocks(self.hf_model, device):
-                return llm_encoder.encode_prompts(self.hf_model, self.tokenizer, prompts, device=device,
-                                                  on_block=on_block, **options)
-        # ComfyUI moves the weights, and pushes them back to the CPU when the diffusion model needs the room.
-        mm.load_models_gpu([self.patcher])
-        return llm_encoder.encode_prompts(self.hf_model, self.tokenizer, prompts, device=device,
+        self.load()
+        return llm_encoder.encode_prompts(self.hf_model, self.tokenizer, prompts, device=self.patcher.load_device,
                                           on_block=on_block, **options)
 
 
@@ -106,8 +149,10 @@ class LLMLoader(io.ComfyNode):
                                tooltip="auto: fp32 on the CPU, bf16 (or fp16) on a GPU. GGUF weights are "
                                        "dequantized to this type."),
                 io.Combo.Input("device", options=["auto", "gpu", "cpu", "stream"], default="auto",
-                               tooltip="auto: GPU through ComfyUI's memory manager, streamed block by block "
-                                       "when it does not fit in free VRAM. stream: always block by block."),
+                               tooltip="auto: GPU through ComfyUI's memory manager, which loads what fits and "
+                                       "casts the rest layer by layer. gpu: all of it. stream: as little as "
+                                       "ComfyUI allows, the rest layer by layer (leaves VRAM to the diffusion "
+                                       "model)."),
             ],
             outputs=[LLM.Output(tooltip="The LLM under ComfyUI's memory manager, for LLM Prompt Encode.")],
         )

@@ -1,10 +1,16 @@
-"""The LLM under ComfyUI's memory manager, in process: only its text transformer goes to the ModelPatcher."""
+"""The LLM under ComfyUI's memory manager, in process: only its text transformer goes to the ModelPatcher, on
+comfy.ops layers that ComfyUI's partial loading can leave on the offload device."""
+import copy
+
+import pytest
 import torch
 import transformers
 
 import tiny_models  # noqa: F401  (sets up ComfyUI for the imports below)
 import comfy.model_management as mm  # noqa: E402
-from llm_diffusion.nodes.llm_nodes import LoadedLLM  # noqa: E402
+import comfy.ops  # noqa: E402
+from llm_diffusion.adapters import llm_encoder  # noqa: E402
+from llm_diffusion.nodes.llm_nodes import LoadedLLM, on_comfy_ops  # noqa: E402
 
 
 def test_patcher_holds_the_decoder_and_counts_tied_embeddings_once():
@@ -18,3 +24,86 @@ def test_patcher_holds_the_decoder_and_counts_tied_embeddings_once():
     mm.load_models_gpu([llm.patcher])  # what LLM Prompt Encode does before encoding
     states = model.model(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True).hidden_states
     assert len(states) == 3 and torch.isfinite(states[-1]).all()
+
+
+def tiny_llm(arch: str):
+    """Small random decoders of three families whose norms differ: Llama's RMSNorm, Qwen3's extra q/k norms, Gemma
+    3's (1 + weight) RMSNorm."""
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    elif arch == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common))
+    else:
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**common, sliding_window=8))
+    with torch.no_grad():  # norms start at 1 (Gemma: 0); random ones show whether the cast weight is the one used
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def states(model, ids):
+    with torch.no_grad():
+        return torch.stack(llm_encoder.decoder(model)(input_ids=ids, output_hidden_states=True).hidden_states)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_every_llm_layer_with_weights_is_a_comfy_cast_layer(arch):
+    model = tiny_llm(arch)
+    llm = LoadedLLM("tiny", model, tokenizer=None, device_policy="auto")
+    with_weights = [m for m in llm.patcher.model.modules() if list(m.parameters(recurse=False))]
+    assert with_weights and all(isinstance(m, comfy.ops.CastWeightBiasOp) for m in with_weights)
+    kinds = {type(m).__name__ for m in with_weights}
+    assert "Linear" in kinds and any(k.startswith("Comfy") and "RMSNorm" in k for k in kinds)
+    assert "Embedding" in kinds or "ComfyGemma3TextScaledWordEmbedding" in kinds
+    assert not any(m.comfy_cast_weights for m in with_weights)  # resident: no per-call cast
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_partially_loaded_llm_casts_every_offloaded_layer_and_gives_the_same_states(arch):
+    model = tiny_llm(arch)
+    reference = copy.deepcopy(model)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    expected = states(reference, ids)
+    llm = LoadedLLM("tiny", model, tokenizer=None, device_policy="auto")
+    patcher = llm.patcher
+    # what ComfyUI does when the weights do not fit (--lowvram, or the diffusion model needs the room): no layer
+    # fits in a budget of one byte, so every one stays on the offload device and is cast for its call
+    patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1)
+    try:
+        with_weights = [m for m in patcher.model.modules() if list(m.parameters(recurse=False))]
+        assert patcher.model.model_lowvram
+        assert all(m.comfy_cast_weights for m in with_weights)
+        calls = []
+        original = comfy.ops.cast_bias_weight
+
+        def counting(s, *args, **kwargs):
+            calls.append(s)
+            return original(s, *args, **kwargs)
+        comfy.ops.cast_bias_weight = counting
+        try:
+            got = states(model, ids)
+        finally:
+            comfy.ops.cast_bias_weight = original
+        assert {id(m) for m in with_weights} == {id(m) for m in calls}  # every layer went through the cast
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    finally:
+        patcher.unpatch_model()
+    assert not any(m.comfy_cast_weights for m in with_weights)
+    torch.testing.assert_close(states(model, ids), expected, atol=0, rtol=0)
+
+
+def test_a_layer_with_weights_the_cast_cannot_reach_is_refused():
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.scale
+
+    with pytest.raises(llm_encoder.LLMError, match="scale"):
+        on_comfy_ops(torch.nn.Sequential(torch.nn.Linear(4, 4), Scaled()))
