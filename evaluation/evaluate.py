@@ -389,6 +389,54 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+HELD_OUT_COLUMNS = ("unseen combination", "unseen wording", "both unseen")
+MULTI_OBJECT_KINDS = ("pair", "relation", "triple")
+
+
+def _share_of(records: list[dict], passes) -> float | None:
+    return sum(map(passes, records)) / len(records) if records else None
+
+
+def targets(result: dict, baseline: dict | None = None) -> list[tuple[str, float | None, float]]:
+    """Issue 11's targets, each (what, measured share, goal) over the images of the held-out prompts (the three
+    held-out columns; 'unseen wording' rows: that column and 'both unseen'). With a baseline result (the no-LLM
+    model of the same budget), the gap on unseen wordings as well."""
+    recs = result["records"]
+    held = [r for r in recs if r["split"] in HELD_OUT_COLUMNS]
+    unseen_words = [r for r in recs if r["split"] in ("unseen wording", "both unseen")]
+    single = [r for r in unseen_words if r["kind"] == "single"]
+    res = lambda r, *cs: all(r["result"].get(c, True) for c in cs)  # noqa: E731
+    rows = [
+        ("unseen wording, one object: colour + position", _share_of(single, lambda r: res(r, "color", "position")),
+         0.95),
+        ("unseen wording, one object: colour + position + shape",
+         _share_of(single, lambda r: res(r, "color", "position", "shape")), 0.75),
+        ("two objects with a relation: all correct", _share_of([r for r in held if r["kind"] == "relation"],
+                                                                lambda r: r["result"]["overall"]), 0.50),
+        ("counts (exactly two or three): all correct", _share_of([r for r in held if r["kind"] == "count"],
+                                                                  lambda r: r["result"]["overall"]), 0.60),
+        ("binding (several objects: each colour on its shape)",
+         _share_of([r for r in held if r["kind"] in MULTI_OBJECT_KINDS], lambda r: r["result"]["shape"]), 0.40),
+        ("every asked colour is in the image (all prompts, all columns)",
+         _share_of(recs, lambda r: r["result"]["color"]), 0.95),
+    ]
+    if baseline is not None:
+        ours = _share_of(unseen_words, lambda r: r["result"]["overall"])
+        theirs = _share_of([r for r in baseline["records"] if r["split"] in ("unseen wording", "both unseen")],
+                           lambda r: r["result"]["overall"])
+        rows.append((f"unseen wordings, all correct: points above the no-LLM baseline "
+                     f"({_pct(ours)} vs {_pct(theirs)})", None if ours is None or theirs is None else ours - theirs,
+                     0.30))
+    return rows
+
+
+def format_targets(rows: list[tuple[str, float | None, float]]) -> str:
+    lines = ["| target | measured % | goal % | met |", "|---|---:|---:|---|"]
+    for what, got, goal in rows:
+        lines.append(f"| {what} | {_pct(got)} | {100 * goal:.0f} | {'yes' if got is not None and got >= goal else 'no'} |")
+    return "\n".join(lines)
+
+
 def format_tables(result: dict) -> str:
     s = result["settings"]
     cols = " | ".join(SPLITS)
@@ -448,6 +496,9 @@ def parse_args(argv=None):
     p.add_argument("--oracle", action="store_true",
                    help="score renders of the scenes instead of samples: the checker's ceiling (no model needed)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--baseline", default=None,
+                   help="--json of the no-LLM baseline (same budget) on the same prompts: the targets table gains "
+                        "the unseen-wording gap")
     p.add_argument("--prompt-split", default="test", choices=PROMPT_SPLITS,
                    help="test: the reported prompts; validation: other prompts of the same columns, to choose "
                         "between runs on")
@@ -464,6 +515,11 @@ def main(argv=None) -> dict:
                       json_path=args.json, oracle=args.oracle, loss_draws=args.loss_draws,
                       diff_adapter=args.diff_adapter, prompt_split=args.prompt_split)
     print(format_tables(result))
+    baseline = None
+    if args.baseline:
+        with open(args.baseline) as f:
+            baseline = json.load(f)
+    print("\n### Targets (issue 11)\n\n" + format_targets(targets(result, baseline)))
     return result
 
 

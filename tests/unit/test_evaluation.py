@@ -149,3 +149,26 @@ def test_loss_plot_log_scale_keeps_small_losses_apart():
     assert len(ticks) == 5 and ticks[0] < 0.01 and ticks[-1] > 1
     ratios = [b / a for a, b in zip(ticks, ticks[1:])]
     assert max(ratios) / min(ratios) < 1.02  # evenly spaced on the log axis
+
+
+def test_targets_count_the_held_out_images_of_each_target():
+    def rec(split, kind, **result):
+        base = {"color": True, "shape": True, "count": True, "overall": True}
+        base.update(result)
+        base["overall"] = all(v for k, v in base.items() if k != "overall")
+        return {"split": split, "kind": kind, "result": base}
+    records = [rec("unseen wording", "single", position=True), rec("both unseen", "single", position=False),
+               rec("seen", "single", position=True),  # in-distribution: in no held-out target but the colour one
+               rec("unseen combination", "relation", relation=True), rec("unseen wording", "relation", relation=False),
+               rec("both unseen", "count", count=False), rec("unseen wording", "pair", shape=False, color=False)]
+    baseline = {"records": [rec("unseen wording", "single", position=False)]}
+    rows = {what.split(" (")[0]: (got, goal) for what, got, goal in ev.targets({"records": records}, baseline)}
+    assert rows["unseen wording, one object: colour + position"] == (0.5, 0.95)
+    assert rows["two objects with a relation: all correct"] == (0.5, 0.5)
+    assert rows["counts"] == (0.0, 0.6)
+    assert rows["binding"] == (pytest.approx(2 / 3), 0.4)  # pair (wrong) and two relations (right)
+    assert rows["every asked colour is in the image"] == (pytest.approx(6 / 7), 0.95)
+    gap = [got for what, got, _ in ev.targets({"records": records}, baseline) if "baseline" in what][0]
+    assert gap == pytest.approx(1 / 5 - 0.0)  # unseen-wording images all correct: 1 of 5, baseline 0 of 1
+    table = ev.format_targets(ev.targets({"records": records}))
+    assert "| 50.0 | 50 | yes |" in table and "| 0.0 | 60 | no |" in table
