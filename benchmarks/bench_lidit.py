@@ -24,8 +24,11 @@ Tables (every ratio is against a baseline measured in the same run, on the same 
     GFLOP/step is counted with torch.utils.flop_counter.FlopCounterMode over one forward+backward (the AdamW
     update itself is not counted); on CPU the count is made on a 'meta' copy because FlopCounterMode does not see
     the CPU flash-attention kernel. MFU = achieved FLOP/s / (--peak-tflops x 1e12); 989 TFLOP/s is the H100 SXM
-    dense bf16 peak. On the CPU the peak is measured in the same run: the fp32 GFLOP/s of a large square matmul
-    (matmul_peak), which is what the training step's matmuls could reach at best on this machine and thread count.
+    dense bf16 peak. On the CPU the peak is measured in the same run: the GFLOP/s of a large square matmul
+    (matmul_peak) in fp32, and in bf16 for the rows under bf16 autocast, which is what the training step's matmuls
+    could reach at best on this machine and thread count. "trainer step before" is the trainer as it was (fp32 on
+    the CPU, PyTorch's SDPA); the rows after it add, one at a time, what the trainer now does by default on a CPU
+    with native bf16 (--precision auto) and with --compile.
 
 (c) Forward FLOPs per image of the paper's presets (adapters.lidit.PRESETS) at 256 px (a 32x32x16 latent of an
     8x VAE) with --preset-tokens LLM tokens of width 4096, counted on the 'meta' device (nothing is allocated or
@@ -157,10 +160,9 @@ def bench_denoise(args, device, dtype) -> tuple[list[list[str]], str, LIDiT]:
 # (b) training throughput
 
 
-def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 20) -> float:
-    """TFLOP/s of the fastest of `repeats` n x n fp32 matmuls (bf16 on CUDA): the machine's practical peak (the
-    fastest, not the median, since other load only ever slows a run down)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 20) -> float:
+    """TFLOP/s of the fastest of `repeats` n x n matmuls in `dtype`: the machine's practical peak (the fastest, not
+    the median, since other load only ever slows a run down)."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     sec = min(timed(lambda: a @ b, device, repeats, 2))
     return 2 * n ** 3 / sec / 1e12
@@ -249,35 +251,42 @@ def bench_training(args, device) -> list[list[str]]:
     from training.train_lidit import ShapesData
     data = ShapesData(defaults.pool_size, 0, defaults.resolution)
 
-    cases = [("forward only, no grad (baseline)", forward_only, f_fwd),
-             ("flow_matching_loss + backward", loss_backward, f_bwd),
-             ("+ AdamW step", adamw_step, f_bwd),
+    # (what, step, FLOPs, bf16 autocast): a bf16 row's MFU is against the bf16 matmul peak
+    cases = [("forward only, no grad (baseline)", forward_only, f_fwd, use_amp),
+             ("flow_matching_loss + backward", loss_backward, f_bwd, use_amp),
+             ("+ AdamW step", adamw_step, f_bwd, use_amp),
              ("trainer step before: + adapter on 31x576 states, clip, EMA", trainer_step_of(use_amp, False, False),
-              f_full)]
+              f_full, use_amp)]
     if device.type == "cpu":
         cases.append(("trainer step, --precision bf16 (CPU autocast), scores attention",
-                      trainer_step_of(True, True, False), f_full))
+                      trainer_step_of(True, True, False), f_full, True))
     else:
-        cases.append(("trainer step, scores attention", trainer_step_of(True, True, False), f_full))
+        cases.append(("trainer step, scores attention", trainer_step_of(True, True, False), f_full, True))
     if not args.no_compile:
-        cases.append(("trainer step now: + --compile", trainer_step_of(True, True, True), f_full))
-    peak = args.peak_tflops if device.type == "cuda" else matmul_peak(device)
-    rows, base = [], None
-    for name, fn, flops in cases:
+        cases.append(("trainer step now: + --compile", trainer_step_of(True, True, True), f_full, True))
+    if device.type == "cuda":
+        peaks = {True: args.peak_tflops}
+    else:
+        peaks = {False: matmul_peak(device, torch.float32), True: matmul_peak(device, torch.bfloat16)}
+    rows, base, before = [], None, None
+    for name, fn, flops, bf16 in cases:
         # the first calls of a compiled step compile (the forward, then the backward and the AdamW update)
         warmup = max(args.warmup, COMPILE_WARMUP) if "compile" in name else args.warmup
         sec = statistics.median(timed(fn, device, args.train_steps, warmup))
         base = base or sec
+        if name.startswith("trainer step before"):
+            before = sec
         tflops = flops / sec / 1e12
-        mfu = f"{100 * tflops / peak:.1f}%"
         rows.append([device.type, name, f"{batch / sec:.1f}", f"{sec * 1e3:.1f}", f"{sec / base:.2f}x",
-                     f"{flops / 1e9:.2f}", f"{tflops * 1e3:.1f}", mfu])
+                     f"{before / sec:.2f}x" if before else "-", f"{flops / 1e9:.2f}", f"{tflops * 1e3:.1f}",
+                     f"{100 * tflops / peaks[bf16]:.1f}% ({'bf16' if bf16 else 'fp32'})"])
     if device.type == "cpu":
         sec = statistics.median(timed(lambda: data.sample(batch), device, max(1, args.train_steps), 1))
         rows.append(["cpu", "data: render one shapes-world batch", f"{batch / sec:.1f}", f"{sec * 1e3:.1f}",
-                     f"{sec / base:.2f}x", "-", "-", "-"])
-        rows.append(["cpu", "fp32 matmul 2048x2048 (the peak, measured now)", "-", "-", "-", "-",
-                     f"{peak * 1e3:.1f}", "100%"])
+                     f"{sec / base:.2f}x", "-", "-", "-", "-"])
+        for bf16, peak in peaks.items():
+            rows.append(["cpu", f"{'bf16' if bf16 else 'fp32'} matmul 2048x2048 (the peak, measured now)", "-", "-",
+                         "-", "-", "-", f"{peak * 1e3:.1f}", "100%"])
     return rows
 
 
@@ -385,10 +394,10 @@ def main(argv=None) -> None:
             rows += bench_training(args, device)
         print(f"### (b) Training throughput, default training config, batch {args.train_batch}\n\n"
               f"Median of {args.train_steps} steps after {args.warmup} warm-up; CUDA rows under bf16 autocast; "
-              f"MFU: on the CPU against the fp32 matmul peak measured in this run, on CUDA against "
+              f"MFU: on the CPU against the matmul peak of the row's dtype measured in this run, on CUDA against "
               f"{args.peak_tflops:g} TFLOP/s.\n")
-        table(["device", "what", "samples/s", "ms/step", "vs forward", "GFLOP/step", "GFLOP/s", "MFU"], rows,
-              numeric_from=2)
+        table(["device", "what", "samples/s", "ms/step", "vs forward", "vs trainer step before", "GFLOP/step",
+               "GFLOP/s", "MFU"], rows, numeric_from=2)
     if "c" not in args.skip and args.presets:
         if model is None:
             model = LIDiT(default_config(training_defaults().context_dim))
