@@ -513,7 +513,11 @@ def main(argv=None):
     elif step or accelerator.process_index:  # a fresh single-process run keeps the streams seeded before the init
         seed_streams(data, args.seed, step, accelerator.process_index)
     if args.compile:
-        model.compile()  # in place: parameter names, and so checkpoints, stay those of the eager model
+        # in place (parameter names, and so checkpoints, stay those of the eager model), and only the networks: the
+        # noise and t of the loss are drawn outside, by torch's own generator, as in an eager run
+        model.lidit.compile()
+        for adapter in model.adapters:
+            adapter.compile()
     model, opt = accelerator.prepare(model, opt)
     raw = accelerator.unwrap_model(model)
     ema.to(accelerator.device)
