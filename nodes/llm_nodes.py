@@ -66,8 +66,10 @@ def on_comfy_ops(module: torch.nn.Module) -> torch.nn.Module:
                 _cast_classes[cls] = type(f"Comfy{cls.__name__}", (CastParameters, cls), {})
             m.__class__ = _cast_classes[cls]
         else:
-            raise llm_encoder.LLMError(f"LLM layer '{name}' ({cls.__name__}) holds parameters "
-                                       f"{sorted(own)} that ComfyUI's partial loading cannot cast.")
+            raise llm_encoder.LLMError(
+                f"LLM layer '{name}' ({cls.__name__}) holds parameters {sorted(own)} that ComfyUI's memory manager "
+                "cannot move layer by layer, so this architecture cannot be loaded safely. Load an LLM of a "
+                "supported family (llama, qwen2, qwen3, gemma2, gemma3, mistral, phi3).")
     return module
 
 
