@@ -282,14 +282,21 @@ class LLMConditioningAttach(io.ComfyNode):
         if info.get("adapter"):
             raise AdapterError(f"llm_encoding went through the adapter '{info['adapter']}'; the Apply LLM Diff Adapter "
                                "file holds its own. Disconnect the adapter from LLM Prompt Encode.")
-        mask = extra.get("attention_mask", torch.ones(hidden.shape[:2]))
-        flag = torch.full(hidden.shape[:2], float(bool(info.get("contributions"))))
-        tokens = torch.cat([hidden.float(), mask.to(torch.float32).unsqueeze(-1), flag.unsqueeze(-1)], dim=-1)
-        out = []
-        for context, cond_extra in conditioning:
-            model_conds = {**cond_extra.get("model_conds", {}), COND_KEY: CONDLLMTokens(tokens)}
-            out.append([context, {**cond_extra, "model_conds": model_conds}])
-        return io.NodeOutput(out)
+        return io.NodeOutput(attach_llm_tokens(conditioning, hidden, extra.get("attention_mask"),
+                                               bool(info.get("contributions"))))
+
+
+def attach_llm_tokens(conditioning: list, hidden: torch.Tensor, mask: torch.Tensor | None, contributions: bool) -> list:
+    """conditioning with LLM hidden states [B, T, S * D] (LLM Prompt Encode, layers 'all', no adapter) in its
+    model_conds, as Apply LLM Diff Adapter reads them; mask [B, T] (1 = token), None for all tokens."""
+    mask = torch.ones(hidden.shape[:2]) if mask is None else mask
+    flag = torch.full(hidden.shape[:2], float(contributions))
+    tokens = torch.cat([hidden.float(), mask.to(torch.float32).unsqueeze(-1), flag.unsqueeze(-1)], dim=-1)
+    out = []
+    for context, cond_extra in conditioning:
+        model_conds = {**cond_extra.get("model_conds", {}), COND_KEY: CONDLLMTokens(tokens)}
+        out.append([context, {**cond_extra, "model_conds": model_conds}])
+    return out
 
 
 NODES = [ApplyLLMDiffAdapter, LLMConditioningAttach]

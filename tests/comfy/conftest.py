@@ -122,7 +122,7 @@ def comfy_server(tmp_path_factory):
     config = os.path.join(base, "extra_model_paths.yaml")
     with open(config, "w") as f:
         f.write(f"llm_diffusion_tests:\n  base_path: {base}\n  LLM: LLM\n  llm_adapters: llm_adapters\n"
-                f"  lidit: lidit\n  diffusion_models: diffusion_models\n  custom_nodes: {TEST_NODES}\n")
+                f"  lidit: lidit\n  diffusion_models: diffusion_models\n  checkpoints: checkpoints\n  custom_nodes: {TEST_NODES}\n")
     out = str(tmp_path_factory.mktemp("comfy_output"))
     server = comfy_client.ComfyServer(out, extra_args=["--extra-model-paths-config", config])
     server.models_dir = base  # tests add files there to see the model lists follow

@@ -118,3 +118,33 @@ def save_detectable(folder: str) -> dict[str, str]:
     for name, net in files.values():
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, os.path.join(folder, name))
     return {family: name for family, (name, _) in files.items()}
+
+
+SD_VAE = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+              num_res_blocks=2, attn_resolutions=[], dropout=0.0)  # ComfyUI's SD 1.x VAE (its loader fixes these)
+
+
+def initialize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """PyTorch's default initialisation for every layer (comfy.ops layers skip it), so that a deep random network
+    (CLIP, the VAE) keeps finite activations; other parameters small and random."""
+    torch.manual_seed(seed)
+    randomize(net, seed, std=0.02)
+    layers = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    for m in net.modules():
+        for cls in layers:
+            if isinstance(m, cls):
+                cls.reset_parameters(m)
+    return net
+
+
+def save_sd15_checkpoint(path: str, seed: int = 0) -> None:
+    """A full SD 1.5 checkpoint that Load Checkpoint detects: the one-level UNet above, a random CLIP-L (ComfyUI's
+    SD 1.x text encoder, full size: its loader fixes the config) and a random SD VAE; fp16, about 0.45 GB."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.sd1_clip import SDClipModel
+    from safetensors.torch import save_file
+    parts = {"model.diffusion_model.": unet_net(SD15_DETECTABLE, seed),
+             "cond_stage_model.": initialize(SDClipModel(dtype=torch.float32), seed),
+             "first_stage_model.": initialize(AutoencoderKL(ddconfig=SD_VAE, embed_dim=4), seed)}
+    save_file({prefix + k: v.to(torch.float16).contiguous() for prefix, net in parts.items()
+               for k, v in net.state_dict().items()}, path)

@@ -1,0 +1,140 @@
+"""Adapter-only training for a checkpoint of a ComfyUI family (training/train_comfy_adapter.py) on a tiny SD 1.5
+checkpoint that Load Checkpoint detects (its UNet, a random CLIP-L and a random SD VAE) and a folder of captioned
+shapes-world images, with the real SmolLM2; then the trained file through Load Checkpoint, CLIP Text Encode, LLM
+Conditioning Attach, Apply LLM Diff Adapter, KSampler and VAE Decode in the real server."""
+from __future__ import annotations
+
+import csv
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny_models
+from conftest import ROOT, SMOLLM2
+from test_apply_adapter_server import encode, latent
+
+LLM = os.path.join(ROOT, ".comfyui", "models", "LLM", SMOLLM2)
+STEPS = 4
+KILL_AT = 3  # the killed run dies writing this step's loss row, after step 2's checkpoint
+
+
+def train(out, checkpoint: str, data: str, cache: str, *extra: str, kill_at: int | None = None):
+    args = ["--checkpoint", checkpoint, "--llm", LLM, "--data", data, "--out", str(out), "--name", "tiny-sd15-smollm2",
+            "--resolution", "64", "--steps", str(STEPS), "--batch-size", "2", "--save-every", "2", "--lr", "3e-3",
+            "--warmup", "1", "--export-weights", "raw", "--cache-dir", cache, "--threads", "2", *extra]
+    # the kill: a hard exit inside the loss log's write, as a crash or a lost machine would end it
+    code = ("import os, sys\nimport training.train_lidit as t\nreal = t.LossLog.write\n"
+            f"t.LossLog.write = lambda self, row: os._exit(9) if row[0] == {kill_at} else real(self, row)\n"
+            "from training.train_comfy_adapter import main\nmain(sys.argv[1:])\n")
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_adapter_training")
+    checkpoint, data = str(base / "tiny-sd15.safetensors"), base / "images"
+    tiny_models.save_sd15_checkpoint(checkpoint)
+    data.mkdir()
+    rng = random.Random(0)
+    import torchvision.transforms.functional as TF
+    from llm_diffusion.adapters import captions, shapes_world
+    for i, scene in enumerate(captions.training_pool(4, seed=0)):
+        TF.to_pil_image(shapes_world.render(scene, 64, rng)).save(data / f"image{i}.png")
+        (data / f"image{i}.txt").write_text(scene.caption)
+    (data / "no-caption.png").write_bytes((data / "image0.png").read_bytes())  # skipped: no .txt beside it
+    run = train(base / "full", checkpoint, str(data), str(base / "cache"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {"base": base, "checkpoint": checkpoint, "data": str(data), "out": base / "full", "log": run.stderr}
+
+
+def loss_rows(out) -> list[list[str]]:
+    with open(os.path.join(out, "loss.csv")) as f:
+        return list(csv.reader(f))[1:]
+
+
+def test_trains_only_the_adapter_into_one_file_naming_family_and_llm(trained):
+    from llm_diffusion.adapters.checkpoint import load_host_adapter
+    host, info = load_host_adapter(str(trained["out"] / "tiny-sd15-smollm2.safetensors"))
+    assert (info["family"], info["llm"], info["kind"]) == ("unet", SMOLLM2, "decoupled")
+    assert [(w, h) for _, w, h in host.sites] == [(320, 8)] * 4  # the one-level SD 1.5 UNet's four attn2 sites
+    assert (host.adapter.num_hidden_states, host.adapter.llm_hidden_size) == (31, 576)
+    assert "unet checkpoint, 4 cross-attention sites; 4 images" in trained["log"]  # the uncaptioned one skipped
+    opened = [b.llm_gate_a.item() for b in host.branches]
+    assert all(abs(a) > 1e-4 for a in opened), f"the LLM branches never opened: {opened}"
+    losses = [float(r[1]) for r in loss_rows(trained["out"])]
+    assert len(losses) == STEPS and all(0 < x < 100 for x in losses)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(trained, tmp_path):
+    out = tmp_path / "killed"
+    killed = train(out, trained["checkpoint"], trained["data"], str(trained["base"] / "cache"), kill_at=KILL_AT)
+    assert killed.returncode == 9 and not (out / "tiny-sd15-smollm2.safetensors").exists()
+    resumed = train(out, trained["checkpoint"], trained["data"], str(trained["base"] / "cache"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "at step 2" in resumed.stderr
+    full = load_file(str(trained["out"] / "tiny-sd15-smollm2.safetensors"))
+    again = load_file(str(out / "tiny-sd15-smollm2.safetensors"))
+    # Not bit for bit: ComfyUI sizes its attention chunks by the free memory, which moves the last float bits. A
+    # resume that lost the optimizer state or redrew the samples moves every weight by about the learning rate and
+    # the losses of steps 3 and 4 by far more than 1e-3.
+    assert full.keys() == again.keys()
+    assert torch.cat([(full[k] - again[k]).abs().flatten() for k in full]).mean() < 1e-4
+    rows, full_rows = loss_rows(out), loss_rows(trained["out"])
+    assert [int(r[0]) for r in rows] == list(range(1, STEPS + 1))
+    assert all(abs(float(a[1]) - float(b[1])) < 1e-3 * float(b[1]) for a, b in zip(rows, full_rows))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--checkpoint", "model.ckpt"], "only safetensors checkpoints are loaded"),
+    (["--data", "/nonexistent/images"], "--data '/nonexistent/images' does not exist"),
+])
+def test_bad_input_is_refused_naming_the_fix(trained, bad, message):
+    args = {"--checkpoint": trained["checkpoint"], "--data": trained["data"]}
+    args.update(dict(zip(bad[::2], bad[1::2])))
+    run = subprocess.run([sys.executable, "-m", "training.train_comfy_adapter", "--llm", LLM, "--out", "/tmp/unused",
+                          *[x for kv in args.items() for x in kv]], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and message in run.stderr
+
+
+def checkpoint_graph(checkpoint: str, adapter: str, strength: float) -> dict:
+    """Load Checkpoint -> Apply LLM Diff Adapter -> KSampler (CLIP Text Encode + LLM Conditioning Attach on both
+    prompts, 2 Euler steps, CFG 3) -> SaveLatent, and VAE Decode -> SaveImage."""
+    g = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+         "llm": {"class_type": "LLMLoader", "inputs": {"llm_name": SMOLLM2, "dtype": "auto", "device": "auto"}},
+         "apply": {"class_type": "ApplyLLMDiffAdapter",
+                   "inputs": {"model": ["ckpt", 0], "adapter_name": adapter, "strength": strength}},
+         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+    for sign, text in (("positive", "a red square to the left of a blue circle"), ("negative", "")):
+        g[f"clip:{sign}"] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["ckpt", 1]}}
+        g[f"llm:{sign}"] = encode(text)
+        g[f"llm:{sign}"]["inputs"]["max_tokens"] = 128
+        g[f"attach:{sign}"] = {"class_type": "LLMConditioningAttach",
+                               "inputs": {"conditioning": [f"clip:{sign}", 0], "llm_encoding": [f"llm:{sign}", 0]}}
+    g["sample"] = {"class_type": "KSampler", "inputs": {
+        "model": ["apply", 0], "seed": 0, "steps": 2, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["attach:positive", 0], "negative": ["attach:negative", 0], "latent_image": ["latent", 0],
+        "denoise": 1.0}}
+    g["save"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": "trained"}}
+    g["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}}
+    g["image"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "trained"}}
+    return g
+
+
+def test_the_trained_adapter_runs_on_its_checkpoint_in_comfyui(comfy_server, trained):
+    for folder, src in (("checkpoints", trained["checkpoint"]),
+                        ("llm_adapters", str(trained["out"] / "tiny-sd15-smollm2.safetensors"))):
+        os.makedirs(os.path.join(comfy_server.models_dir, folder), exist_ok=True)
+        shutil.copy(src, os.path.join(comfy_server.models_dir, folder))
+    ckpt, adapter = "tiny-sd15.safetensors", "tiny-sd15-smollm2.safetensors"
+    own = latent(comfy_server, checkpoint_graph(ckpt, adapter, 0.0))
+    entry = comfy_server.run(checkpoint_graph(ckpt, adapter, 1.0))
+    files = [f for out in entry["outputs"].values() for f in out.get("latents", [])]
+    with_llm = load_file(f"{comfy_server.output_dir}/{files[0]['subfolder']}/{files[0]['filename']}")["latent_tensor"]
+    assert torch.isfinite(with_llm).all() and (with_llm - own).abs().mean() > 1e-5
+    assert any(p.endswith(".png") for p in comfy_server.output_images(entry))

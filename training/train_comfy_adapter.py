@@ -1,0 +1,281 @@
+"""Train an LLM Diff Adapter for an existing checkpoint of a ComfyUI model family (SD 1.x, SD 2.x and SDXL UNets,
+SD3) on a folder of captioned images; the checkpoint with its CLIP and VAE, and the LLM, stay frozen.
+
+    python -m training.train_comfy_adapter --checkpoint ComfyUI/models/checkpoints/sd_xl_base_1.0.safetensors \\
+        --llm ComfyUI/models/LLM/SmolLM2-135M-Instruct.Q4_1.gguf --data my_images/ --resolution 1024 \\
+        --out runs/sdxl-smollm2 --name sdxl-smollm2 --steps 2000 --batch-size 4 --resume
+
+--data: images (.png, .jpg, .jpeg, .webp) with a same-name .txt caption each, centre-cropped to --resolution.
+The output <out>/<name>.safetensors goes into ComfyUI/models/llm_adapters/ for Apply LLM Diff Adapter.
+
+Everything that touches the model is ComfyUI's own: its checkpoint loader (model, CLIP, VAE), the CLIP Text Encode
+and VAE Encode calls, its memory manager and its sampling path (CFGGuider: cond processing, model_conds, patches
+and wrappers), with the very patch that Apply LLM Diff Adapter applies, so what is trained is what the node runs.
+Only the adapter and its second cross-attentions learn. Each image is one model call (ComfyUI averages, not
+batches, several conditionings on one call); --batch-size accumulates them into one optimizer step. Checkpoints
+every --save-every steps resume with --resume; the step's draws come from (seed, step), so a resumed run draws
+what an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from training.features import caption_features, encoder_settings  # noqa: E402
+from training.train_lidit import (STREAM_STRIDE, FolderData, LossLog, load_training_state, lr_at,  # noqa: E402
+                                  recover_checkpoint, save_training_state)
+
+log = logging.getLogger("train_comfy_adapter")
+PACKAGE = "llm_diffusion"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="a ComfyUI checkpoint (.safetensors with the diffusion model, its CLIP and its VAE), as Load "
+                        "Checkpoint reads it")
+    p.add_argument("--llm", required=True, help="the frozen LLM (.gguf or a Hugging Face folder)")
+    p.add_argument("--data", required=True, help="a folder of images with same-name .txt captions")
+    p.add_argument("--out", required=True)
+    p.add_argument("--name", default="llm-host-adapter")
+    p.add_argument("--comfyui", default=None,
+                   help="ComfyUI's folder (default: the one this pack is installed in, else the repository's .comfyui)")
+    p.add_argument("--resolution", type=int, default=512, help="image size in pixels (1024 for SDXL)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=4, help="images per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context-dim", type=int, default=768, help="the adapter's output size")
+    p.add_argument("--instruction", default="li-dit", choices=["li-dit", "none"])
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--caption-dropout", type=float, default=0.1,
+                   help="share of images trained on the empty prompt (CLIP and LLM), for classifier-free guidance")
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--export-weights", default="ema", choices=["ema", "raw"])
+    p.add_argument("--weight-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="the frozen model's weights (auto: ComfyUI's choice, bf16 on CUDA where it is supported)")
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--cache-dir", default=None, help="LLM feature cache (default <out>/cache)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    args = p.parse_args(argv)
+    if not args.checkpoint.endswith(".safetensors"):
+        p.error(f"'{os.path.basename(args.checkpoint)}' is not a .safetensors file; only safetensors checkpoints are "
+                "loaded (pickled .ckpt/.pt files can run arbitrary code). Convert it to safetensors first.")
+    for flag, path in (("--checkpoint", args.checkpoint), ("--llm", args.llm), ("--data", args.data)):
+        if not os.path.exists(path):
+            p.error(f"{flag} '{path}' does not exist.")
+    return args
+
+
+def comfyui_folder(arg: str | None) -> str:
+    """--comfyui, else the ComfyUI this pack sits in (ComfyUI/custom_nodes/<pack>), else the repository's .comfyui."""
+    installed = os.path.dirname(os.path.dirname(os.path.realpath(ROOT)))
+    for folder in ([arg] if arg else [installed, os.path.join(ROOT, ".comfyui")]):
+        if os.path.isfile(os.path.join(folder, "comfy", "model_management.py")):
+            return os.path.abspath(folder)
+    raise SystemExit(f"No ComfyUI found ({arg or 'looked above the pack and in ' + os.path.join(ROOT, '.comfyui')}); "
+                     "give its folder with --comfyui.")
+
+
+def import_comfyui(folder: str):
+    """ComfyUI's modules and the pack as ComfyUI imports it (a package), on the CPU where there is no GPU."""
+    sys.path.insert(0, folder)
+    from comfy.cli_args import args as comfy_args
+    if not torch.cuda.is_available():
+        comfy_args.cpu = True  # as main.py --cpu; before comfy.model_management is imported
+    if PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACKAGE, os.path.join(ROOT, "__init__.py"),
+                                                      submodule_search_locations=[ROOT])
+        sys.modules[PACKAGE] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[PACKAGE])
+    return importlib.import_module(f"{PACKAGE}.nodes.diff_adapter_nodes")
+
+
+def weight_dtype(name: str) -> torch.dtype | None:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def prediction_loss(model_sampling, denoised: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The model's own training loss from ComfyUI's denoised output: the MSE of its prediction target (noise for
+    eps models, velocity for v-prediction and flow models), which is the x0 error times a per-sigma weight."""
+    import comfy.model_sampling as ms
+    s = sigma.float().view(-1, *([1] * (x0.ndim - 1)))
+    if isinstance(model_sampling, ms.V_PREDICTION):  # x0 error = sigma*sigma_data/sqrt(sigma^2+sigma_data^2) * v error
+        sd2 = model_sampling.sigma_data ** 2
+        weight = (s ** 2 + sd2) / (s ** 2 * sd2)
+    elif isinstance(model_sampling, (ms.EPS, ms.CONST)):  # eps: x0 error = sigma * eps error; flow: sigma * v error
+        weight = 1 / s ** 2
+    else:
+        raise SystemExit(f"Training on a {type(model_sampling).__name__} model is not supported (eps, v-prediction "
+                         "and flow models are).")
+    return (weight * (denoised.float() - x0.float()) ** 2).mean()
+
+
+def load_images(data: FolderData, resolution: int) -> torch.Tensor:
+    """[N, H, W, 3] in [0, 1], centre-cropped, as ComfyUI's IMAGE."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    out = []
+    for path, _ in data.items:
+        img = Image.open(path).convert("RGB")
+        out.append(TF.to_tensor(TF.center_crop(TF.resize(img, resolution), resolution)).permute(1, 2, 0))
+    return torch.stack(out)
+
+
+class AdapterTraining:
+    """A ComfyUI sampler that trains instead of sampling: CFGGuider calls it with the model loaded and patched and
+    the conditionings processed, and every model call goes through the guider as in sampling."""
+
+    def __init__(self, host, ema, latents: torch.Tensor, args, start_step: int, ckpt: str, opt_state_from=None):
+        self.host, self.ema, self.latents, self.args = host, ema, latents, args
+        self.step, self.ckpt, self.opt_state_from = start_step, ckpt, opt_state_from
+        self.loss_log = LossLog(os.path.join(args.out, "loss.csv"), start_step)
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        import comfy.model_management as mm
+        import comfy.utils
+        from tqdm import tqdm
+        args, inner = self.args, model_wrap.inner_model
+        sampling, device = inner.model_sampling, noise.device
+        conds = model_wrap.conds["positive"]  # one per image, then the empty prompt
+        latents = inner.process_latent_in(self.latents.to(device))
+        params = [p for p in self.host.parameters() if p.requires_grad]
+        self.ema.to(device)
+        # made here, after ComfyUI moved the adapter to the load device
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+        if self.opt_state_from:
+            load_training_state(self.opt_state_from, self.host, self.ema, opt)
+        bar = tqdm(total=args.steps, initial=self.step, desc="train", disable=disable_pbar)
+        pbar = comfy.utils.ProgressBar(args.steps)
+        t0, seen = time.time(), 0
+        with torch.inference_mode(False), torch.enable_grad():
+            while self.step < args.steps:
+                mm.throw_exception_if_processing_interrupted()
+                g = torch.Generator().manual_seed(args.seed * STREAM_STRIDE + self.step)
+                idx = torch.randint(len(latents), (args.batch_size,), generator=g).tolist()
+                dropped = (torch.rand(args.batch_size, generator=g) < args.caption_dropout).tolist()
+                percent = torch.rand(args.batch_size, generator=g).clamp(1e-4, 1 - 1e-4).tolist()
+                draws = torch.randn((args.batch_size, *latents.shape[1:]), generator=g).to(device)
+                for g_ in opt.param_groups:
+                    g_["lr"] = lr_at(self.step, args)
+                opt.zero_grad(set_to_none=True)
+                total = 0.0
+                for b, i in enumerate(idx):
+                    model_wrap.conds["positive"] = [conds[-1] if dropped[b] else conds[i]]
+                    sigma = torch.tensor([sampling.percent_to_sigma(percent[b])], device=device)
+                    x0 = latents[i:i + 1]
+                    xt = sampling.noise_scaling(sigma, draws[b:b + 1], x0)
+                    loss = prediction_loss(sampling, model_wrap(xt, sigma, **extra_args), x0, sigma) / args.batch_size
+                    loss.backward()
+                    total += loss.item()
+                model_wrap.conds["positive"] = conds
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                with torch.no_grad():
+                    for pe, p in zip(self.ema.parameters(), self.host.parameters()):
+                        pe.lerp_(p, 1 - args.ema)
+                self.step += 1
+                seen += args.batch_size
+                rate = seen / (time.time() - t0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.4f}", ips=f"{rate:.2f}")
+                pbar.update_absolute(self.step, args.steps)
+                self.loss_log.write([self.step, f"{total:.5f}", f"{lr_at(self.step - 1, args):.6g}", f"{rate:.3f}", ""])
+                if self.step % args.save_every == 0 or self.step == args.steps:
+                    save_training_state(self.ckpt, self.host, self.ema, opt, self.step, args)
+        bar.close()
+        self.loss_log.close()
+        return latent_image
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dan = import_comfyui(comfyui_folder(args.comfyui))
+    import comfy.model_management as mm
+    import comfy.samplers
+    import comfy.sd
+    from llm_diffusion.adapters.checkpoint import save_host_adapter
+    from llm_diffusion.adapters.conditioning import hidden_states_to_context
+    from llm_diffusion.adapters.diff_adapter import HostAdapter
+    os.makedirs(args.out, exist_ok=True)
+
+    data = FolderData(args.data, args.seed, args.resolution)
+    captions = [c for _, c in data.items]
+    settings = encoder_settings(args.llm, "all", args.instruction, args.max_tokens)
+    feats, num_states = caption_features(args.llm, captions + [""], settings,
+                                         args.cache_dir or os.path.join(args.out, "cache"))
+    llm_hidden_size = feats[0].shape[-1]
+
+    dtype = weight_dtype(args.weight_dtype)
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        args.checkpoint, output_vae=True, output_clip=True, model_options={"dtype": dtype} if dtype else {})
+    if model is None or clip is None or vae is None:
+        raise SystemExit(f"'{os.path.basename(args.checkpoint)}' lacks its diffusion model, CLIP or VAE; "
+                         "--checkpoint takes a full checkpoint as Load Checkpoint reads it.")
+    try:
+        family, sites = dan.host_family(model.model.diffusion_model)
+    except dan.AdapterError as e:
+        raise SystemExit(str(e)) from None
+    if family == "flux":
+        raise SystemExit("Flux adapters cannot be trained in ComfyUI 0.3.75: its Flux blocks update activations in "
+                         "place, so no gradient passes through the model. Train for an SD 1.x, SD 2.x, SDXL or SD3 "
+                         "checkpoint.")
+    log.info("%s checkpoint, %d cross-attention sites; %d images", family, len(sites), len(captions))
+
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(chunk) for chunk in load_images(data, args.resolution).split(8)]).float().cpu()
+        conditionings = []
+        for caption, feat in zip(captions + [""], feats):
+            cond = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
+            conditionings += dan.attach_llm_tokens(cond, hidden_states_to_context(feat[None].float()), None, False)
+    del clip, vae
+
+    torch.manual_seed(args.seed)  # the adapter's initial weights
+    host = HostAdapter(llm_hidden_size, num_states, args.context_dim, sites,
+                       "decoupled" if family in ("unet", "lidit") else "gated")
+    ema = copy.deepcopy(host).requires_grad_(False)
+    info = {"family": family, "llm": settings["llm"]}
+    patched = dan.apply_host_adapter(model, host, info, args.name, 1.0)
+    patched.model.requires_grad_(False)
+    ckpt = os.path.join(args.out, "checkpoint")
+    step = recover_checkpoint(ckpt) if args.resume else None
+    if step:
+        log.info("resuming from %s at step %d", ckpt, step)
+    training = AdapterTraining(host, ema, latents, args, step or 0, ckpt, ckpt if step else None)
+    if training.step < args.steps:
+        # the whole model on the device, everything else out, as ComfyUI's own LoRA trainer loads it
+        mm.load_models_gpu([patched], memory_required=1e20, force_full_load=True)
+        guider = comfy.samplers.CFGGuider(patched)
+        guider.inner_set_conds({"positive": conditionings})
+        dummy = latents[:1]
+        guider.sample(torch.zeros_like(dummy), dummy, training, torch.tensor([1.0, 0.0]), seed=args.seed)
+    n_params = sum(p.numel() for p in host.parameters())
+    export = ema if args.export_weights == "ema" else host
+    path = os.path.join(args.out, f"{args.name}.safetensors")
+    save_host_adapter(path, export, family, settings["llm"],
+                      extra={"encoder": dict(settings),
+                             "base": os.path.basename(args.checkpoint), "training": vars(args)})
+    print(f"wrote {path} ({n_params / 1e6:.2f}M parameters, {family}, {len(sites)} sites)")
+
+
+if __name__ == "__main__":
+    main()
