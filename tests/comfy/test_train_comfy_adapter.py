@@ -71,10 +71,13 @@ def test_trains_only_the_adapter_into_one_file_naming_family_and_llm(trained):
     assert len(losses) == STEPS and all(0 < x < 100 for x in losses)
 
 
-def test_a_killed_run_resumes_to_the_same_weights(trained, tmp_path):
+def test_a_killed_run_resumes_to_the_same_weights_with_or_without_gradient_checkpointing(trained, tmp_path):
     out = tmp_path / "killed"
-    killed = train(out, trained["checkpoint"], trained["data"], str(trained["base"] / "cache"), kill_at=KILL_AT)
+    # the killed part with gradient checkpointing, the rest without: the same training either way
+    killed = train(out, trained["checkpoint"], trained["data"], str(trained["base"] / "cache"),
+                   "--gradient-checkpointing", kill_at=KILL_AT)
     assert killed.returncode == 9 and not (out / "tiny-sd15-smollm2.safetensors").exists()
+    assert "gradient checkpointing on 16 blocks" in killed.stderr  # the UNet's outermost blocks
     resumed = train(out, trained["checkpoint"], trained["data"], str(trained["base"] / "cache"), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr and "at step 2" in resumed.stderr
