@@ -176,8 +176,8 @@ class AdapterTraining:
                 dropped = (torch.rand(args.batch_size, generator=g) < args.caption_dropout).tolist()
                 percent = torch.rand(args.batch_size, generator=g).clamp(1e-4, 1 - 1e-4).tolist()
                 draws = torch.randn((args.batch_size, *latents.shape[1:]), generator=g).to(device)
-                for g_ in opt.param_groups:
-                    g_["lr"] = lr_at(self.step, args)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(self.step, args)
                 opt.zero_grad(set_to_none=True)
                 total = 0.0
                 for b, i in enumerate(idx):
