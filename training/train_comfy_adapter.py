@@ -34,8 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from training.features import caption_features, encoder_settings  # noqa: E402
-from training.train_lidit import (STREAM_STRIDE, FolderData, LossLog, load_training_state, lr_at,  # noqa: E402
-                                  recover_checkpoint, save_training_state)
+from training.train_lidit import (STREAM_STRIDE, DivergedError, FolderData, LossLog, check_gradients,  # noqa: E402
+                                  load_training_state, lr_at, recover_checkpoint, save_training_state)
 
 log = logging.getLogger("train_comfy_adapter")
 PACKAGE = "llm_diffusion"
@@ -189,7 +189,12 @@ class AdapterTraining:
                     loss.backward()
                     total += loss.item()
                 model_wrap.conds["positive"] = conds
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                try:
+                    check_gradients(torch.nn.utils.clip_grad_norm_(params, 1.0))
+                except DivergedError as e:
+                    raise SystemExit(f"Training diverged at step {self.step + 1}: {e}. Nothing from this step on was "
+                                     "saved; --resume continues from the last checkpoint. Lower --lr, or keep the "
+                                     "model in fp32 (--weight-dtype fp32).") from None
                 opt.step()
                 with torch.no_grad():
                     for pe, p in zip(self.ema.parameters(), self.host.parameters()):

@@ -275,9 +275,23 @@ def train_step(model, opt, accelerator, x0, hidden, masks, lr: float, noise=None
         loss = model(x0.to(device), [h.to(device) for h in hidden], [m.to(device) for m in masks], noise, t)
     opt.zero_grad(set_to_none=True)
     accelerator.backward(loss)
-    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    check_gradients(accelerator.clip_grad_norm_(model.parameters(), 1.0))
     opt.step()
     return accelerator.reduce(loss.detach(), "mean")
+
+
+class DivergedError(RuntimeError):
+    """A non-finite loss or gradient; raised before the optimizer step, so the weights stay as they were."""
+
+
+def check_gradients(grad_norm: torch.Tensor) -> None:
+    if not torch.isfinite(grad_norm):
+        raise DivergedError(f"the gradient norm is {grad_norm.item()}")
+
+
+DIVERGED_FIX = ("Nothing from this step on was saved; --resume continues from the last checkpoint. Lower --lr, or "
+                "train in fp32 (--precision fp32): adapter-only runs (--base) under bf16 autocast with --compile give "
+                "NaN gradients from the first step on this CPU (eager bf16 and compiled fp32 do not).")
 
 
 STREAM_STRIDE = 1_000_003  # seeds of (seed, step) pairs never coincide for runs under a million steps
@@ -532,8 +546,11 @@ def main(argv=None):
         x0, idx = data.sample(args.batch_size)
         batch_captions = [data.captions[i] if random.random() >= args.caption_dropout else "" for i in idx]
         hidden = batch_inputs(batch_captions)
-        loss = train_step(model, opt, accelerator, x0, [h for h, _ in hidden], [m for _, m in hidden],
-                          lr_at(step, args))
+        try:
+            loss = train_step(model, opt, accelerator, x0, [h for h, _ in hidden], [m for _, m in hidden],
+                              lr_at(step, args))
+        except DivergedError as e:
+            raise SystemExit(f"Training diverged at step {step + 1}: {e}. {DIVERGED_FIX}") from None
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), raw.parameters()):
                 pe.lerp_(p, 1 - args.ema)

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import training.train_lidit as trainer
 from test_trainer import TINY, checkpoint_state, loss_rows, optimizer_steps, train
@@ -136,3 +137,16 @@ def test_torn_loss_log_row_is_dropped_on_resume(tmp_path):
     log = trainer.LossLog(path, keep_until=5)
     log.close()
     assert [r["step"] for r in loss_rows(str(tmp_path))] == ["1", "2"]
+
+
+def test_nan_gradients_stop_the_run_before_the_weights_change(monkeypatch, tmp_path, tiny_llm_dirs, at_step_3):
+    out = shutil.copytree(at_step_3, tmp_path / "diverged")
+    saved = load_file(os.path.join(out, "checkpoint", "model.safetensors"))
+    real = trainer.flow_matching_loss
+    monkeypatch.setattr(trainer, "flow_matching_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(SystemExit, match="diverged at step 4: the gradient norm is nan.*--resume continues from the "
+                                         "last checkpoint"):
+        train(out, [tiny_llm_dirs["llama"]], 6, *NO_EVAL, "--resume")
+    kept = load_file(os.path.join(out, "checkpoint", "model.safetensors"))
+    assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
+    assert [int(r["step"]) for r in loss_rows(out)] == [1, 2, 3]
