@@ -39,6 +39,7 @@ UNETS = {
                  transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False,
                  use_temporal_resblock=False),
 }
+# ComfyUI's SD 1.x / SDXL VAE (comfy/sd.py fixes it; only the latent channels come from the file)
 SD_VAE = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
               num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 ADAPTER_BYTES = 4 * 5  # fp32 weight, gradient, AdamW exp_avg and exp_avg_sq, EMA

@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 
 from training.features import caption_features, encoder_settings  # noqa: E402
 from training.train_lidit import (STREAM_STRIDE, DivergedError, FolderData, LossLog, check_gradients,  # noqa: E402
-                                  load_training_state, lr_at, recover_checkpoint, save_training_state)
+                                  diverged, load_training_state, lr_at, recover_checkpoint, save_training_state)
 
 log = logging.getLogger("train_comfy_adapter")
 PACKAGE = "llm_diffusion"
@@ -69,7 +69,7 @@ def parse_args(argv=None):
                    help="the frozen model's weights (auto: ComfyUI's choice, bf16 on CUDA where it is supported)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the frozen model's blocks in the backward pass instead of keeping their "
-                        "activations (ComfyUI's own LoRA trainer's checkpointing): less memory, about a third slower")
+                        "activations: less memory, more time")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--cache-dir", default=None, help="LLM feature cache (default <out>/cache)")
     p.add_argument("--resume", action="store_true")
@@ -130,15 +130,14 @@ def prediction_loss(model_sampling, denoised: torch.Tensor, x0: torch.Tensor, si
     return (weight * (denoised.float() - x0.float()) ** 2).mean()
 
 
-def load_images(data: FolderData, resolution: int) -> torch.Tensor:
-    """[N, H, W, 3] in [0, 1], centre-cropped, as ComfyUI's IMAGE."""
-    import torchvision.transforms.functional as TF
-    from PIL import Image
-    out = []
-    for path, _ in data.items:
-        img = Image.open(path).convert("RGB")
-        out.append(TF.to_tensor(TF.center_crop(TF.resize(img, resolution), resolution)).permute(1, 2, 0))
-    return torch.stack(out)
+def encode_images(vae, data: FolderData, chunk: int = 8) -> torch.Tensor:
+    """VAE Encode of every image, a few at a time (a folder of 1024 px images does not fit in memory at once)."""
+    latents = []
+    with torch.no_grad():
+        for start in range(0, len(data.items), chunk):
+            pixels = torch.stack([data.image(i) for i in range(start, min(start + chunk, len(data.items)))])
+            latents.append(vae.encode(pixels.permute(0, 2, 3, 1)).float().cpu())  # ComfyUI's IMAGE: [B, H, W, 3]
+    return torch.cat(latents)
 
 
 class AdapterTraining:
@@ -192,9 +191,8 @@ class AdapterTraining:
                 try:
                     check_gradients(torch.nn.utils.clip_grad_norm_(params, 1.0))
                 except DivergedError as e:
-                    raise SystemExit(f"Training diverged at step {self.step + 1}: {e}. Nothing from this step on was "
-                                     "saved; --resume continues from the last checkpoint. Lower --lr, or keep the "
-                                     "model in fp32 (--weight-dtype fp32).") from None
+                    raise diverged(self.step + 1, e, "Lower --lr, or keep the model in fp32 (--weight-dtype fp32).") \
+                        from None
                 opt.step()
                 with torch.no_grad():
                     for pe, p in zip(self.ema.parameters(), self.host.parameters()):
@@ -268,8 +266,8 @@ def main(argv=None):
                          "checkpoint.")
     log.info("%s checkpoint, %d cross-attention sites; %d images", family, len(sites), len(captions))
 
+    latents = encode_images(vae, data)
     with torch.no_grad():
-        latents = torch.cat([vae.encode(chunk) for chunk in load_images(data, args.resolution).split(8)]).float().cpu()
         conditionings = []
         for caption, feat in zip(captions + [""], feats):
             cond = clip.encode_from_tokens_scheduled(clip.tokenize(caption))

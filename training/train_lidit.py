@@ -156,15 +156,15 @@ class FolderData:
         self.resolution = resolution
         self.Image = Image
 
-    def sample(self, batch_size: int):
+    def image(self, i: int) -> torch.Tensor:
+        """Image i, centre-cropped to the resolution: [3, H, W] in [0, 1]."""
         import torchvision.transforms.functional as TF
+        img = self.Image.open(self.items[i][0]).convert("RGB")
+        return TF.to_tensor(TF.center_crop(TF.resize(img, self.resolution), self.resolution))
+
+    def sample(self, batch_size: int):
         idx = [self.rng.randrange(len(self.items)) for _ in range(batch_size)]
-        imgs = []
-        for i in idx:
-            img = self.Image.open(self.items[i][0]).convert("RGB")
-            img = TF.center_crop(TF.resize(img, self.resolution), self.resolution)
-            imgs.append(TF.to_tensor(img))
-        return torch.stack(imgs) * 2 - 1, idx
+        return torch.stack([self.image(i) for i in idx]) * 2 - 1, idx
 
 
 LR_FLOOR = 0.1  # the cosine schedule ends at this share of --lr, not at 0
@@ -281,7 +281,7 @@ def train_step(model, opt, accelerator, x0, hidden, masks, lr: float, noise=None
 
 
 class DivergedError(RuntimeError):
-    """A non-finite loss or gradient; raised before the optimizer step, so the weights stay as they were."""
+    """A non-finite gradient; raised before the optimizer step, so the weights stay as they were."""
 
 
 def check_gradients(grad_norm: torch.Tensor) -> None:
@@ -289,9 +289,10 @@ def check_gradients(grad_norm: torch.Tensor) -> None:
         raise DivergedError(f"the gradient norm is {grad_norm.item()}")
 
 
-DIVERGED_FIX = ("Nothing from this step on was saved; --resume continues from the last checkpoint. Lower --lr, or "
-                "train in fp32 (--precision fp32): adapter-only runs (--base) under bf16 autocast with --compile give "
-                "NaN gradients from the first step on this CPU (eager bf16 and compiled fp32 do not).")
+def diverged(step: int, error: DivergedError, fix: str) -> SystemExit:
+    """The error that ends a run at its first non-finite gradient, naming the step and the trainer's fix."""
+    return SystemExit(f"Training diverged at step {step}: {error}. Nothing from this step on was saved; --resume "
+                      f"continues from the last checkpoint. {fix}")
 
 
 STREAM_STRIDE = 1_000_003  # seeds of (seed, step) pairs never coincide for runs under a million steps
@@ -550,7 +551,9 @@ def main(argv=None):
             loss = train_step(model, opt, accelerator, x0, [h for h, _ in hidden], [m for _, m in hidden],
                               lr_at(step, args))
         except DivergedError as e:
-            raise SystemExit(f"Training diverged at step {step + 1}: {e}. {DIVERGED_FIX}") from None
+            raise diverged(step + 1, e, "Lower --lr, or train in fp32 (--precision fp32): on CPU, adapter-only runs "
+                           "(--base) under bf16 autocast with --compile give NaN gradients from the first step "
+                           "(eager bf16 and compiled fp32 do not).") from None
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), raw.parameters()):
                 pe.lerp_(p, 1 - args.ema)

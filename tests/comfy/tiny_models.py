@@ -120,10 +120,6 @@ def save_detectable(folder: str) -> dict[str, str]:
     return {family: name for family, (name, _) in files.items()}
 
 
-SD_VAE = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
-              num_res_blocks=2, attn_resolutions=[], dropout=0.0)  # ComfyUI's SD 1.x VAE (its loader fixes these)
-
-
 def initialize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """PyTorch's default initialisation for every layer (comfy.ops layers skip it), so that a deep random network
     (CLIP, the VAE) keeps finite activations; other parameters small and random."""
@@ -143,6 +139,8 @@ def save_sd15_checkpoint(path: str, seed: int = 0) -> None:
     from comfy.ldm.models.autoencoder import AutoencoderKL
     from comfy.sd1_clip import SDClipModel
     from safetensors.torch import save_file
+
+    from benchmarks.adapter_memory import SD_VAE  # ComfyUI's SD 1.x VAE config (its loader fixes it)
     parts = {"model.diffusion_model.": unet_net(SD15_DETECTABLE, seed),
              "cond_stage_model.": initialize(SDClipModel(dtype=torch.float32), seed),
              "first_stage_model.": initialize(AutoencoderKL(ddconfig=SD_VAE, embed_dim=4), seed)}
