@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from PIL import Image
 from torchvision.utils import save_image
 
 from adapters import captions as caption_language
+from adapters import shapes_world
 from adapters.lidit import LIDiT, LIDiTConfig
 from evaluation import ablations
 from evaluation import evaluate as ev
@@ -75,9 +77,13 @@ def test_evaluate_a_trained_model(trained, tmp_path):
     # 20 prompts x 2 images, 8 per row
     assert Image.open(grid).size == (2 + 8 * 66, 2 + 5 * 66)
     assert len((tmp_path / "grid.txt").read_text().splitlines()) == 20
+    rd = result["relation_direction"]
+    assert rd["prompts"] == len(ev.relation_probe_scenes()) and 0 < rd["own"] < 10 and 0 < rd["mirrored"] < 10
+    assert "Relation direction (" in table
     again = ev.evaluate(model, per_kind=1, images_per_prompt=1, steps=1, llm_dirs=llm_dirs, device="cpu",
                         log=lambda _: None, loss_draws=2)
     assert again["heldout_loss"] == result["heldout_loss"]  # fixed draws: runs compare on the same noise and t
+    assert again["relation_direction"] == rd
 
 
 def test_evaluate_the_no_llm_baseline(tmp_path):
@@ -110,6 +116,41 @@ def test_heldout_loss_measures_what_the_text_adds():
     assert same["conditional"] == same["unconditional"] and same["text_gain"] == 0
     differs = ev.heldout_loss(model, scenes, reading, 16, 0, "cpu", 8, draws=2)
     assert differs["conditional"] != differs["unconditional"]
+
+
+def test_relation_probe_mirror_reverses_the_relation_and_nothing_else():
+    scenes = ev.relation_probe_scenes(prompt_split="validation")
+    assert len(scenes) >= 60 and {r.relation for s in scenes for r in s.relations} == set(ev.MIRRORED_RELATIONS)
+    test = {s.caption for column in ev.prompt_sets(ev.TEST_REACH).values() for s in column}
+    assert not test & {s.caption for s in scenes}
+    for i, scene in enumerate(scenes[:12]):
+        render = shapes_world.render(scene, 32, random.Random(i))
+        own, mirrored = shapes_world.check(render, scene), shapes_world.check(render.flip(-1), scene)
+        assert own["overall"] and not mirrored["relation"], scene.caption
+        assert mirrored["color"] and mirrored["shape"] and mirrored["count"], scene.caption
+
+
+@pytest.mark.parametrize("reads, prefers_own", [("own", 1.0), ("mirrored", 0.0)])
+def test_relation_direction_tells_a_model_that_reads_the_relation(reads, prefers_own):
+    """A model that denoises toward the render its caption describes (or toward its mirror image) prefers that
+    render at every draw."""
+    scenes = ev.relation_probe_scenes()[:5]
+    renders = [shapes_world.render(s, 16, random.Random(i)) * 2 - 1 for i, s in enumerate(scenes)]
+    if reads == "mirrored":
+        renders = [r.flip(-1) for r in renders]
+
+    def contexts(captions):
+        index = torch.tensor([float(next(i for i, s in enumerate(scenes) if s.caption == c)) for c in captions])
+        return [index.view(-1, 1, 1)], [torch.ones(len(captions), 1, dtype=torch.long)]
+
+    def model(x_t, t, ctx, masks):  # the velocity that leads from x_t to the render it believes in
+        x0 = torch.stack([renders[int(i)] for i in ctx[0].flatten()])
+        tb = t.view(-1, 1, 1, 1)
+        return (x_t - (1 - tb) * x0) / tb - x0
+
+    result = ev.relation_direction(model, scenes, contexts, 16, 0, "cpu", 8, draws=3)
+    assert result["prompts"] == 5 and result["prefers_own"] == prefers_own
+    assert (result["own"] < result["mirrored"]) == (reads == "own")
 
 
 def test_comparison_grid_picks_the_same_prompts_from_every_run(tmp_path):
