@@ -122,7 +122,7 @@ def alone(scene: Scene, k: int) -> Scene:
 
 
 # a left-right mirror reverses these relations and keeps every object, colour and outline
-MIRRORED_RELATIONS = {"left of": "right of", "right of": "left of"}
+MIRRORED_RELATIONS = frozenset({"left of", "right of"})
 RELATION_PROBE_PER_KIND = 64  # prompt_sets per kind drawn for the relation probe (about 100 left/right prompts)
 
 
@@ -366,31 +366,38 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
     return result
 
 
+def fixed_draws(scenes, resolution: int, seed: int, draws: int, stream: int):
+    """Renders of the scenes in [-1, 1], `draws` copies each, their captions and fixed (noise, t): every run is
+    measured on the same draws. Each measure has its own stream of draws."""
+    from adapters.lidit import sample_t
+    g = torch.Generator().manual_seed(seed + stream)
+    x0 = torch.stack([shapes_world.render(s, resolution, random.Random(seed * 7919 + i)) * 2 - 1
+                      for i, s in enumerate(scenes) for _ in range(draws)])
+    captions = [s.caption for s in scenes for _ in range(draws)]
+    noise = torch.randn(x0.shape, generator=g)
+    return x0, captions, noise, sample_t(x0.shape[0], "cpu", g)
+
+
+def flow_loss(model, x0, noise, t, ctx, masks, device) -> torch.Tensor:
+    """The flow-matching loss of each sample: [B]."""
+    tb = t.view(-1, 1, 1, 1)
+    v = model(((1 - tb) * x0 + tb * noise).to(device), t.to(device), ctx, masks)
+    return F.mse_loss(v.float().cpu(), (noise - x0).float(), reduction="none").mean((1, 2, 3))
+
+
 @torch.no_grad()
 def heldout_loss(model, scenes, contexts, resolution: int, seed: int, device, batch_size: int,
                  draws: int = 8) -> dict:
     """The flow-matching loss on renders of the held-out scenes, with the caption and with the empty caption, at
     the same fixed (t, noise) draws: a smooth, paired measure of how much the text tells the model, useful where
     sample accuracy is still near the floor. text_gain = 1 - conditional / unconditional."""
-    from adapters.lidit import sample_t
-    g = torch.Generator().manual_seed(seed + 7)
-    x0 = torch.stack([shapes_world.render(s, resolution, random.Random(seed * 7919 + i)) * 2 - 1
-                      for i, s in enumerate(scenes) for _ in range(draws)])
-    captions = [s.caption for s in scenes for _ in range(draws)]
-    noise = torch.randn(x0.shape, generator=g)
-    t = sample_t(x0.shape[0], "cpu", g)
+    x0, captions, noise, t = fixed_draws(scenes, resolution, seed, draws, stream=7)
     total = {"conditional": 0.0, "unconditional": 0.0}
     for start in range(0, x0.shape[0], batch_size):
         sl = slice(start, start + batch_size)
-        tb = t[sl].view(-1, 1, 1, 1)
-        x_t = ((1 - tb) * x0[sl] + tb * noise[sl]).to(device)
-        target = (noise[sl] - x0[sl]).to(device)
         for key, caps in (("conditional", captions[sl]), ("unconditional", [""] * len(captions[sl]))):
-            ctx, masks = contexts(caps)
-            v = model(x_t, t[sl].to(device), ctx, masks)
-            total[key] += F.mse_loss(v.float(), target.float(), reduction="sum").item()
-    n = x0.numel()
-    out = {k: v / n for k, v in total.items()}
+            total[key] += flow_loss(model, x0[sl], noise[sl], t[sl], *contexts(caps), device).sum().item()
+    out = {k: v / x0.shape[0] for k, v in total.items()}
     out["text_gain"] = 1 - out["conditional"] / out["unconditional"]
     out["draws_per_prompt"] = draws
     return out
@@ -404,24 +411,15 @@ def relation_direction(model, scenes, contexts, resolution: int, seed: int, devi
     relation reversed; objects, colours and outlines kept), at the same (t, noise) draws. prefers_own is the
     share of prompts whose own render has the lower loss: 0.5 when the relation word is ignored. Smooth where the
     sampled relations are still at chance."""
-    from adapters.lidit import sample_t
-    g = torch.Generator().manual_seed(seed + 11)
-    x0 = torch.stack([shapes_world.render(s, resolution, random.Random(seed * 7919 + i)) * 2 - 1
-                      for i, s in enumerate(scenes) for _ in range(draws)])
-    captions = [s.caption for s in scenes for _ in range(draws)]
+    x0, captions, noise, t = fixed_draws(scenes, resolution, seed, draws, stream=11)
     owner = torch.arange(x0.shape[0]) // draws
-    noise = torch.randn(x0.shape, generator=g)
-    t = sample_t(x0.shape[0], "cpu", g)
     per_prompt = {"own": torch.zeros(len(scenes)), "mirrored": torch.zeros(len(scenes))}
     for start in range(0, x0.shape[0], batch_size):
         sl = slice(start, start + batch_size)
-        tb = t[sl].view(-1, 1, 1, 1)
         ctx, masks = contexts(captions[sl])
         for key, image in (("own", x0[sl]), ("mirrored", x0[sl].flip(-1))):
-            v = model(((1 - tb) * image + tb * noise[sl]).to(device), t[sl].to(device), ctx, masks)
-            loss = F.mse_loss(v.float().cpu(), (noise[sl] - image).float(), reduction="none").mean((1, 2, 3))
-            per_prompt[key].index_add_(0, owner[sl], loss / draws)
-    own, mirrored = per_prompt["own"], per_prompt["mirrored"]
+            per_prompt[key].index_add_(0, owner[sl], flow_loss(model, image, noise[sl], t[sl], ctx, masks, device))
+    own, mirrored = per_prompt["own"] / draws, per_prompt["mirrored"] / draws
     return {"prompts": len(scenes), "draws_per_prompt": draws, "own": own.mean().item(),
             "mirrored": mirrored.mean().item(), "prefers_own": (own < mirrored).float().mean().item()}
 
