@@ -16,11 +16,15 @@ import torch.nn.functional as F
 
 
 class LLMDiffAdapter(nn.Module):
-    def __init__(self, llm_hidden_size: int, num_hidden_states: int, context_dim: int):
+    def __init__(self, llm_hidden_size: int, num_hidden_states: int, context_dim: int, feature_noise: float = 0.0):
         super().__init__()
         self.llm_hidden_size = llm_hidden_size
         self.num_hidden_states = num_hidden_states
         self.context_dim = context_dim
+        # Training only: the std of Gaussian noise on the fused states. Noise on the input of a linear map is ridge
+        # regression on it in every direction, also those that no training caption's states span and that unseen
+        # words' states fall into, which would otherwise keep their random initial projection.
+        self.feature_noise = feature_noise
         self.block_logits = nn.Parameter(torch.zeros(num_hidden_states))  # uniform over blocks at start
         self.norm = nn.LayerNorm(llm_hidden_size)
         self.proj = nn.Linear(llm_hidden_size, context_dim)
@@ -39,6 +43,8 @@ class LLMDiffAdapter(nn.Module):
         # normalised on its own before mixing; otherwise the last blocks drown the rest.
         per_block = F.layer_norm(hidden_states.float(), (self.llm_hidden_size,))
         fused = torch.einsum("s,bstd->btd", self.block_weights(), per_block)  # [B, T, D]
+        if self.training and self.feature_noise:
+            fused = fused + self.feature_noise * torch.randn_like(fused)
         return self.proj(self.norm(fused.to(self.proj.weight.dtype)))       # [B, T, context_dim]
 
 

@@ -86,6 +86,9 @@ def parse_args(argv=None):
                         "in context minus the token's state alone)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--context-dim", type=int, default=128, help="adapter output size (learned encoder: its width)")
+    p.add_argument("--feature-noise", type=float, default=0.0,
+                   help="std of Gaussian noise on the LLM Diff Adapter's fused block states while training (a ridge "
+                        "penalty on its projection, for words that training never used)")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance")
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--export-weights", default="ema", choices=["ema", "raw"],
@@ -221,7 +224,7 @@ def text_streams(args, all_captions: list[str], train_captions: list[str], accel
                                                  args.cache_dir or os.path.join(args.out, "cache"))
         by_caption = dict(zip(all_captions, feats))
         S, _, D = feats[0].shape
-        adapter = LLMDiffAdapter(D, num_states, args.context_dim) if args.layers == "all" else None
+        adapter = LLMDiffAdapter(D, num_states, args.context_dim, args.feature_noise) if args.layers == "all" else None
         streams.append((lambda caps, f=by_caption: collate([f[c] for c in caps]), adapter,
                         args.context_dim if adapter is not None else S * D, {"type": "llm", **s}))
     return streams
@@ -510,7 +513,7 @@ def main(argv=None):
                              pos_kernel_size=args.pos_kernel_size, pos_embed=args.pos_embed)
         model = Trainable(LIDiT(config), adapters)
     set_attention_kernel(model, scores_attention)  # the same function as SDPA's; faster here (its docstring)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0,
                             betas=(0.9, 0.99))
     ckpt = os.path.join(args.out, "checkpoint")

@@ -220,3 +220,40 @@ def _plain_adapter(tmp_path) -> str:
     path = str(tmp_path / "plain.safetensors")
     save_adapter(path, LLMDiffAdapter(D, S, C), "tiny-llm")
     return path
+
+
+def test_feature_noise_only_while_training():
+    adapter = LLMDiffAdapter(D, S, C, feature_noise=0.5)
+    clean = LLMDiffAdapter(D, S, C)
+    clean.load_state_dict(adapter.state_dict())
+    h = hidden()
+    torch.testing.assert_close(adapter.eval()(h), clean(h))
+    assert (adapter.train()(h) - clean(h)).abs().mean() > 0.1
+
+
+def _unseen_direction_response(feature_noise: float) -> float:
+    """Fits the adapter to a random linear target on states confined to 6 of D directions; returns how far the
+    output moves along a direction orthogonal to all of them (and to the constant vector layer norm removes)."""
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.cat([torch.ones(D, 1), torch.randn(D, 7, generator=g)], 1))
+    seen, unseen = basis[:, 1:7], basis[:, 7]
+    target = torch.randn(6, C, generator=g)
+    torch.manual_seed(0)
+    adapter = LLMDiffAdapter(D, S, C, feature_noise=feature_noise)
+    opt = torch.optim.Adam(adapter.parameters(), lr=1e-2)
+    for _ in range(300):
+        coords = torch.randn(32, 6, generator=g)
+        states = (coords @ seen.T)[:, None, None, :].expand(32, S, 1, D)
+        loss = (adapter(states)[:, 0] - coords @ target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    adapter.eval()
+    x = (torch.randn(64, 6, generator=g) @ seen.T)[:, None, None, :].expand(64, S, 1, D)
+    with torch.no_grad():
+        return (adapter(x + 0.5 * unseen) - adapter(x)).norm(dim=-1).mean().item()
+
+
+def test_feature_noise_shrinks_the_response_to_unseen_directions():
+    # the reason for the noise: without it, what training never spanned keeps its random projection
+    assert _unseen_direction_response(0.5) < 0.5 * _unseen_direction_response(0.0)
