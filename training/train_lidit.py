@@ -114,6 +114,9 @@ def parse_args(argv=None):
         preset = PRESETS[args.preset]
         args.hidden_size, args.depth, args.num_heads, args.patch_size = (
             preset[k] for k in ("hidden_size", "depth", "num_heads", "patch_size"))
+    if args.feature_noise < 0 or (args.feature_noise and (args.text_encoder != "llm" or args.layers != "all")):
+        p.error("--feature-noise is a standard deviation (>= 0) for the LLM Diff Adapter's input: it needs --llm and "
+                "--layers all")
     if args.base and (len(args.llm) != 1 or args.layers != "all"):
         p.error("--base trains one LLM Diff Adapter: give exactly one --llm and --layers all")
     return args

@@ -241,15 +241,18 @@ def _unseen_direction_response(feature_noise: float) -> float:
     torch.manual_seed(0)
     adapter = LLMDiffAdapter(D, S, C, feature_noise=feature_noise)
     opt = torch.optim.Adam(adapter.parameters(), lr=1e-2)
+
+    def states(coords):  # [N, 6] -> [N, S, 1, D]: every block the same single token in the seen subspace
+        return (coords @ seen.T)[:, None, None, :].expand(len(coords), S, 1, D)
+
     for _ in range(300):
         coords = torch.randn(32, 6, generator=g)
-        states = (coords @ seen.T)[:, None, None, :].expand(32, S, 1, D)
-        loss = (adapter(states)[:, 0] - coords @ target).pow(2).mean()
+        loss = (adapter(states(coords))[:, 0] - coords @ target).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     adapter.eval()
-    x = (torch.randn(64, 6, generator=g) @ seen.T)[:, None, None, :].expand(64, S, 1, D)
+    x = states(torch.randn(64, 6, generator=g))
     with torch.no_grad():
         return (adapter(x + 0.5 * unseen) - adapter(x)).norm(dim=-1).mean().item()
 

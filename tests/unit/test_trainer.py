@@ -320,3 +320,14 @@ def test_bf16_and_compiled_training_follow_the_fp32_run(tmp_path, tiny_llm_dirs)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # bf16 really ran
     for r, s in zip(loss_rows(fp32), loss_rows(fast)):
         assert float(s["loss"]) == pytest.approx(float(r["loss"]), rel=0.03)
+
+
+def test_feature_noise_needs_the_adapter(capsys):
+    from training.train_lidit import parse_args
+    for argv in (["--text-encoder", "learned", "--feature-noise", "0.2"],
+                 ["--llm", "x.gguf", "--layers", "last", "--feature-noise", "0.2"],
+                 ["--llm", "x.gguf", "--feature-noise", "-0.2"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "x", *argv])
+        assert "--feature-noise is a standard deviation (>= 0)" in capsys.readouterr().err
+    assert parse_args(["--out", "x", "--llm", "x.gguf", "--feature-noise", "0.2"]).feature_noise == 0.2
