@@ -27,7 +27,6 @@ class CastParameters(comfy.ops.CastWeightBiasOp):
     when ComfyUI's partial loading leaves its weights on the offload device, they are cast to the input's device for
     the call, as comfy.ops layers do. The dtype stays the weights' own: the LLM computes in it, and an embedding's
     input is integer ids."""
-    bias = None  # cast_bias_weight reads it; these layers have none
 
     def forward(self, x, *args, **kwargs):
         if not (self.comfy_cast_weights or self.weight_function or self.bias_function):
@@ -59,8 +58,6 @@ def on_comfy_ops(module: torch.nn.Module) -> torch.nn.Module:
         cls = type(m)
         if cls in COMFY_LAYERS:
             m.__class__ = COMFY_LAYERS[cls]
-            if not hasattr(m, "bias"):  # comfy.ops' Embedding sets it when it builds one
-                m.bias = None
         elif set(own) <= {"weight", "bias"} and not list(m.children()):
             if cls not in _cast_classes:
                 _cast_classes[cls] = type(f"Comfy{cls.__name__}", (CastParameters, cls), {})
@@ -70,6 +67,8 @@ def on_comfy_ops(module: torch.nn.Module) -> torch.nn.Module:
                 f"LLM layer '{name}' ({cls.__name__}) holds parameters {sorted(own)} that ComfyUI's memory manager "
                 "cannot move layer by layer, so this architecture cannot be loaded safely. Load an LLM of a "
                 "supported family (llama, qwen2, qwen3, gemma2, gemma3, mistral, phi3).")
+        if not hasattr(m, "bias"):  # cast_bias_weight reads it; on the instance, so a real bias is never hidden
+            m.bias = None
     return module
 
 

@@ -107,3 +107,47 @@ def test_a_layer_with_weights_the_cast_cannot_reach_is_refused():
 
     with pytest.raises(llm_encoder.LLMError, match="scale"):
         on_comfy_ops(torch.nn.Sequential(torch.nn.Linear(4, 4), Scaled()))
+
+
+class BiasedNorm(torch.nn.Module):
+    """A norm with weight and bias, as a LayerNorm-based LLM has: on_comfy_ops takes it through CastParameters."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(dim))
+        self.bias = torch.nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], self.weight, self.bias)
+
+
+@pytest.mark.parametrize("norm", [torch.nn.LayerNorm, BiasedNorm])
+@pytest.mark.parametrize("cast", [False, True], ids=["resident", "cast"])
+def test_a_layer_with_a_bias_keeps_it_on_comfy_ops(norm, cast):
+    torch.manual_seed(0)
+    layer = norm(8)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(8) * 3)  # far from 0: an output without it differs
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        expected = layer(x)
+    bias = layer.bias
+    converted = on_comfy_ops(torch.nn.Sequential(layer))[0]
+    assert isinstance(converted, comfy.ops.CastWeightBiasOp)
+    converted.comfy_cast_weights = cast
+    calls = []
+    original = comfy.ops.cast_bias_weight
+
+    def counting(s, *args, **kwargs):
+        out = original(s, *args, **kwargs)
+        calls.append(out[1])
+        return out
+    comfy.ops.cast_bias_weight = counting
+    try:
+        with torch.no_grad():
+            got = converted(x)
+    finally:
+        comfy.ops.cast_bias_weight = original
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert converted.bias is bias
+    assert len(calls) == int(cast) and all(b is not None for b in calls)  # the cast reached the bias too
