@@ -12,6 +12,7 @@ import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
+import comfy.patcher_extension
 import comfy.supported_models_base
 from comfy.ldm.modules.attention import optimized_attention_masked
 from ..adapters.checkpoint import CheckpointError, load_weights, module_load, read_lidit
@@ -147,4 +148,13 @@ def load_lidit_patcher(path: str, dtype_choice: str = "auto") -> tuple[comfy.mod
     model = model_config.get_model({}, device=offload_device)
     module_load(model.diffusion_model, load_weights(path))
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "lidit_memory",
+                                 refuse_latents_that_cannot_fit)
     return patcher, info
+
+
+def refuse_latents_that_cannot_fit(executor, model, noise_shape, conds, model_options=None):
+    """PREPARE_SAMPLING wrapper: the memory check before the sampler makes its copies of the latent (each the
+    latent's size, several GB at 8192 px), with one prompt at a time, the least any sampler needs."""
+    check_sampling_memory(model.model.diffusion_model.config, noise_shape, model.model_dtype(), model.load_device)
+    return executor(model, noise_shape, conds, model_options=model_options)
