@@ -188,10 +188,21 @@ def check_shapes(path: str, shapes: dict[str, tuple[int, ...]], build) -> None:
 
 
 def load_weights(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, all of them finite: NaN or infinite weights (a diverged training run, a damaged
+    copy) would not fail anywhere later, they would only draw a black image."""
+    name = os.path.basename(path)
     try:
-        return load_file(path)
+        tensors = load_file(path)
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"'{os.path.basename(path)}' is corrupt or truncated ({e}); export it again.") from e
+        raise CheckpointError(f"'{name}' is corrupt or truncated ({e}); export it again.") from e
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise CheckpointError(f"'{name}' holds NaN or infinite weights in {len(bad)} of {len(tensors)} tensors "
+                              f"({shown}); it would draw black images. The file is damaged or was saved from a "
+                              "training run that diverged: download it again, or export it again from a checkpoint "
+                              "taken before the loss became NaN.")
+    return tensors
 
 
 def module_load(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

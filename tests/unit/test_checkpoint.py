@@ -9,9 +9,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from adapters.checkpoint import CheckpointError, load_adapter, load_lidit, save_adapter, save_lidit
-from adapters.diff_adapter import LLMDiffAdapter
+from adapters.checkpoint import (CheckpointError, load_adapter, load_host_adapter, load_lidit, load_word_encoder,
+                                 save_adapter, save_host_adapter, save_lidit, save_word_encoder)
+from adapters.diff_adapter import HostAdapter, LLMDiffAdapter
 from adapters.lidit import LIDiT, LIDiTConfig
+from adapters.word_encoder import WordEncoder, build_vocabulary
 
 TEXT_ENCODERS = [
     {"llm": "llama", "layers": "all", "instruction": "li-dit", "chat_template": True, "max_tokens": 64,
@@ -275,3 +277,50 @@ def test_broken_adapter_metadata_is_a_checkpoint_error(tmp_path, edit, message):
     rewrite_metadata(path, edit)
     with pytest.raises(CheckpointError, match=message):
         load_adapter(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights that are not numbers: an intact header over NaN data ran and drew a black image
+
+
+def saved_files(tmp_path, wake) -> dict:
+    """One file per loader of this module: loader -> path."""
+    paths = {kind: str(tmp_path / f"{kind}.safetensors") for kind in ("lidit", "adapter", "host", "words")}
+    save_lidit(paths["lidit"], awake_lidit(wake), TEXT_ENCODERS)
+    save_adapter(paths["adapter"], trained_adapter(), "llama")
+    save_host_adapter(paths["host"], HostAdapter(24, 4, 16, [("block0", 32, 2), ("block1", 32, 2)], "decoupled"),
+                      "lidit", "llama")
+    save_word_encoder(paths["words"], WordEncoder(build_vocabulary(["a red circle"]), 8, 12))
+    return {load_lidit: paths["lidit"], load_adapter: paths["adapter"], load_host_adapter: paths["host"],
+            load_word_encoder: paths["words"]}
+
+
+LOADERS = [load_lidit, load_adapter, load_host_adapter, load_word_encoder]
+
+
+@pytest.mark.parametrize("load", LOADERS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_weights_that_are_not_finite_are_refused(tmp_path, wake, load, bad):
+    path = saved_files(tmp_path, wake)[load]
+    names = sorted(load_file(path))
+    poisoned = names[1::3]  # several tensors, not the first: the message must find each
+
+    def poison(tensors):
+        for k in poisoned:
+            tensors[k].view(-1)[-1] = bad  # one value at the end of each: the whole tensor is checked
+
+    rewrite(path, poison)
+    with pytest.raises(CheckpointError) as err:
+        load(path)
+    msg = str(err.value)
+    assert os.path.basename(path) in msg
+    assert f"{len(poisoned)} of {len(names)} tensors" in msg
+    assert all(k in msg for k in poisoned[:3])  # the first bad ones by name
+    assert "export it again" in msg.lower() or "download it again" in msg.lower()
+
+
+@pytest.mark.parametrize("load", LOADERS, ids=lambda f: f.__name__)
+def test_finite_weights_still_load(tmp_path, wake, load):
+    path = saved_files(tmp_path, wake)[load]
+    module, _ = load(path)
+    assert all(torch.isfinite(t).all() for t in module.state_dict().values())
