@@ -132,13 +132,13 @@ class HostAdapter(nn.Module):
     (GatedCrossAttention)."""
 
     def __init__(self, llm_hidden_size: int, num_hidden_states: int, context_dim: int,
-                 sites: list[tuple[str, int, int]], kind: str):
+                 sites: list[tuple[str, int, int]], kind: str, feature_noise: float = 0.0):
         super().__init__()
         if kind not in ("decoupled", "gated"):
             raise ValueError(f"kind must be 'decoupled' or 'gated', not '{kind}'")
         self.kind = kind
         self.sites = [(str(n), int(w), int(h)) for n, w, h in sites]
-        self.adapter = LLMDiffAdapter(llm_hidden_size, num_hidden_states, context_dim)
+        self.adapter = LLMDiffAdapter(llm_hidden_size, num_hidden_states, context_dim, feature_noise)
         self.branches = nn.ModuleList([
             DecoupledCrossAttention(w, context_dim) if kind == "decoupled" else GatedCrossAttention(w, context_dim, h)
             for _, w, h in self.sites])

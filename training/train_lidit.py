@@ -503,7 +503,7 @@ def main(argv=None):
         return [to_input(batch_captions) for to_input, _, _, _ in streams]
     if args.base:
         host = HostAdapter(adapters[-1].llm_hidden_size, adapters[-1].num_hidden_states, args.context_dim,
-                           lidit_sites(base.config), "decoupled")
+                           lidit_sites(base.config), "decoupled", args.feature_noise)
         if args.host_gate == "fixed":
             for branch in host.branches:
                 branch.host_gate_a.requires_grad_(False)

@@ -331,3 +331,20 @@ def test_feature_noise_needs_the_adapter(capsys):
             parse_args(["--out", "x", *argv])
         assert "--feature-noise is a standard deviation (>= 0)" in capsys.readouterr().err
     assert parse_args(["--out", "x", "--llm", "x.gguf", "--feature-noise", "0.2"]).feature_noise == 0.2
+
+
+def test_feature_noise_reaches_the_adapter_of_an_adapter_only_run(monkeypatch, tmp_path, tiny_llm_dirs):
+    """--base builds its adapter inside a HostAdapter: the noise must be on that one, the adapter that trains."""
+    import training.train_lidit as trainer
+    from adapters.diff_adapter import HostAdapter
+    built = []
+    monkeypatch.setattr(trainer, "HostAdapter", lambda *a, **k: built.append(HostAdapter(*a, **k)) or built[-1])
+    base = train(tmp_path / "base", [], 1, "--text-encoder", "learned", "--eval-samples", "0")
+    train(tmp_path / "adapter", [tiny_llm_dirs["llama"]], 1, "--base", os.path.join(base, "lidit.safetensors"),
+          "--feature-noise", "0.2", "--eval-samples", "0")
+    adapter = built[0].adapter  # the trained one (an export builds another)
+    assert adapter.training
+    states = torch.randn(1, adapter.num_hidden_states, 3, adapter.llm_hidden_size)
+    with torch.no_grad():
+        assert not torch.equal(adapter(states), adapter(states)), "no noise on the trained adapter's input"
+        assert torch.equal(adapter.eval()(states), adapter(states))  # and none outside training
