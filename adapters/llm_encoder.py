@@ -256,6 +256,41 @@ def prompt_prefix(tokenizer, instruction: str | None, use_chat_template: bool) -
     return os.path.commonprefix([render("A"), render("B")]), True
 
 
+# Stands for the instruction while the template is rendered, to find where the instruction's own text lies: a
+# private-use character that no template writes.
+_INSTRUCTION_SLOT = "\ue000instruction\ue000"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str, what: str) -> None:
+    """Tokenizers take only valid Unicode: a lone surrogate (half of a UTF-16 pair, left by a broken copy and paste or
+    a JSON "\\ud800") makes them fail with a TypeError that names neither the text nor the character."""
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise LLMError(f"The {what} holds a lone surrogate {ascii(bad.group())} at character {bad.start() + 1}: half "
+                       "of a UTF-16 character pair, which is not text and cannot be tokenized. Remove it, or copy the "
+                       "text again from its source.")
+
+
+def tokenize_prefix(tokenizer, instruction: str | None, use_chat_template: bool) -> list[int]:
+    """Token ids of prompt_prefix: the template's markers (and BOS) as control tokens, the instruction as plain text,
+    as prompts are, so that a "<|im_start|>" typed into it never opens a turn of the chat."""
+    prefix, has_special = prompt_prefix(tokenizer, instruction, use_chat_template)
+    head, tail = prefix, ""
+    if instruction:
+        pieces = prompt_prefix(tokenizer, _INSTRUCTION_SLOT, use_chat_template)[0].split(_INSTRUCTION_SLOT)
+        if len(pieces) != 2 or pieces[0] + instruction + pieces[1] != prefix:
+            raise LLMError("This LLM's chat template does not write the instruction once as it was given (some "
+                           "templates trim spaces around it), so its text cannot be kept apart from the template's "
+                           "control tokens. Remove the spaces around the instruction, or turn chat_template off.")
+        head, tail = pieces
+    ids = tokenizer(head, add_special_tokens=not has_special)["input_ids"] if (head or not has_special) else []
+    if instruction:
+        ids = ids + tokenizer(instruction, add_special_tokens=False, split_special_tokens=True)["input_ids"] \
+            + tokenizer(tail, add_special_tokens=False)["input_ids"]
+    return list(ids)
+
+
 @dataclass
 class PromptEncoding:
     hidden_states: torch.Tensor   # [B, S, T, D] the S selected hidden states of the T prompt tokens
@@ -264,17 +299,21 @@ class PromptEncoding:
     truncated: list[int]          # per prompt: how many tokens the limit cut off
 
 
-def tokenize_prompts(tokenizer, prompts: Sequence[str], prefix: str, prefix_has_special: bool,
+def tokenize_prompts(tokenizer, prompts: Sequence[str], *, instruction: str | None, use_chat_template: bool,
                      max_tokens: int) -> tuple[list[int], list[list[int]], list[int]]:
-    prefix_ids = tokenizer(prefix, add_special_tokens=not prefix_has_special)["input_ids"] if (prefix or not prefix_has_special) else []
+    """(ids of the prefix, ids of each prompt cut to max_tokens, how many tokens each lost). Typed text is text: a
+    "<|im_end|>" in a prompt or in the instruction is never a control token."""
+    if instruction:
+        check_text(instruction, "instruction")
+    for b, p in enumerate(prompts):
+        check_text(p, f"prompt {b + 1}" if len(prompts) > 1 else "prompt")
     prompt_ids, truncated = [], []
     for p in prompts:
-        # split_special_tokens: a typed "<|im_end|>" is text, never a control token
         ids = tokenizer(p.strip(), add_special_tokens=False, split_special_tokens=True)["input_ids"] \
             if p.strip() else []
         truncated.append(max(0, len(ids) - max_tokens))
         prompt_ids.append(ids[:max_tokens])
-    return list(prefix_ids), prompt_ids, truncated
+    return tokenize_prefix(tokenizer, instruction, use_chat_template), prompt_ids, truncated
 
 
 @torch.no_grad()
@@ -285,14 +324,15 @@ def encode_prompts(model, tokenizer, prompts: Sequence[str], *, instruction: str
     """One forward pass of [prefix + prompt] per prompt (right-padded batch); returns the prompt tokens only.
 
     An empty prompt gives a single all-zero token: the unconditional encoding that trainers drop captions to.
-    contributions: every hidden state minus the same token's hidden state when it is the whole input (the LLM
-    Diff Adapter paper's contribution of the context at each block; 0 for the embeddings).
+    contributions: every hidden state minus the same token's hidden state in a one-token prompt (the same prefix,
+    then that token alone): what the prompt's other tokens add at each block; 0 for the embeddings and for a
+    prompt's first token.
     """
     if not prompts:
         raise LLMError("No prompt given.")
     device = device or next(model.parameters()).device
-    prefix, has_special = prompt_prefix(tokenizer, instruction, use_chat_template)
-    prefix_ids, prompt_ids, truncated = tokenize_prompts(tokenizer, prompts, prefix, has_special, max_tokens)
+    prefix_ids, prompt_ids, truncated = tokenize_prompts(tokenizer, prompts, instruction=instruction,
+                                                         use_chat_template=use_chat_template, max_tokens=max_tokens)
     for p, cut in zip(prompts, truncated):
         if cut:
             log.warning("Prompt is %d tokens over the %d-token limit; the end was cut off: '...%s'. Raise "
@@ -326,7 +366,7 @@ def encode_prompts(model, tokenizer, prompts: Sequence[str], *, instruction: str
             out[b, :, :n] = selected[b, :, start:start + n]
             mask[b, :n] = 1
         if contributions:  # max(lengths) > 0 here: some prompt has a token
-            alone = token_alone_states(model, prompt_ids, picked, device)
+            alone = token_alone_states(model, prefix_ids, prompt_ids, picked, device)
             for b, ids in enumerate(prompt_ids):
                 if ids:
                     out[b, :, :len(ids)] -= torch.stack([alone[i] for i in ids], dim=1).to(out.dtype)
@@ -336,14 +376,17 @@ def encode_prompts(model, tokenizer, prompts: Sequence[str], *, instruction: str
     return PromptEncoding(out, mask, picked, truncated)
 
 
-def token_alone_states(model, prompt_ids: list[list[int]], picked: list[int], device) -> dict[int, torch.Tensor]:
-    """token id -> [S, D]: the picked hidden states of that token as the whole input (one position, no prefix)."""
+def token_alone_states(model, prefix_ids: list[int], prompt_ids: list[list[int]], picked: list[int],
+                       device) -> dict[int, torch.Tensor]:
+    """token id -> [S, D]: the picked hidden states of that token as a one-token prompt, after the same prefix (BOS,
+    instruction, chat template) as every prompt, so that it sits where a prompt's tokens sit and not at position 0,
+    whose states are the attention sink's. One batch over the distinct tokens."""
     unique = sorted({i for ids in prompt_ids for i in ids})
-    input_ids = torch.tensor(unique, dtype=torch.long).view(-1, 1)
+    input_ids = torch.tensor([prefix_ids + [token] for token in unique], dtype=torch.long)  # [U, P + 1]
     with no_forward_cycles(model):
         states = decoder(model)(input_ids=input_ids.to(device), attention_mask=torch.ones_like(input_ids).to(device),
                                 output_hidden_states=True, use_cache=False).hidden_states
-    selected = torch.stack([states[i][:, 0] for i in picked], dim=1).cpu()  # [U, S, D]
+    selected = torch.stack([states[i][:, -1] for i in picked], dim=1).cpu()  # [U, S, D]
     return {token: selected[u] for u, token in enumerate(unique)}
 
 

@@ -155,6 +155,65 @@ def test_typed_chat_tokens_are_text_not_control_tokens(llm_loader):
     assert enc.attention_mask.sum().item() == len(ids) > len(prompt_ids(tok, typed))
 
 
+CHAT_MARKERS = ["<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def decoder_inputs(model) -> tuple[list, object]:
+    """Records the input ids of every forward of the LLM's decoder until the returned handle is removed."""
+    calls = []
+    handle = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].clone()), with_kwargs=True)
+    return calls, handle
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])  # no template, a system turn, the user turn
+def test_typed_chat_tokens_in_the_instruction_are_text(arch, arch_specs, llm_loader):
+    """The instruction is typed as prompts are: its "<|im_start|>" is text; the template's own markers stay control
+    tokens."""
+    model, tok = llm_loader(arch)
+    control = set(tok.convert_tokens_to_ids(CHAT_MARKERS))
+    typed = "Describe <|im_end|> <|im_start|> system <start_of_turn> the image"
+    plain = "Describe the image"
+    calls, handle = decoder_inputs(model)
+    try:
+        encode_prompts(model, tok, ["a red circle"], instruction=typed)
+        encode_prompts(model, tok, ["a red circle"], instruction=plain)
+    finally:
+        handle.remove()
+    typed_ids, plain_ids = (c[0].tolist() for c in calls)
+    # the template's markers, and only those: as many as around an instruction without any
+    assert [i for i in typed_ids if i in control] == [i for i in plain_ids if i in control]
+    assert any(i in control for i in plain_ids) == (arch_specs[arch][2] is not None)
+    as_text = tok(typed, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert find_last(typed_ids, as_text) >= 0
+
+
+def test_template_that_rewrites_the_instruction_is_named(llm_loader):
+    """Where the instruction's text cannot be found in the rendered template, it cannot be tokenized apart."""
+    model, tok = llm_loader("qwen3")
+    trimming = copy.copy(tok)
+    trimming.chat_template = tok.chat_template.replace("m['content']", "m['content'] | trim")
+    enc = encode_prompts(model, trimming, ["a red circle"], instruction=LI_DIT_INSTRUCTION)
+    torch.testing.assert_close(enc.hidden_states, encode_prompts(model, tok, ["a red circle"],
+                                                                 instruction=LI_DIT_INSTRUCTION).hidden_states)
+    with pytest.raises(LLMError, match="does not write the instruction once as it was given.*Remove the spaces"):
+        encode_prompts(model, trimming, ["a red circle"], instruction=f" {LI_DIT_INSTRUCTION}\n")
+
+
+@pytest.mark.parametrize("where", ["prompt", "instruction"])
+def test_lone_surrogate_is_named_with_its_place(where, llm_loader):
+    """A lone surrogate (half of a UTF-16 pair, as a broken copy and paste leaves) is no text a tokenizer takes."""
+    model, tok = llm_loader("qwen3")
+    text = "a blue square \ud800 top right"
+    prompt, instruction = (text, LI_DIT_INSTRUCTION) if where == "prompt" else ("a blue square", text)
+    with pytest.raises(LLMError) as err:
+        encode_prompts(model, tok, ["a red circle", prompt], instruction=instruction)
+    msg = str(err.value)
+    assert "\\ud800" in msg and "character 15" in msg
+    assert ("prompt 2" if where == "prompt" else "instruction") in msg
+    assert "Remove it" in msg
+
+
 def test_chat_template_date_is_pinned(llm_loader):
     """Llama 3.x templates print today's date: the same prompt must encode the same on every day."""
     _, tok = llm_loader("qwen3")
@@ -442,23 +501,45 @@ def test_report_blocks_without_callback_adds_no_hooks(llm_loader):
         assert hooks(model) == before
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_contributions_are_the_states_minus_each_token_alone(arch, llm_loader):
-    """The LLM Diff Adapter's block contributions: a token's hidden state in context minus its hidden state as the
-    whole input; the embeddings contribute nothing."""
+@pytest.mark.parametrize("arch, instruction", [("llama", None), ("llama", LI_DIT_INSTRUCTION),
+                                               ("qwen3", LI_DIT_INSTRUCTION), ("gemma3", None)])
+def test_contributions_are_the_states_minus_each_token_in_a_one_token_prompt(arch, instruction, llm_loader):
+    """Block contributions: a token's hidden state in the prompt minus its hidden state in a prompt of that token
+    alone, with the same prefix (BOS, instruction, chat template) as the LLM sees any prompt; the embeddings
+    contribute nothing. The one-token runs are one batch over the prompts' distinct tokens."""
     model, tok = llm_loader(arch)
     prompts = [PROMPT, "a red circle"]
-    states = encode_prompts(model, tok, prompts, instruction=None, layers="all")
-    contributions = encode_prompts(model, tok, prompts, instruction=None, layers="all", contributions=True)
+    states = encode_prompts(model, tok, prompts, instruction=instruction, layers="all")
+    calls, handle = decoder_inputs(model)
+    try:
+        contributions = encode_prompts(model, tok, prompts, instruction=instruction, layers="all", contributions=True)
+    finally:
+        handle.remove()
+    prefix = llm_encoder.tokenize_prompts(tok, [], instruction=instruction, use_chat_template=True, max_tokens=64)[0]
+    assert prefix  # BOS at least: what the one-token run must not leave out
+    distinct = {t for p in prompts for t in prompt_ids(tok, p)}
+    assert len(calls) == 2 and sorted(calls[1][:, -1].tolist()) == sorted(distinct)
     assert torch.equal(contributions.attention_mask, states.attention_mask)
     for b, prompt in enumerate(prompts):
         ids = prompt_ids(tok, prompt)
         n = int(states.attention_mask[b].sum())
         assert n == len(ids)
         for t, token in enumerate(ids):
-            alone = model.get_decoder()(input_ids=torch.tensor([[token]]), output_hidden_states=True).hidden_states
-            alone = torch.stack([h[0, 0] for h in alone])                              # [L+1, D]
+            alone = model.get_decoder()(input_ids=torch.tensor([prefix + [token]]), output_hidden_states=True)
+            alone = torch.stack([h[0, -1] for h in alone.hidden_states])              # [L+1, D]
             torch.testing.assert_close(contributions.hidden_states[b, :, t], states.hidden_states[b, :, t] - alone,
                                        atol=1e-5, rtol=1e-5)
         assert contributions.hidden_states[b, 0, :n].abs().max() < 1e-6               # embeddings: no context
         assert contributions.hidden_states[b, -1, 1:n].abs().mean() > 1e-3            # later tokens: context
+
+
+@pytest.mark.parametrize("arch, instruction", [("llama", None), ("llama", LI_DIT_INSTRUCTION),
+                                               ("qwen3", LI_DIT_INSTRUCTION), ("gemma2", None)])
+def test_a_one_token_prompt_contributes_nothing(arch, instruction, llm_loader):
+    """Its own run is the token-alone run: zero in every block. Also the first token of any prompt, which sees
+    nothing of the prompt before it."""
+    model, tok = llm_loader(arch)
+    for prompt in ("circle", "red", PROMPT):
+        enc = encode_prompts(model, tok, [prompt], instruction=instruction, contributions=True)
+        largest = enc.hidden_states[0, :, 0].abs().max().item()
+        assert largest < 1e-5, f"'{prompt}': its first token contributes up to {largest}"
