@@ -209,7 +209,8 @@ class LLMPromptEncode(io.ComfyNode):
                                tooltip="Text put before the prompt (LI-DiT: helps instruction-tuned LLMs describe "
                                        "rather than continue); its tokens are removed from the output."),
                 io.String.Input("custom_instruction", multiline=True, default="",
-                                tooltip="Used when instruction is 'custom'."),
+                                tooltip="Used when instruction is 'custom'. Typed as a prompt is: a chat marker "
+                                        "such as <|im_start|> in it is text, not a control token."),
                 io.Boolean.Input("chat_template", default=True,
                                  tooltip="Wrap the prompt in the model's chat template when it has one."),
                 io.String.Input("layers", default="all",
@@ -219,8 +220,9 @@ class LLMPromptEncode(io.ComfyNode):
                              tooltip="Prompt tokens kept; longer prompts are cut with a warning."),
                 LLM_ADAPTER.Input("adapter", optional=True),
                 io.Boolean.Input("block_contributions", default=False, optional=True,
-                                 tooltip="Give each block's contribution (its output in context minus the token's "
-                                         "output alone) instead of its output: for adapters trained that way "
+                                 tooltip="Replace each hidden state by that state minus the same token's state in a "
+                                         "one-token prompt (same instruction and template): what the rest of the "
+                                         "prompt adds at each block. Only for adapters trained that way "
                                          "(train_lidit.py --block-outputs contributions)."),
             ],
             outputs=[io.Conditioning.Output(tooltip="Every block's output fused by the adapter, or the chosen "
