@@ -3,8 +3,9 @@
 The blocks of a decoder-only LLM act like denoising steps over the text representation, so every block's output
 carries information. The adapter weighs all of them with learned per-block weights, normalises and aligns the
 result to the diffusion model's context dimension. An existing diffusion model keeps its own text path and gains a
-second cross-attention on that encoding, mixed with its own by gates a*exp(b) per branch, the new one closed at the
-start (`HostAdapter`: the adapter and one such branch per cross-attention site of the host).
+second cross-attention on that encoding, mixed with its own by gates a*exp(b) per branch (or, where the host has no
+separable text branch, added by one such gate), the new one closed at the start (`HostAdapter`: the adapter and one
+such branch per cross-attention site of the host).
 """
 from __future__ import annotations
 
@@ -78,7 +79,10 @@ class DecoupledCrossAttention(nn.Module):
         out = a_h exp(b_h) attn(q, k, v) + a_l exp(b_l) attn(q, W_k llm, W_v llm),   a_h = 1, a_l = 0 at start,
 
     so a fresh adapter returns the host's output bit for bit. Works on the attention output before the host's
-    output projection, which stays the host's.
+    output projection, which stays the host's. A strength s scales all that the adapter changes, the host gate's
+    share included, so that s = 0 is the host model exactly and s = 1 the gates as trained:
+
+        out = host + s ((a_h exp(b_h) - 1) host + a_l exp(b_l) llm_out)
     """
 
     def __init__(self, inner_dim: int, context_dim: int):
@@ -92,17 +96,18 @@ class DecoupledCrossAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, host_out: torch.Tensor, llm_context: torch.Tensor,
                 llm_mask: torch.Tensor | None, attention: AttentionFn, strength: float = 1.0) -> torch.Tensor:
-        # q, host_out: [B, N, inner], llm_context: [B, T, context_dim], llm_mask: [B, T]; strength scales the LLM branch
+        # q, host_out: [B, N, inner], llm_context: [B, T, context_dim], llm_mask: [B, T]
         llm_context = llm_context.to(self.to_k.weight.dtype)
         llm_out = attend(attention, q.to(llm_context.dtype), self.to_k(llm_context), self.to_v(llm_context), llm_mask)
-        host = gate(self.host_gate_a, self.host_gate_b).to(host_out.dtype)
+        host = (strength * (gate(self.host_gate_a, self.host_gate_b) - 1)).to(host_out.dtype)
         llm = (strength * gate(self.llm_gate_a, self.llm_gate_b)).to(host_out.dtype)
-        return host * host_out + llm * llm_out.to(host_out.dtype)
+        return host_out + (host * host_out + llm * llm_out.to(host_out.dtype))
 
 
 class GatedCrossAttention(nn.Module):
     """Second cross-attention for hosts without a separable text branch (Flux-style joint attention): the image
-    tokens attend to the LLM encoding with their own query, out = x + a exp(b) attn(norm(x), llm), a = 0 at start."""
+    tokens attend to the LLM encoding with their own query, out = x + s a exp(b) attn(norm(x), llm), a = 0 at start;
+    the strength s scales all that the adapter changes, so s = 0 is x exactly."""
 
     def __init__(self, hidden_size: int, context_dim: int, num_heads: int):
         super().__init__()

@@ -157,8 +157,33 @@ def test_decoupled_gates_mix_both_branches():
         branch.host_gate_b.fill_(-1.0)
     want = torch.exp(torch.tensor(-1.0)) * host + 0.5 * llm_only
     torch.testing.assert_close(branch(q, host, llm, None, attn), want)
-    torch.testing.assert_close(branch(q, host, llm, None, attn, strength=2.0) - branch(q, host, llm, None, attn),
-                               0.5 * llm_only)
+
+
+@pytest.mark.parametrize("kind", ["decoupled", "gated"])
+def test_strength_scales_the_whole_change_so_0_is_the_host_bit_for_bit(kind):
+    """Strength scales what the adapter changes, the host gate's share included: at 0 the host model's output
+    exactly, at 1 the gates as trained."""
+    torch.manual_seed(0)
+    q, host, llm = host_inputs()
+    attn = sdpa_attention(4)
+    if kind == "decoupled":
+        module = DecoupledCrossAttention(32, C)
+        with torch.no_grad():
+            module.llm_gate_a.fill_(0.5)
+            module.host_gate_b.fill_(0.1)
+        run = lambda s: module(q, host, llm, None, attn, s)  # noqa: E731
+        llm_only = attn(q, module.to_k(llm), module.to_v(llm))
+        torch.testing.assert_close(run(1.0), torch.exp(torch.tensor(0.1)) * host + 0.5 * llm_only)
+    else:
+        module = GatedCrossAttention(32, C, num_heads=4)
+        with torch.no_grad():
+            module.gate_a.fill_(0.5)
+        run = lambda s: module(host, llm, None, attn, s)  # noqa: E731
+    assert torch.equal(run(0.0), host)
+    change = run(1.0) - host
+    assert change.abs().mean() > 1e-3
+    for strength in (0.5, 2.0, -1.0):
+        torch.testing.assert_close(run(strength) - host, strength * change, atol=1e-5, rtol=1e-4)
 
 
 def test_decoupled_branch_gives_zeros_for_a_prompt_without_tokens():
