@@ -7,7 +7,8 @@ stacks with LoRAs and other patches and leaves with the clone:
 - the LLM hidden states ride in the conditioning (`model_conds`), beside the model's own prompt conditioning, so
   ComfyUI batches cond and uncond and slices areas as it does for any conditioning;
 - an APPLY_MODEL wrapper fuses them with the adapter once per model call and hands the result to the patches in
-  `transformer_options`;
+  `transformer_options`; a CALC_COND_BATCH wrapper refuses a step where some of the conditioning carries them and
+  some does not (the adapter would change one side of CFG only);
 - the second cross-attention sits in attention replace patches (UNet `attn2`, LI-DiT `attn2` ("lidit", i)) or
   in block replace patches (`dit` double blocks of Flux and SD3); a replace patch already on the model is kept
   and called for the host branch;
@@ -92,6 +93,10 @@ def host_family(net) -> tuple[str, list[tuple[str, int, int]]]:
                        f"SD3 (MMDiT) models; this MODEL is a {type(net).__name__}. Use one of those families.")
 
 
+# Every patch returns the host's own output where the conditioning carries no LLM encoding: with none, and at
+# strength 0 (see DecoupledCrossAttention, GatedCrossAttention), the patched model is the base model exactly.
+
+
 class UNetPatch:
     """attn2 replace patch: the host branch is the previous replace patch or ComfyUI's attention, exactly as
     CrossAttention computes it."""
@@ -150,14 +155,38 @@ def fuse_tokens(host: HostAdapter, tokens: torch.Tensor, name: str, llm: str, co
             f"trained on {llm} ({a.num_hidden_states} hidden states of size {a.llm_hidden_size}, "
             f"{a.num_hidden_states * a.llm_hidden_size} features). Encode with that LLM in LLM Prompt Encode "
             "(layers 'all', no adapter) and attach that.")
-    if bool((tokens[..., -1] > 0.5).any()) != contributions:
+    # per sample: cond and uncond share one forward, and each must match; padding (mask 0, flag 0) fills a shorter
+    # encoding's row, so a row of padding only (a prompt without tokens) has no setting to check
+    flagged = (tokens[..., -1] > 0.5).any(1)                                # [B]
+    wrong = (flagged != contributions) & (flagged | (tokens[..., -2] > 0.5).any(1))
+    if wrong.any():
+        on, off = ("on", "off") if contributions else ("off", "on")
         raise AdapterError(f"'{name}' was trained on each block's {'contribution' if contributions else 'output'}: "
-                           f"turn block_contributions {'on' if contributions else 'off'} in the LLM Prompt Encode "
-                           "nodes attached to this model's conditioning.")
+                           f"turn block_contributions {on} in the LLM Prompt Encode nodes attached to this model's "
+                           f"conditioning ({int(wrong.sum())} of the {B} encodings in this batch have it {off}).")
     weight = a.proj.weight
     hidden = tokens[..., :-2].to(weight.device, torch.float32).view(B, T, a.num_hidden_states, a.llm_hidden_size)
     mask = tokens[..., -2].to(weight.device) > 0.5
     return a(hidden.permute(0, 2, 1, 3).to(weight.dtype)), mask
+
+
+def check_llm_encodings(conds: list) -> None:
+    """conds: [positive, negative, ...] as calc_cond_batch gets them, each a list of cond dicts or None (a side
+    that is not computed). Either all of them carry an LLM encoding or none does: with one side only, the adapter
+    changes the model's output on that side of CFG alone, and guidance amplifies a difference training never saw."""
+    sides = {}
+    for i, side in enumerate(conds):
+        for cond in side or []:
+            sides.setdefault(i, set()).add(COND_KEY in cond.get("model_conds", {}))
+    if len(set().union(*sides.values())) > 1:
+        side = lambda i: ("positive", "negative")[i] if i < 2 else f"conditioning {i + 1}"  # noqa: E731
+        carrying = ", ".join(side(i) for i, flags in sides.items() if True in flags)
+        lacking = ", ".join(side(i) for i, flags in sides.items() if False in flags)
+        raise AdapterError(f"Only part of the conditioning carries an LLM encoding (with: {carrying}; without: "
+                           f"{lacking}), so Apply LLM Diff Adapter would change the model on one side of "
+                           "classifier-free guidance only and guidance would amplify that difference. Attach an "
+                           "LLM encoding to both positive and negative with LLM Conditioning Attach; an empty "
+                           "prompt is a valid one.")
 
 
 def apply_host_adapter(model: comfy.model_patcher.ModelPatcher, host: HostAdapter, info: dict, name: str,
@@ -205,7 +234,13 @@ def apply_host_adapter(model: comfy.model_patcher.ModelPatcher, host: HostAdapte
                                    OPTIONS_KEY: fuse_tokens(host, tokens, name, info["llm"], contributions)}
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
+    def same_llm_encodings(executor, model, conds, x_in, timestep, model_options):
+        check_llm_encodings(conds)
+        return executor(model, conds, x_in, timestep, model_options)
+
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, fuse_llm_tokens)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
+                                 same_llm_encodings)
     patched.set_additional_models(WRAPPER_KEY, [host_patcher or adapter_patcher(host)])
     return patched
 
@@ -231,13 +266,18 @@ class ApplyLLMDiffAdapter(io.ComfyNode):
             category="llm_diffusion",
             description="Gives an existing diffusion model (LI-DiT, SD 1.x/SDXL UNet, Flux, SD3) a second "
                         "cross-attention on every block of an LLM, through a trained LLM Diff Adapter file; the "
-                        "model's own text path stays. Feed the LLM encoding with LLM Conditioning Attach.",
+                        "model's own text path stays. Feed the LLM encoding with LLM Conditioning Attach, on both "
+                        "positive and negative (an empty prompt is a valid one): an encoding on one side only is "
+                        "refused when sampling starts; with none on either side the model samples as it is.",
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("adapter_name", options=folder_paths.get_filename_list("llm_adapters"),
-                               tooltip="An adapter trained for this model (training/train_lidit.py --base)."),
+                               tooltip="An adapter trained for this model: training/train_lidit.py --base (LI-DiT) "
+                                       "or training/train_comfy_adapter.py (SD 1.x, SD 2.x, SDXL, SD3)."),
                 io.Float.Input("strength", default=1.0, min=-2.0, max=4.0, step=0.05,
-                               tooltip="Scales the LLM branch; 0 gives the model's own output."),
+                               tooltip="Scales all that the adapter changes, its gate on the model's own branch "
+                                       "included: 0 gives the model's own output exactly, 1 the adapter as "
+                                       "trained."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the adapter patched in (the input model is unchanged).")],
         )
@@ -252,7 +292,9 @@ class ApplyLLMDiffAdapter(io.ComfyNode):
                 read_metadata(path, "llm-diff-adapter")
                 raise AdapterError(f"'{adapter_name}' is an LLM Diff Adapter for an LI-DiT model trained with it: "
                                    "load it with LLM Adapter Loader into LLM Prompt Encode. Apply LLM Diff Adapter "
-                                   "takes an adapter trained for an existing model (train_lidit.py --base).") from None
+                                   "takes an adapter trained for an existing model: training/train_lidit.py --base "
+                                   "for an LI-DiT, training/train_comfy_adapter.py for an SD 1.x, SD 2.x, SDXL or "
+                                   "SD3 checkpoint.") from None
             raise
         return io.NodeOutput(apply_host_adapter(model, host, info, adapter_name, strength, host_patcher))
 

@@ -54,8 +54,9 @@ HOST_MODELS = {"unet": "tiny-sd15.safetensors", "mmdit": "tiny-sd3.safetensors",
 
 def make_host_models(base: str) -> None:
     """Apply LLM Diff Adapter test files: tiny SD 1.5 and SD3 models that ComfyUI's UNETLoader detects, and per
-    family a fresh adapter (gates closed) and one with open gates, all for SmolLM2; plus an adapter giving SD 1.5
-    a 768-wide context from SmolLM2 (its own text path here, as no CLIP weights exist)."""
+    family a fresh adapter (gates closed) and one with open gates (the LLM branches open and, where the host branch
+    has a gate of its own, that gate away from 1 as training leaves it), all for SmolLM2; plus an adapter giving
+    SD 1.5 a 768-wide context from SmolLM2 (its own text path here, as no CLIP weights exist)."""
     import tiny_models
     from llm_diffusion.adapters.checkpoint import read_lidit, save_host_adapter
     from llm_diffusion.adapters.diff_adapter import HostAdapter, lidit_sites
@@ -75,6 +76,8 @@ def make_host_models(base: str) -> None:
                     for name, p in host.named_parameters():
                         if name.endswith("gate_a") and "host_gate" not in name:
                             p.fill_(0.5)
+                        if name.endswith("host_gate_b"):
+                            p.fill_(0.1)
             save_host_adapter(os.path.join(base, "llm_adapters", f"{family}-{gates}.safetensors"), host, family,
                               SMOLLM2)
     torch.manual_seed(2)

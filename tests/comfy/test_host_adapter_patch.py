@@ -34,6 +34,8 @@ FAMILIES = {
 
 
 def host_for(model, seed: int = 0, open_gates: bool = False) -> tuple[HostAdapter, dict]:
+    """A random adapter for this MODEL; open_gates: the LLM branches open and, where the host branch has a gate of
+    its own (UNet, LI-DiT), that gate away from 1 as training leaves it."""
     family, sites = dan.host_family(model.model.diffusion_model)
     torch.manual_seed(seed)
     host = HostAdapter(D, S, C, sites, "decoupled" if family in ("unet", "lidit") else "gated")
@@ -42,6 +44,8 @@ def host_for(model, seed: int = 0, open_gates: bool = False) -> tuple[HostAdapte
             for name, p in host.named_parameters():
                 if name.endswith("gate_a") and "host_gate" not in name:
                     p.fill_(0.5)
+                if name.endswith("host_gate_b"):
+                    p.fill_(0.1)  # the host branch at exp(0.1) = 1.105 of its own output
     return host, {"family": family, "llm": "tiny-llm"}
 
 
@@ -87,6 +91,8 @@ def test_open_gates_change_the_output_and_strength_0_is_the_base(family):
     name, model = family
     before = sample(model, name)
     host, info = host_for(model, open_gates=True)
+    if host.kind == "decoupled":
+        assert all(b.host_gate_b.item() != 0 for b in host.branches), "the host branch's gate must be open too"
     after = sample(dan.apply_host_adapter(model, host, info, "open", 1.0), name)
     assert torch.isfinite(after).all()
     assert (after - before).abs().mean() > 1e-4
@@ -94,6 +100,28 @@ def test_open_gates_change_the_output_and_strength_0_is_the_base(family):
     # another prompt for the LLM branch gives another image: the encoding reaches the patch
     other = sample(dan.apply_host_adapter(model, host, info, "open", 1.0), name, llm_tokens=(4, 3))
     assert (other - after).abs().mean() > 1e-5
+
+
+def test_a_conditioning_without_an_llm_encoding_is_the_base(family):
+    name, model = family
+    before = sample(model, name, llm_tokens=(None, None))
+    host, info = host_for(model, open_gates=True)
+    for strength in (1.0, 0.5):
+        assert torch.equal(sample(dan.apply_host_adapter(model, host, info, "open", strength), name,
+                                  llm_tokens=(None, None)), before)
+
+
+@pytest.mark.parametrize("llm_tokens, side", [((6, None), "with: positive; without: negative"),
+                                              ((None, 3), "with: negative; without: positive")])
+def test_an_llm_encoding_on_one_side_of_cfg_only_is_refused_with_the_fix(family, llm_tokens, side):
+    """With the encoding on one side only, the adapter changes one side of CFG and guidance amplifies the change."""
+    name, model = family
+    patched = dan.apply_host_adapter(model, *host_for(model, open_gates=True), "open", 1.0)
+    with pytest.raises(dan.AdapterError, match=f"{side}.*Attach an LLM encoding to both positive and negative "
+                                               "with LLM Conditioning Attach; an empty prompt is a valid one"):
+        sample(patched, name, llm_tokens=llm_tokens)
+    # without CFG (scale 1) ComfyUI never runs the negative: nothing to compare, nothing refused
+    assert torch.isfinite(sample(patched, name, llm_tokens=llm_tokens, cfg=1.0)).all()
 
 
 # ComfyUI 0.3.75's Flux blocks update their inputs in place (`img += ...`, `x += ...`), so no gradient flows
@@ -201,6 +229,35 @@ def test_an_encoding_from_another_llm_is_refused_at_sampling_with_the_fix():
     with pytest.raises(dan.AdapterError, match="trained on each block's output: turn block_contributions off"):
         comfy.sample.sample(patched, latent, 1, 1.0, "euler", "simple", contributions, contributions, latent,
                             disable_pbar=True)
+
+
+def llm_tokens(T: int, contributions: bool, seed: int = 0) -> torch.Tensor:
+    """[1, T, S * D + 2] as LLM Conditioning Attach puts them in model_conds."""
+    hidden = torch.randn(1, T, S * D, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([hidden, torch.ones(1, T, 1), torch.full((1, T, 1), float(contributions))], -1)
+
+
+def test_the_block_contributions_setting_is_checked_per_sample():
+    model = tiny_models.sd15_model()
+    host, info = host_for(model)
+    for trained_on in (True, False):
+        batch = [llm_tokens(6, trained_on), llm_tokens(3, trained_on, 1)]
+        tokens = dan.CONDLLMTokens(batch[0]).concat([dan.CONDLLMTokens(batch[1])])  # cond and uncond, padded
+        context, mask = dan.fuse_tokens(host, tokens, "adapter", "tiny-llm", trained_on)
+        assert context.shape == (2, 6, C) and mask.sum(1).tolist() == [6, 3]
+        mixed = dan.CONDLLMTokens(batch[0]).concat([dan.CONDLLMTokens(llm_tokens(3, not trained_on, 1))])
+        with pytest.raises(dan.AdapterError, match=f"trained on each block's "
+                                                   f"{'contribution' if trained_on else 'output'}.*1 of the 2"):
+            dan.fuse_tokens(host, mixed, "adapter", "tiny-llm", trained_on)
+
+    # through sampling: the positive encoded with block contributions, the negative without (one batch under CFG)
+    patched = dan.apply_host_adapter(model, host, {**info, "encoder": '{"contributions": true}'}, "adapter", 1.0)
+    positive, negative = conditioning("sd15", 0), conditioning("sd15", 1)
+    positive[0][1]["model_conds"][dan.COND_KEY] = dan.CONDLLMTokens(llm_tokens(6, True))
+    negative[0][1]["model_conds"][dan.COND_KEY] = dan.CONDLLMTokens(llm_tokens(3, False))
+    latent = torch.zeros(1, 4, 16, 16)
+    with pytest.raises(dan.AdapterError, match="trained on each block's contribution: turn block_contributions on"):
+        comfy.sample.sample(patched, latent, 1, 3.0, "euler", "simple", positive, negative, latent, disable_pbar=True)
 
 
 @pytest.mark.parametrize("masks, calls_per_step", [(False, 1), (True, 2)])
