@@ -116,6 +116,18 @@ def make_broken_model_files(base: str) -> None:
     path = os.path.join(base, "llm_adapters", "non-integer-adapter.safetensors")
     save_adapter(path, LLMDiffAdapter(576, 31, 128), "SmolLM2-135M-Instruct.Q4_1.gguf")
     edit_metadata(path, lambda m: m.update(num_hidden_states="thirty-one"))
+    # The shipped default files with NaN written into every other tensor (the adapter) or into 9 of them (the
+    # LI-DiT model); headers and metadata intact, as a diverged training run leaves them.
+    for folder, shipped, name, every in (("llm_adapters", "lidit-shapes-smollm2-adapter.safetensors",
+                                          "nan-adapter.safetensors", 2),
+                                         ("lidit", "lidit-shapes-smollm2.safetensors", "nan-lidit.safetensors", 20)):
+        source = os.path.join(ROOT, "models", folder, shipped)
+        with safe_open(source, framework="pt") as f:
+            meta = f.metadata()
+        tensors = load_file(source)
+        for key in sorted(tensors)[1::every][:9]:
+            tensors[key].view(-1)[::7] = float("nan")
+        save_file(tensors, os.path.join(base, folder, name), metadata=meta)
 
 
 @pytest.fixture(scope="session")

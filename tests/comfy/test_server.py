@@ -177,6 +177,42 @@ def run_error(server, prompt) -> dict:
     raise AssertionError("no answer")
 
 
+@pytest.mark.parametrize("node, field, name, bad", [
+    ("LLMAdapterLoader", "adapter_name", "nan-adapter.safetensors", "2 of 5 tensors"),
+    ("LIDiTLoader", "model_name", "nan-lidit.safetensors", "9 of 186 tensors"),
+], ids=["adapter", "lidit"])
+def test_nan_weights_fail_the_run_instead_of_drawing_black(comfy_server, default_prompt, node, field, name, bad):
+    """Files whose header is intact but whose data holds NaN (see conftest): the run stops with the pack's error in
+    /history, no image is saved, and the server goes on."""
+    saved = lambda: set(glob.glob(os.path.join(comfy_server.output_dir, "**", "*.png"), recursive=True))  # noqa: E731
+    before = saved()
+    prompt = copy.deepcopy(default_prompt)
+    prompt[node_id(prompt, node)]["inputs"][field] = name
+    error = run_error(comfy_server, prompt)
+    assert error["exception_type"].endswith("CheckpointError"), error["exception_type"]
+    message = error["exception_message"]
+    assert name in message and "NaN" in message and bad in message and "again" in message, message
+    assert saved() == before
+    assert comfy_server.output_images(comfy_server.run(default_prompt))
+
+
+@pytest.mark.parametrize("inputs, where", [
+    ({"text": "a blue square \ud800 top right"}, "prompt"),
+    ({"instruction": "custom", "custom_instruction": "Describe \ud800 the image:"}, "instruction"),
+], ids=["prompt", "instruction"])
+def test_lone_surrogate_is_the_packs_error(comfy_server, default_prompt, inputs, where):
+    """A lone surrogate typed into an API prompt (JSON "\\ud800") is named, with its place, not the tokenizer's
+    TypeError."""
+    prompt = copy.deepcopy(default_prompt)
+    prompt[positive_encode_id(prompt)]["inputs"].update(inputs)
+    error = run_error(comfy_server, prompt)
+    assert error["exception_type"].endswith("LLMError"), error["exception_type"]
+    message = error["exception_message"]
+    assert f"The {where} holds a lone surrogate '\\ud800' at character" in message, message
+    assert "TypeError" not in message and "TextEncodeInput" not in message
+    assert comfy_server.output_images(comfy_server.run(default_prompt))
+
+
 def test_oversized_latent_is_refused_with_the_limit(comfy_server, default_prompt):
     prompt = copy.deepcopy(default_prompt)
     latent = prompt[node_id(prompt, "LIDiTSampler")]["inputs"]["latent_image"][0]
