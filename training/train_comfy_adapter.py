@@ -35,7 +35,8 @@ sys.path.insert(0, ROOT)
 
 from training.features import caption_features, encoder_settings  # noqa: E402
 from training.train_lidit import (STREAM_STRIDE, DivergedError, FolderData, LossLog, check_gradients,  # noqa: E402
-                                  diverged, load_training_state, lr_at, recover_checkpoint, save_training_state)
+                                  diverged, load_optimizer_state, load_training_state, lr_at, recover_checkpoint,
+                                  refuse_existing_run, save_training_state)
 
 log = logging.getLogger("train_comfy_adapter")
 PACKAGE = "llm_diffusion"
@@ -147,7 +148,6 @@ class AdapterTraining:
     def __init__(self, host, ema, latents: torch.Tensor, args, start_step: int, ckpt: str, opt_state_from=None):
         self.host, self.ema, self.latents, self.args = host, ema, latents, args
         self.step, self.ckpt, self.opt_state_from = start_step, ckpt, opt_state_from
-        self.loss_log = LossLog(os.path.join(args.out, "loss.csv"), start_step)
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -163,11 +163,12 @@ class AdapterTraining:
         # made here, after ComfyUI moved the adapter to the load device
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
         if self.opt_state_from:
-            load_training_state(self.opt_state_from, self.host, self.ema, opt)
+            load_optimizer_state(self.opt_state_from, opt)
         bar = tqdm(total=args.steps, initial=self.step, desc="train", disable=disable_pbar)
         pbar = comfy.utils.ProgressBar(args.steps)
         t0, seen = time.time(), 0
-        with torch.inference_mode(False), torch.enable_grad():
+        with LossLog(os.path.join(args.out, "loss.csv"), self.step) as loss_log, torch.inference_mode(False), \
+                torch.enable_grad():
             while self.step < args.steps:
                 mm.throw_exception_if_processing_interrupted()
                 g = torch.Generator().manual_seed(args.seed * STREAM_STRIDE + self.step)
@@ -203,11 +204,10 @@ class AdapterTraining:
                 bar.update(1)
                 bar.set_postfix(loss=f"{total:.4f}", ips=f"{rate:.2f}")
                 pbar.update_absolute(self.step, args.steps)
-                self.loss_log.write([self.step, f"{total:.5f}", f"{lr_at(self.step - 1, args):.6g}", f"{rate:.3f}", ""])
+                loss_log.write([self.step, f"{total:.5f}", f"{lr_at(self.step - 1, args):.6g}", f"{rate:.3f}", ""])
                 if self.step % args.save_every == 0 or self.step == args.steps:
                     save_training_state(self.ckpt, self.host, self.ema, opt, self.step, args)
         bar.close()
-        self.loss_log.close()
         return latent_image
 
 
@@ -231,6 +231,7 @@ def checkpoint_blocks(net: torch.nn.Module) -> list[torch.nn.Module]:
 
 def main(argv=None):
     args = parse_args(argv)
+    refuse_existing_run(args.out, args.resume)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -284,6 +285,7 @@ def main(argv=None):
     ckpt = os.path.join(args.out, "checkpoint")
     step = recover_checkpoint(ckpt) if args.resume else None
     if step:
+        load_training_state(ckpt, host, ema)  # the optimizer's state is loaded where it is made, if steps remain
         log.info("resuming from %s at step %d", ckpt, step)
     training = AdapterTraining(host, ema, latents, args, step or 0, ckpt, ckpt if step else None)
     if training.step < args.steps:

@@ -174,6 +174,16 @@ class FolderData:
 
 
 LR_FLOOR = 0.1  # the cosine schedule ends at this share of --lr, not at 0
+RUN_FILES = ("loss.csv", "checkpoint", "checkpoint.partial", "checkpoint.old")  # what a run leaves in its --out
+
+
+def refuse_existing_run(out: str, resume: bool) -> None:
+    """Without --resume a run starts its loss log afresh and replaces the checkpoint at its first save, so it stops,
+    before writing anything, where --out holds a run already (both trainers)."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    if found and not resume:
+        raise SystemExit(f"--out '{out}' already holds a run ({', '.join(found)}): add --resume to continue it, or "
+                         "give a new --out to start a new run.")
 
 
 def mixed_precision(precision: str) -> str:
@@ -413,9 +423,17 @@ def recover_checkpoint(path: str) -> int | None:
     return found[best]
 
 
-def load_training_state(path: str, trainable, ema, opt) -> int:
+def load_training_state(path: str, trainable, ema, opt=None) -> int:
+    """The checkpoint's weights and EMA, and its optimizer state where opt is given; returns its step."""
     trainable.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
     ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
+    if opt is not None:
+        load_optimizer_state(path, opt)
+    with open(os.path.join(path, "state.json")) as f:
+        return int(json.load(f)["step"])
+
+
+def load_optimizer_state(path: str, opt) -> None:
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
@@ -424,7 +442,6 @@ def load_training_state(path: str, trainable, ema, opt) -> int:
         pid, name = key.split(".", 1)
         opt_state["state"].setdefault(int(pid), {})[name] = val.reshape(()) if name == "step" else val
     opt.load_state_dict(opt_state)
-    return int(state["step"])
 
 
 class LossLog:
@@ -459,6 +476,12 @@ class LossLog:
     def close(self) -> None:
         self.file.close()
 
+    def __enter__(self) -> LossLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 @torch.no_grad()
 def evaluate(model: Trainable, batch_inputs, args, device, num: int) -> float:
@@ -478,6 +501,7 @@ def evaluate(model: Trainable, batch_inputs, args, device, num: int) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
+    refuse_existing_run(args.out, args.resume)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,7 +31,10 @@ def train(out, checkpoint: str, data: str, cache: str, *extra: str, kill_at: int
     # the kill: a hard exit inside the loss log's write, as a crash or a lost machine would end it
     code = ("import os, sys\nimport training.train_lidit as t\nreal = t.LossLog.write\n"
             f"t.LossLog.write = lambda self, row: os._exit(9) if row[0] == {kill_at} else real(self, row)\n"
-            "from training.train_comfy_adapter import main\nmain(sys.argv[1:])\n")
+            "opened, init = [], t.LossLog.__init__\n"
+            "t.LossLog.__init__ = lambda self, *a: (init(self, *a), opened.append(self))[0]\n"
+            "from training.train_comfy_adapter import main\nmain(sys.argv[1:])\n"
+            "print(f'loss logs left open: {sum(not log.file.closed for log in opened)}')\n")
     return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
@@ -50,6 +53,7 @@ def trained(tmp_path_factory):
     (data / "no-caption.png").write_bytes((data / "image0.png").read_bytes())  # skipped: no .txt beside it
     run = train(base / "full", checkpoint, str(data), str(base / "cache"))
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "loss logs left open: 0" in run.stdout
     return {"base": base, "checkpoint": checkpoint, "data": str(data), "out": base / "full", "log": run.stderr}
 
 
@@ -141,3 +145,31 @@ def test_the_trained_adapter_runs_on_its_checkpoint_in_comfyui(comfy_server, tra
     with_llm = load_file(f"{comfy_server.output_dir}/{files[0]['subfolder']}/{files[0]['filename']}")["latent_tensor"]
     assert torch.isfinite(with_llm).all() and (with_llm - own).abs().mean() > 1e-5
     assert any(p.endswith(".png") for p in comfy_server.output_images(entry))
+
+
+def folder_bytes(folder) -> dict[str, bytes]:
+    """Every file under folder (relative path -> contents)."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def test_a_new_run_into_an_out_holding_one_is_refused_without_resume(trained, tmp_path):
+    out = shutil.copytree(trained["out"], tmp_path / "out")
+    before = folder_bytes(out)
+    run = train(out, trained["checkpoint"], trained["data"], str(trained["base"] / "cache"))
+    assert run.returncode == 1 and "already holds a run" in run.stderr, run.stderr[-3000:]
+    assert "--resume" in run.stderr and "a new --out" in run.stderr
+    assert folder_bytes(out) == before  # loss.csv and the checkpoint byte for byte, nothing added
+
+
+def test_a_finished_run_resumed_only_exports_and_leaves_no_log_open(trained, tmp_path):
+    out = shutil.copytree(trained["out"], tmp_path / "done")
+    rows = loss_rows(out)
+    run = train(out, trained["checkpoint"], trained["data"], str(trained["base"] / "cache"), "--resume")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "loss logs left open: 0" in run.stdout
+    assert loss_rows(out) == rows
+    exported = load_file(str(out / "tiny-sd15-smollm2.safetensors"))
+    full = load_file(str(trained["out"] / "tiny-sd15-smollm2.safetensors"))
+    assert all(torch.equal(exported[k], full[k]) for k in full)
+

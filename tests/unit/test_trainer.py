@@ -333,6 +333,25 @@ def test_feature_noise_needs_the_adapter(capsys):
     assert parse_args(["--out", "x", "--llm", "x.gguf", "--feature-noise", "0.2"]).feature_noise == 0.2
 
 
+def folder_bytes(folder) -> dict[str, bytes]:
+    """Every file under folder (relative path -> contents)."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.mark.parametrize("left", [("loss.csv", "checkpoint"), ("loss.csv",), ("checkpoint",)])
+def test_a_new_run_into_an_out_holding_one_is_refused_without_resume(run6, tmp_path, tiny_llm_dirs, left):
+    """Without --resume a run would truncate the earlier run's loss log and overwrite its checkpoint at the first
+    save; it must stop before it writes anything, naming both ways on."""
+    out = shutil.copytree(run6, tmp_path / "out")
+    for name in {"loss.csv", "checkpoint"} - set(left):
+        shutil.rmtree(out / name) if os.path.isdir(out / name) else os.remove(out / name)
+    before = folder_bytes(out)
+    with pytest.raises(SystemExit, match=r"already holds a run .*--resume.*a new --out"):
+        train(out, [tiny_llm_dirs["llama"]], 3, "--eval-samples", "0")
+    assert folder_bytes(out) == before
+
+
 def test_feature_noise_reaches_the_adapter_of_an_adapter_only_run(monkeypatch, tmp_path, tiny_llm_dirs):
     """--base builds its adapter inside a HostAdapter: the noise must be on that one, the adapter that trains."""
     import training.train_lidit as trainer
