@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import pkgutil
 import sys
 import time
 
@@ -33,6 +34,10 @@ import torch.utils.checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import adapters  # noqa: E402
+from adapters.checkpoint import save_host_adapter  # noqa: E402
+from adapters.conditioning import hidden_states_to_context  # noqa: E402
+from adapters.diff_adapter import HostAdapter  # noqa: E402
 from training.features import caption_features, encoder_settings  # noqa: E402
 from training.train_lidit import (STREAM_STRIDE, DivergedError, FolderData, LossLog, check_gradients,  # noqa: E402
                                   diverged, load_optimizer_state, load_training_state, lr_at, recover_checkpoint,
@@ -105,8 +110,19 @@ def import_comfyui(folder: str):
         spec = importlib.util.spec_from_file_location(PACKAGE, os.path.join(ROOT, "__init__.py"),
                                                       submodule_search_locations=[ROOT])
         sys.modules[PACKAGE] = importlib.util.module_from_spec(spec)
+        share_adapters(sys.modules[PACKAGE])
         spec.loader.exec_module(sys.modules[PACKAGE])
     return importlib.import_module(f"{PACKAGE}.nodes.diff_adapter_nodes")
+
+
+def share_adapters(package) -> None:
+    """Makes the trainer's `adapters` modules the package's own adapters subpackage, before its nodes import it."""
+    # one copy of each class: an isinstance check or `except CheckpointError` here must match what the nodes use
+    for module in pkgutil.iter_modules(adapters.__path__):
+        importlib.import_module(f"adapters.{module.name}")
+    for name in [n for n in sys.modules if n == "adapters" or n.startswith("adapters.")]:
+        sys.modules[f"{package.__name__}.{name}"] = sys.modules[name]
+    package.adapters = adapters
 
 
 def weight_dtype(name: str) -> torch.dtype | None:
@@ -239,9 +255,6 @@ def main(argv=None):
     import comfy.model_management as mm
     import comfy.samplers
     import comfy.sd
-    from llm_diffusion.adapters.checkpoint import save_host_adapter
-    from llm_diffusion.adapters.conditioning import hidden_states_to_context
-    from llm_diffusion.adapters.diff_adapter import HostAdapter
     os.makedirs(args.out, exist_ok=True)
 
     data = FolderData(args.data, args.seed, args.resolution)

@@ -5,6 +5,7 @@ Conditioning Attach, Apply LLM Diff Adapter, KSampler and VAE Decode in the real
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import shutil
@@ -172,4 +173,34 @@ def test_a_finished_run_resumed_only_exports_and_leaves_no_log_open(trained, tmp
     exported = load_file(str(out / "tiny-sd15-smollm2.safetensors"))
     full = load_file(str(trained["out"] / "tiny-sd15-smollm2.safetensors"))
     assert all(torch.equal(exported[k], full[k]) for k in full)
+
+
+ONE_IMPORT_ROOT = """
+import json, sys
+import adapters.checkpoint, adapters.diff_adapter
+from training.train_comfy_adapter import comfyui_folder, import_comfyui
+nodes = import_comfyui(comfyui_folder(None))
+caught = False
+try:
+    nodes.load_host_adapter(sys.argv[1])
+except adapters.checkpoint.CheckpointError:
+    caught = True
+except Exception:
+    pass
+print(json.dumps({"CheckpointError": nodes.CheckpointError is adapters.checkpoint.CheckpointError,
+                  "HostAdapter": nodes.HostAdapter is adapters.diff_adapter.HostAdapter,
+                  "caught": caught}))
+"""
+
+
+def test_the_trainer_and_the_nodes_it_loads_share_one_adapters_package(tmp_path):
+    """The trainer imports `adapters` from the repository and loads the nodes as ComfyUI does (package
+    llm_diffusion): both must see the same classes, or an isinstance check or an `except CheckpointError` misses."""
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00 not a safetensors file" * 10)
+    run = subprocess.run([sys.executable, "-c", ONE_IMPORT_ROOT, str(corrupt)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"CheckpointError": True, "HostAdapter": True,
+                                                                "caught": True}
 
