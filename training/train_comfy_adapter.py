@@ -72,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--export-weights", default="ema", choices=["ema", "raw"])
     p.add_argument("--weight-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="the frozen model's weights (auto: ComfyUI's choice, bf16 on CUDA where it is supported)")
+                   help="the frozen model's weights (auto: ComfyUI's choice, the dtype that Load Checkpoint gives "
+                        "this model on this device: fp16 or bf16 on most GPUs, fp32 on the CPU)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the frozen model's blocks in the backward pass instead of keeping their "
                         "activations: less memory, more time")
@@ -126,9 +127,8 @@ def share_adapters(package) -> None:
 
 
 def weight_dtype(name: str) -> torch.dtype | None:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    """--weight-dtype; None for auto, where ComfyUI's checkpoint loader picks it (model_management.unet_dtype)."""
+    return {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def prediction_loss(model_sampling, denoised: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -204,3 +204,12 @@ def test_the_trainer_and_the_nodes_it_loads_share_one_adapters_package(tmp_path)
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {"CheckpointError": True, "HostAdapter": True,
                                                                 "caught": True}
 
+
+def test_weight_dtype_auto_is_comfyuis_choice_on_a_gpu_too(monkeypatch):
+    """auto gives the checkpoint loader no dtype, so ComfyUI picks it as Load Checkpoint does (unet_dtype: from the
+    model's supported dtypes, its stored weights and the device), rather than bf16 wherever CUDA has it."""
+    from training.train_comfy_adapter import weight_dtype
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert weight_dtype("auto") is None
+    assert [weight_dtype(n) for n in ("bf16", "fp16", "fp32")] == [torch.bfloat16, torch.float16, torch.float32]
