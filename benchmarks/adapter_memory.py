@@ -6,8 +6,8 @@ its GGUF file, the adapter and its second cross-attentions as the trainer builds
 
 What it counts, per phase of a run:
 - encoding (once, before training): the LLM (fp32, on the CPU), the text encoders (fp16) and the VAE (fp32);
-- training (on the device): the frozen UNet in bf16, and per adapter parameter 20 bytes (fp32 weight, gradient,
-  AdamW's two moments, the EMA copy).
+- training (on the device): the frozen UNet in fp16 or bf16 (2 bytes, as ComfyUI loads it on a GPU), and per
+  adapter parameter 20 bytes (fp32 weight, gradient, AdamW's two moments, the EMA copy).
 Not counted: the activations that the backward pass through the frozen UNet keeps, which grow with --resolution;
 they were not measured (no GPU was lent to this work).
 """
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
     print(f"LLM {os.path.basename(args.llm)}: {llm_params / 1e6:.0f} M parameters, {states} hidden states of "
           f"{hidden}; adapter context {args.context_dim}\n")
     print("| model | UNet | text encoders | VAE | adapter (trained) | encoding: LLM fp32 + text encoders fp16 + VAE "
-          "fp32 | training: UNet bf16 + adapter x 20 B |")
+          "fp32 | training: UNet fp16 or bf16 + adapter x 20 B |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     with torch.device("meta"):
         vae = count(AutoencoderKL(ddconfig=SD_VAE, embed_dim=4))
