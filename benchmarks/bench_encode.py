@@ -112,9 +112,8 @@ def run_variant(cfg: dict) -> dict:
     options = dict(instruction=instruction, use_chat_template=True, layers="all", max_tokens=cfg["max_tokens"])
 
     # The token sequence encode_prompts builds, for the plain forward.
-    prefix, has_special = llm_encoder.prompt_prefix(tokenizer, instruction, True)
-    prefix_ids, prompt_ids, _ = llm_encoder.tokenize_prompts(tokenizer, prompts, prefix, has_special,
-                                                             cfg["max_tokens"])
+    prefix_ids, prompt_ids, _ = llm_encoder.tokenize_prompts(tokenizer, prompts, instruction=instruction,
+                                                             use_chat_template=True, max_tokens=cfg["max_tokens"])
     rows = [prefix_ids + ids for ids in prompt_ids]
     width = max(len(r) for r in rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

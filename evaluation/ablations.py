@@ -62,8 +62,8 @@ ABLATIONS = {
                        [*SMOL, "--layers", "all", "--instruction", "li-dit"]),
     "no-llm+adapter-fixed-host-gate": ("as no-llm+adapter, the base branch's gate kept at 1 (new branch gated only)",
                                        [*SMOL, "--layers", "all", "--instruction", "li-dit", "--host-gate", "fixed"]),
-    "no-llm+adapter-contributions": ("as no-llm+adapter, each block weighted by its contribution (state in context "
-                                     "minus the token alone)",
+    "no-llm+adapter-contributions": ("as no-llm+adapter, each block's state replaced by its contribution (state in "
+                                     "context minus the same token's state in a one-token prompt)",
                                      [*SMOL, "--layers", "all", "--instruction", "li-dit", "--block-outputs",
                                       "contributions"]),
 }

@@ -49,6 +49,8 @@ def caption_features(llm_path: str, captions: list[str], settings: dict, cache_d
     """Returns one [S, T_i, D] fp16 tensor per caption (prompt tokens only, the S layers that settings['layers']
     selects) and the LLM's hidden-state count. The cache holds every layer, so layer ablations share it."""
     cached = {k: v for k, v in settings.items() if k != "layers"}
+    if cached.get("contributions"):  # the key names how they are computed: features made another way are not reused
+        cached["contributions"] = "states minus the same token's states in a one-token prompt"
     key = hashlib.sha256(json.dumps([cached, captions, llm_fingerprint(llm_path)]).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"features-{settings['llm']}-{key}.safetensors")
     if not os.path.exists(path):

@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--instruction", default="li-dit", choices=["li-dit", "none"])
     p.add_argument("--block-outputs", default="states", choices=["states", "contributions"],
                    help="what the LLM Diff Adapter mixes: every block's hidden state, or its contribution (the state "
-                        "in context minus the token's state alone)")
+                        "in context minus the same token's state in a one-token prompt)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--context-dim", type=int, default=128, help="adapter output size (learned encoder: its width)")
     p.add_argument("--feature-noise", type=float, default=0.0,
