@@ -195,7 +195,7 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"'{name}' is corrupt or truncated ({e}); export it again.") from e
-    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(finite(t).all()))
     if bad:
         shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
         raise CheckpointError(f"'{name}' holds NaN or infinite weights in {len(bad)} of {len(tensors)} tensors "
@@ -203,6 +203,11 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
                               "training run that diverged: download it again, or export it again from a checkpoint "
                               "taken before the loss became NaN.")
     return tensors
+
+
+def finite(t: torch.Tensor) -> torch.Tensor:
+    # torch has no isfinite for the fp8 types; widening to fp16 keeps every fp8 value, NaN and inf included
+    return torch.isfinite(t.half() if t.element_size() == 1 else t)
 
 
 def module_load(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -37,8 +37,9 @@ CACHE="$ROOT/.cache"
 mkdir -p "$CACHE"
 log() { echo "[setup] $*"; }
 
-# pip's config on some machines lists local package folders that may be absent; the warnings are noise.
-pipq() { "$@" --disable-pip-version-check -q 2>&1 | grep -v "^WARNING: Location" || true; return "${PIPESTATUS[0]}"; }
+# pip's config on some machines lists local package folders that may be absent; the warnings are noise. The
+# filter never fails, so under pipefail the status is pip's: a failed install stops set-up before its stamp.
+pipq() { "$@" --disable-pip-version-check -q 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 # unpack_wheels DIR SPEC...: downloads the wheels (no dependencies) and unzips them all into DIR/unpacked.
 unpack_wheels() {
   local dir="$1"; shift
@@ -46,8 +47,8 @@ unpack_wheels() {
   (cd "$dir" && for w in *.whl; do "$PY" -m zipfile -e "$w" unpacked >/dev/null; done)
 }
 # install VENV REPORT PIP-INSTALL-ARGS...: one pip resolution into VENV, its report (what was installed) kept as
-# VENV/REPORT. --no-compile: byte-compiling every file of torch and its CUDA libraries takes most of a minute, and
-# Python compiles the modules it imports anyway.
+# VENV/REPORT. --no-compile: Python byte-compiles the modules it imports when it first imports them, so compiling
+# every file of torch and its CUDA libraries up front only delays the first image.
 install() {
   local dir="$1" report="$2"; shift 2
   pipq "$dir/bin/python" -m pip install --no-compile --report "$dir/$report" "$@"

@@ -324,3 +324,14 @@ def test_finite_weights_still_load(tmp_path, wake, load):
     path = saved_files(tmp_path, wake)[load]
     module, _ = load(path)
     assert all(torch.isfinite(t).all() for t in module.state_dict().values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_fp8_files_are_checked_too(tmp_path, wake, dtype):
+    """torch has no isfinite for fp8: a file stored in fp8 loads when finite and is refused with NaN in it."""
+    path = saved_files(tmp_path, wake)[load_adapter]
+    rewrite(path, lambda tensors: tensors.update({k: v.to(dtype) for k, v in tensors.items()}))
+    load_adapter(path)
+    rewrite(path, lambda tensors: tensors["proj.weight"].view(-1).__setitem__(0, float("nan")))
+    with pytest.raises(CheckpointError, match=r"NaN or infinite weights in 1 of .* \(proj.weight\)"):
+        load_adapter(path)
