@@ -179,14 +179,18 @@ def check_llm_encodings(conds: list) -> None:
         for cond in side or []:
             sides.setdefault(i, set()).add(COND_KEY in cond.get("model_conds", {}))
     if len(set().union(*sides.values())) > 1:
-        side = lambda i: ("positive", "negative")[i] if i < 2 else f"conditioning {i + 1}"  # noqa: E731
-        carrying = ", ".join(side(i) for i, flags in sides.items() if True in flags)
-        lacking = ", ".join(side(i) for i, flags in sides.items() if False in flags)
-        raise AdapterError(f"Only part of the conditioning carries an LLM encoding (with: {carrying}; without: "
-                           f"{lacking}), so Apply LLM Diff Adapter would change the model on one side of "
-                           "classifier-free guidance only and guidance would amplify that difference. Attach an "
-                           "LLM encoding to both positive and negative with LLM Conditioning Attach; an empty "
-                           "prompt is a valid one.")
+        # CFGGuider passes [positive, negative]; other guiders order and count their sides otherwise
+        side = (lambda i: ("the positive", "the negative")[i]) if len(conds) == 2 else \
+            (lambda i: f"#{i + 1} of the guider's {len(conds)}")
+        mixed = [side(i) for i, flags in sides.items() if len(flags) > 1]
+        where = (f"some entries of {' and '.join(mixed)} conditioning carry one and some do not" if mixed else
+                 f"{', '.join(side(i) for i, f in sides.items() if True in f)} conditioning carries one, "
+                 f"{', '.join(side(i) for i, f in sides.items() if False in f)} does not")
+        raise AdapterError(f"Only part of the conditioning carries an LLM encoding ({where}), so Apply LLM Diff "
+                           "Adapter would change the model for part of the guidance only, and guidance would "
+                           "amplify that difference. Attach an LLM encoding to every conditioning that reaches the "
+                           "sampler (positive and negative, and each entry combined into them) with LLM "
+                           "Conditioning Attach; an empty prompt is a valid one.")
 
 
 def apply_host_adapter(model: comfy.model_patcher.ModelPatcher, host: HostAdapter, info: dict, name: str,

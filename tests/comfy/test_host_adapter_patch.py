@@ -111,17 +111,30 @@ def test_a_conditioning_without_an_llm_encoding_is_the_base(family):
                                   llm_tokens=(None, None)), before)
 
 
-@pytest.mark.parametrize("llm_tokens, side", [((6, None), "with: positive; without: negative"),
-                                              ((None, 3), "with: negative; without: positive")])
+@pytest.mark.parametrize("llm_tokens, side", [((6, None), "the positive conditioning carries one, the negative does not"),
+                                              ((None, 3), "the negative conditioning carries one, the positive does not")])
 def test_an_llm_encoding_on_one_side_of_cfg_only_is_refused_with_the_fix(family, llm_tokens, side):
     """With the encoding on one side only, the adapter changes one side of CFG and guidance amplifies the change."""
     name, model = family
     patched = dan.apply_host_adapter(model, *host_for(model, open_gates=True), "open", 1.0)
-    with pytest.raises(dan.AdapterError, match=f"{side}.*Attach an LLM encoding to both positive and negative "
-                                               "with LLM Conditioning Attach; an empty prompt is a valid one"):
+    with pytest.raises(dan.AdapterError, match=f"{side}.*Attach an LLM encoding to every conditioning that reaches "
+                                               r"the sampler \(positive and negative.*an empty prompt is a valid one"):
         sample(patched, name, llm_tokens=llm_tokens)
     # without CFG (scale 1) ComfyUI never runs the negative: nothing to compare, nothing refused
     assert torch.isfinite(sample(patched, name, llm_tokens=llm_tokens, cfg=1.0)).all()
+
+
+def test_a_mix_within_one_side_or_across_other_guiders_sides_is_named_as_it_is():
+    """Combined conditioning (several entries on one side) and guiders other than CFGGuider (three sides, in their
+    own order) get a message that claims no role it cannot know."""
+    entry = lambda llm: {"model_conds": {dan.COND_KEY: None} if llm else {}}  # noqa: E731
+    with pytest.raises(dan.AdapterError, match="some entries of the positive conditioning carry one and some do not"):
+        dan.check_llm_encodings([[entry(True), entry(False)], [entry(True)]])
+    with pytest.raises(dan.AdapterError, match="#1 of the guider's 3, #3 of the guider's 3 conditioning carries one, "
+                                               "#2 of the guider's 3 does not"):
+        dan.check_llm_encodings([[entry(True)], [entry(False)], [entry(True)]])
+    dan.check_llm_encodings([[entry(True), entry(True)], None])    # CFG 1: the negative is not computed
+    dan.check_llm_encodings([[entry(False)], [entry(False)], []])  # no encoding anywhere: the base model
 
 
 # ComfyUI 0.3.75's Flux blocks update their inputs in place (`img += ...`, `x += ...`), so no gradient flows
