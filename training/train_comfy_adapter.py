@@ -73,7 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--export-weights", default="ema", choices=["ema", "raw"])
     p.add_argument("--weight-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="the frozen model's weights (auto: ComfyUI's choice, the dtype that Load Checkpoint gives "
-                        "this model on this device: fp16 or bf16 on most GPUs, fp32 on the CPU)")
+                        "this model on this device: fp16 or bf16 on most GPUs, fp32 on the CPU; the adapter trains in "
+                        "fp32 either way, but gradients through an fp16 model have no loss scaling: if a run "
+                        "diverges in fp16, use bf16 or fp32)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the frozen model's blocks in the backward pass instead of keeping their "
                         "activations: less memory, more time")

@@ -72,12 +72,7 @@ def make_host_models(base: str) -> None:
             torch.manual_seed(1)
             host = HostAdapter(576, 31, 64, family_sites, "gated" if family == "mmdit" else "decoupled")
             if gates == "open":
-                with torch.no_grad():
-                    for name, p in host.named_parameters():
-                        if name.endswith("gate_a") and "host_gate" not in name:
-                            p.fill_(0.5)
-                        if name.endswith("host_gate_b"):
-                            p.fill_(0.1)
+                tiny_models.open_gates(host)
             save_host_adapter(os.path.join(base, "llm_adapters", f"{family}-{gates}.safetensors"), host, family,
                               SMOLLM2)
     torch.manual_seed(2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny_models  # noqa: F401  (sets up ComfyUI for the imports below)
+import tiny_models  # sets up ComfyUI for the imports below
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
@@ -40,12 +40,7 @@ def host_for(model, seed: int = 0, open_gates: bool = False) -> tuple[HostAdapte
     torch.manual_seed(seed)
     host = HostAdapter(D, S, C, sites, "decoupled" if family in ("unet", "lidit") else "gated")
     if open_gates:
-        with torch.no_grad():
-            for name, p in host.named_parameters():
-                if name.endswith("gate_a") and "host_gate" not in name:
-                    p.fill_(0.5)
-                if name.endswith("host_gate_b"):
-                    p.fill_(0.1)  # the host branch at exp(0.1) = 1.105 of its own output
+        tiny_models.open_gates(host)
     return host, {"family": family, "llm": "tiny-llm"}
 
 

@@ -146,3 +146,14 @@ def save_sd15_checkpoint(path: str, seed: int = 0) -> None:
              "first_stage_model.": initialize(AutoencoderKL(ddconfig=SD_VAE, embed_dim=4), seed)}
     save_file({prefix + k: v.to(torch.float16).contiguous() for prefix, net in parts.items()
                for k, v in net.state_dict().items()}, path)
+
+
+@torch.no_grad()
+def open_gates(host) -> None:
+    """A HostAdapter's gates as training leaves them: the LLM branches open and, where the host branch has a gate of
+    its own (UNet, LI-DiT), that gate away from 1 (exp(0.1) = 1.105 of the host's own output)."""
+    for name, p in host.named_parameters():
+        if name.endswith("gate_a") and "host_gate" not in name:
+            p.fill_(0.5)
+        if name.endswith("host_gate_b"):
+            p.fill_(0.1)
