@@ -276,16 +276,20 @@ def tokenize_prefix(tokenizer, instruction: str | None, use_chat_template: bool)
     """Token ids of prompt_prefix: the template's markers (and BOS) as control tokens, the instruction as plain text,
     as prompts are, so that a "<|im_start|>" typed into it never opens a turn of the chat."""
     prefix, has_special = prompt_prefix(tokenizer, instruction, use_chat_template)
+    # Only an instruction that holds a control token's text is tokenized apart from the template: cut at its edges,
+    # the text no longer merges across them (BPE tokens such as ":\n"), and every other instruction would change ids.
+    typed_markers = bool(instruction) and any(t in instruction for t in tokenizer.get_added_vocab())
     head, tail = prefix, ""
-    if instruction:
+    if typed_markers:
         pieces = prompt_prefix(tokenizer, _INSTRUCTION_SLOT, use_chat_template)[0].split(_INSTRUCTION_SLOT)
         if len(pieces) != 2 or pieces[0] + instruction + pieces[1] != prefix:
-            raise LLMError("This LLM's chat template does not write the instruction once as it was given (some "
-                           "templates trim spaces around it), so its text cannot be kept apart from the template's "
-                           "control tokens. Remove the spaces around the instruction, or turn chat_template off.")
+            raise LLMError("This LLM's chat template does not write the instruction once and as it was given (it "
+                           "trims or rewrites it, or moves it into the user's turn), so the control-token text typed "
+                           "into it cannot be kept apart from the template's own. Remove the chat markers (such as "
+                           "<|im_start|>) from the instruction, or turn chat_template off.")
         head, tail = pieces
     ids = tokenizer(head, add_special_tokens=not has_special)["input_ids"] if (head or not has_special) else []
-    if instruction:
+    if typed_markers:
         ids = ids + tokenizer(instruction, add_special_tokens=False, split_special_tokens=True)["input_ids"] \
             + tokenizer(tail, add_special_tokens=False)["input_ids"]
     return list(ids)
