@@ -19,13 +19,14 @@ import os
 import re
 import shutil
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 log = logging.getLogger(__name__)
 
@@ -320,17 +321,82 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], *, instruction: str | No
     return tokenize_prefix(tokenizer, instruction, use_chat_template), prompt_ids, truncated
 
 
+class PrefixCache:
+    """The keys and values that the prefix (BOS, instruction, the chat template's opening) leaves in every block, kept
+    for the next prompts. Under causal attention they do not depend on what follows the prefix, so a forward after
+    them runs the prompt's tokens only. One entry: a new prefix, model, weights, dtype or device replaces it."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.past: list[tuple[torch.Tensor, torch.Tensor]] = []  # per block (keys, values), each [1, H_kv, P, Dh]
+
+    @torch.no_grad()
+    def get(self, model, prefix_ids: list[int], device, weights_key=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """weights_key: whatever else changes the weights in place (ComfyUI's patches)."""
+        key = (weakref.ref(model), weights_key, tuple(prefix_ids), model.dtype, torch.device(device))
+        if key != self.key:
+            self.key, self.past = None, []  # a forward that fails leaves no half entry
+            ids = torch.tensor([prefix_ids], dtype=torch.long, device=device)  # [1, P]
+            cache = DynamicCache()  # filled in place by the forward
+            with no_forward_cycles(model):
+                decoder(model)(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
+            self.key, self.past = key, [(k, v) for k, v, *_ in cache]
+        return self.past
+
+
+def cache_kwarg(model) -> str:
+    """The decoder forward's name for the key/value cache: newer transformers call it `cache` and warn on the older
+    `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(decoder(model).forward).parameters else "past_key_values"
+
+
+def reuses_prefix(model, sequence_length: int) -> bool:
+    """Whether a cached prefix gives the full forward's states. Not past a sliding window: transformers' Gemma blocks
+    may build their window mask as if the first token they run sat at position 0, as it does in a full forward.
+    Within the window every block attends to all earlier tokens, however the window is written."""
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    return window is None or sequence_length <= window
+
+
+def forward_prompts(model, prefix_ids: list[int], prompt_ids: list[list[int]], device,
+                    prefix_past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, ...]:
+    """Every hidden state of the prompts' tokens after the prefix, right-padded to the longest prompt: L + 1 tensors
+    [B, T, D] (0 beyond a prompt's length). prefix_past: the prefix's keys and values (PrefixCache.get); then only
+    the prompts' tokens run."""
+    B, P, T = len(prompt_ids), len(prefix_ids), max(1, max(len(ids) for ids in prompt_ids))
+    run = prefix_ids if prefix_past is None else []
+    input_ids = torch.zeros(B, len(run) + T, dtype=torch.long)  # [B, run + T]; padding is never attended
+    attention = torch.zeros(B, P + T, dtype=torch.long)          # [B, P + T]
+    attention[:, :P] = 1
+    for b, ids in enumerate(prompt_ids):
+        input_ids[b, :len(run) + len(ids)] = torch.tensor(run + ids, dtype=torch.long)
+        attention[b, P:P + len(ids)] = 1
+    if not P:  # a row with nothing to run keeps one position attended, so that the softmax stays finite
+        attention[:, 0] = 1
+    cache = {"use_cache": False}
+    if prefix_past is not None:  # a fresh cache over the stored tensors: the forward appends to it, not to them
+        cache = {"use_cache": True, cache_kwarg(model): DynamicCache(
+            [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix_past])}
+    with no_forward_cycles(model):
+        states = decoder(model)(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                output_hidden_states=True, **cache).hidden_states
+    return tuple(s[:, len(run):] for s in states)
+
+
 @torch.no_grad()
 def encode_prompts(model, tokenizer, prompts: Sequence[str], *, instruction: str | None = None,
                    use_chat_template: bool = True, layers: str = "all", max_tokens: int = 256,
                    device: torch.device | None = None, contributions: bool = False,
-                   on_block: Callable[[int, int], None] | None = None) -> PromptEncoding:
+                   on_block: Callable[[int, int], None] | None = None,
+                   prefix_cache: PrefixCache | None = None, weights_key=None) -> PromptEncoding:
     """One forward pass of [prefix + prompt] per prompt (right-padded batch); returns the prompt tokens only.
 
     An empty prompt gives a single all-zero token: the unconditional encoding that trainers drop captions to.
     contributions: every hidden state minus the same token's hidden state in a one-token prompt (the same prefix,
     then that token alone): what the prompt's other tokens add at each block; 0 for the embeddings and for a
     prompt's first token.
+    prefix_cache: runs the prefix once and then only the prompts' tokens after its keys and values (the states equal
+    the full forward's up to rounding); weights_key names the weights' version in its key (ComfyUI's patches).
     """
     if not prompts:
         raise LLMError("No prompt given.")
@@ -344,33 +410,21 @@ def encode_prompts(model, tokenizer, prompts: Sequence[str], *, instruction: str
     picked = parse_layers(layers, num_hidden_states(model))
 
     lengths = [len(ids) for ids in prompt_ids]
-    width = len(prefix_ids) + max(lengths)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(prompts), max(width, 1)), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for b, ids in enumerate(prompt_ids):
-        row = prefix_ids + ids
-        if row:
-            input_ids[b, :len(row)] = torch.tensor(row)
-            attention[b, :len(row)] = 1
-        else:  # nothing to run for this row; keep one position attended so the softmax stays finite
-            attention[b, 0] = 1
-
-    hidden_dim = hidden_size(model)
     tokens = max(1, max(lengths))
-    out = torch.zeros(len(prompts), len(picked), tokens, hidden_dim, dtype=model.dtype)
+    out = torch.zeros(len(prompts), len(picked), tokens, hidden_size(model), dtype=model.dtype)  # [B, S, T, D]
     mask = torch.zeros(len(prompts), tokens, dtype=torch.long)
     if max(lengths) > 0:
-        with report_blocks(model, on_block), no_forward_cycles(model):
-            states = decoder(model)(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                    output_hidden_states=True, use_cache=False).hidden_states
-        start = len(prefix_ids)
-        selected = torch.stack([states[i] for i in picked], dim=1).to(out.device)  # [B, S, width, D]
+        past = None
+        if prefix_cache is not None and prefix_ids and reuses_prefix(model, len(prefix_ids) + max(lengths)):
+            past = prefix_cache.get(model, prefix_ids, device, weights_key)
+        with report_blocks(model, on_block):
+            states = forward_prompts(model, prefix_ids, prompt_ids, device, past)
+        selected = torch.stack([states[i] for i in picked], dim=1).to(out.device)  # [B, S, T, D]
         for b, n in enumerate(lengths):
-            out[b, :, :n] = selected[b, :, start:start + n]
+            out[b, :, :n] = selected[b, :, :n]
             mask[b, :n] = 1
         if contributions:  # max(lengths) > 0 here: some prompt has a token
-            alone = token_alone_states(model, prefix_ids, prompt_ids, picked, device)
+            alone = token_alone_states(model, prefix_ids, prompt_ids, picked, device, past)
             for b, ids in enumerate(prompt_ids):
                 if ids:
                     out[b, :, :len(ids)] -= torch.stack([alone[i] for i in ids], dim=1).to(out.dtype)
@@ -380,16 +434,13 @@ def encode_prompts(model, tokenizer, prompts: Sequence[str], *, instruction: str
     return PromptEncoding(out, mask, picked, truncated)
 
 
-def token_alone_states(model, prefix_ids: list[int], prompt_ids: list[list[int]], picked: list[int],
-                       device) -> dict[int, torch.Tensor]:
+def token_alone_states(model, prefix_ids: list[int], prompt_ids: list[list[int]], picked: list[int], device,
+                       prefix_past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[int, torch.Tensor]:
     """token id -> [S, D]: the picked hidden states of that token as a one-token prompt, after the same prefix (BOS,
     instruction, chat template) as every prompt, so that it sits where a prompt's tokens sit and not at position 0,
     whose states are the attention sink's. One batch over the distinct tokens."""
     unique = sorted({i for ids in prompt_ids for i in ids})
-    input_ids = torch.tensor([prefix_ids + [token] for token in unique], dtype=torch.long)  # [U, P + 1]
-    with no_forward_cycles(model):
-        states = decoder(model)(input_ids=input_ids.to(device), attention_mask=torch.ones_like(input_ids).to(device),
-                                output_hidden_states=True, use_cache=False).hidden_states
+    states = forward_prompts(model, prefix_ids, [[token] for token in unique], device, prefix_past)
     selected = torch.stack([states[i][:, -1] for i in picked], dim=1).cpu()  # [U, S, D]
     return {token: selected[u] for u, token in enumerate(unique)}
 

@@ -21,6 +21,7 @@ from adapters.llm_encoder import (
     LI_DIT_INSTRUCTION,
     SUPPORTED_MODEL_TYPES,
     LLMError,
+    PrefixCache,
     encode_prompts,
     load_llm,
     num_hidden_states,
@@ -497,9 +498,12 @@ def test_exception_in_on_block_stops_the_forward(llm_loader):
 
 
 def test_a_dropped_model_is_freed_without_the_cyclic_gc(tiny_llm_dirs):
-    """ComfyUI replaces the LLM when the loader's inputs change: the old one must go as soon as it is dropped."""
+    """ComfyUI replaces the LLM when the loader's inputs change: the old one must go as soon as it is dropped, also
+    while its prefix cache lives on."""
     model, tok = load_llm(tiny_llm_dirs["llama"])
-    encode_prompts(model, tok, [PROMPT], on_block=lambda i, n: None)
+    prefix_cache = PrefixCache()
+    encode_prompts(model, tok, [PROMPT], on_block=lambda i, n: None, prefix_cache=prefix_cache)
+    assert prefix_cache.past
     blocks = [weakref.ref(b) for b in model.get_decoder().layers]
     gc.disable()
     try:
@@ -558,3 +562,152 @@ def test_a_one_token_prompt_contributes_nothing(arch, instruction, llm_loader):
         enc = encode_prompts(model, tok, [prompt], instruction=instruction, contributions=True)
         largest = enc.hidden_states[0, :, 0].abs().max().item()
         assert largest < 1e-5, f"'{prompt}': its first token contributes up to {largest}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The prefix's keys and values, computed once
+
+# fp32 keeps 24 significant bits (eps = 2^-23, 1.2e-7 of a value). With the prefix cached, each block's matmuls have
+# other shapes and add their products up in another order: every block rounds differently by a few eps of its
+# largest values, and the blocks after it carry that on. 2^-16 (128 eps) of the largest value of a hidden state
+# bounds that for 30 blocks with room to spare, while a wrong mask, position or prefix moves states by percents.
+ROUNDING = 2 ** -16
+
+
+def assert_equal_up_to_rounding(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None = None):
+    """got, ref [B, S, T, D]; the tolerance is ROUNDING of the largest value of each hidden state in `scale` (the
+    states themselves, or for contributions the states they were taken from)."""
+    scale = ref if scale is None else scale
+    assert got.shape == ref.shape
+    largest = scale.abs().amax(dim=(0, 2, 3))                                        # [S]
+    error = (got - ref).abs().amax(dim=(0, 2, 3))                                    # [S]
+    assert (error <= ROUNDING * largest).all(), f"{(error / largest).max().item():.1e} of the largest value"
+
+
+def prefix_length(tok, instruction, chat: bool) -> int:
+    return len(llm_encoder.tokenize_prefix(tok, instruction, chat))
+
+
+SHORT_PROMPTS = ["a red circle", "", "two blue squares"]  # three lengths, one empty
+
+
+@pytest.mark.parametrize("instruction", ["none", "li-dit", "custom"])
+def test_a_cached_prefix_gives_the_full_forwards_states(arch, instruction, llm_loader):
+    """Every block, a batch of different lengths with an empty prompt, the template on and off, block contributions.
+    The tiny Gemmas slide a 16-token window, which the LI-DiT prefix overflows: they run it in full (tested below)."""
+    model, tok = llm_loader(arch)
+    instr = {"none": None, "li-dit": LI_DIT_INSTRUCTION, "custom": "photo of the quick brown fox"}[instruction]
+    for chat in (True, False):
+        prefix_cache = PrefixCache()
+        for contributions in (False, True):
+            options = dict(instruction=instr, use_chat_template=chat, layers="all", contributions=contributions)
+            ref = encode_prompts(model, tok, SHORT_PROMPTS, **options)
+            got = encode_prompts(model, tok, SHORT_PROMPTS, prefix_cache=prefix_cache, **options)
+            scale = encode_prompts(model, tok, SHORT_PROMPTS, **(options | {"contributions": False})).hidden_states
+            assert torch.equal(got.attention_mask, ref.attention_mask)
+            assert_equal_up_to_rounding(got.hidden_states, ref.hidden_states, scale)
+            assert got.hidden_states[:, 1:].abs().amax() > 0 and got.hidden_states[1].eq(0).all()
+        if prefix_length(tok, instr, chat) == 0:  # no BOS, no instruction, no template: nothing to keep
+            assert prefix_cache.key is None
+        else:
+            assert bool(prefix_cache.past) == (arch not in ("gemma2", "gemma3") or instruction != "li-dit")
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_a_sequence_longer_than_the_sliding_window_runs_in_full(arch, llm_loader):
+    """Within the window every block attends to every earlier token and the cached prefix serves; one token past it
+    the forward runs prefix and prompt together, as without a cache."""
+    model, tok = llm_loader(arch)
+    window = model.config.sliding_window
+    P = prefix_length(tok, None, True)
+    words = "the quick brown fox jumps over the lazy dog on the mat photo of a cat".split()
+    for length, cached in ((window - P, True), (window - P + 1, False)):
+        prompt = " ".join(words[:length])
+        assert len(prompt_ids(tok, prompt)) == length
+        prefix_cache = PrefixCache()
+        calls, handle = decoder_inputs(model)
+        try:
+            got = encode_prompts(model, tok, [prompt, "a red circle"], instruction=None, prefix_cache=prefix_cache)
+        finally:
+            handle.remove()
+        ref = encode_prompts(model, tok, [prompt, "a red circle"], instruction=None)
+        assert bool(prefix_cache.past) == cached
+        assert [c.shape[1] for c in calls] == ([P, length] if cached else [P + length])
+        assert_equal_up_to_rounding(got.hidden_states, ref.hidden_states)
+
+
+def test_the_prefix_cache_is_keyed_by_what_the_prefix_depends_on(llm_loader):
+    """Model, weights (ComfyUI's patches), instruction, template and dtype: each change runs a new prefix, which
+    replaces the old one. An unchanged prefix runs only the prompts' tokens and never changes the stored tensors."""
+    model, tok = llm_loader("qwen3")
+    prefix_cache = PrefixCache()
+
+    def encode(m=model, **options):
+        calls, handle = decoder_inputs(m)
+        try:
+            enc = encode_prompts(m, tok, ["a red circle", PROMPT], prefix_cache=prefix_cache,
+                                 **({"instruction": LI_DIT_INSTRUCTION} | options))
+        finally:
+            handle.remove()
+        return enc, [c.shape for c in calls]
+
+    P = prefix_length(tok, LI_DIT_INSTRUCTION, True)
+    T = len(prompt_ids(tok, PROMPT))
+    _, shapes = encode()
+    assert shapes == [(1, P), (2, T)]
+    stored = [(k.clone(), v.clone()) for k, v in prefix_cache.past]
+    key, past = prefix_cache.key, prefix_cache.past
+    _, shapes = encode(contributions=True)
+    assert shapes == [(2, T), (len({*prompt_ids(tok, PROMPT), *prompt_ids(tok, "a red circle")}), 1)]
+    assert prefix_cache.key == key and prefix_cache.past is past
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(past, stored))
+
+    del past, stored
+    keys = {key}
+    other = copy.deepcopy(model)
+    for change in (dict(instruction=None), dict(instruction="photo of the quick brown fox"),
+                   dict(use_chat_template=False), dict(weights_key="patched"), dict(m=other)):
+        old = weakref.ref(prefix_cache.past[0][0])
+        _, shapes = encode(**change)
+        assert len(shapes) == 2 and shapes[0][0] == 1, change  # the prefix ran again ...
+        assert prefix_cache.key not in keys, change
+        keys.add(prefix_cache.key)
+        assert old() is None, change                           # ... and the old one is gone
+    other.to(torch.float64)
+    _, shapes = encode(m=other)
+    assert len(shapes) == 2 and prefix_cache.key not in keys and prefix_cache.past[0][0].dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_the_prefix_cache_is_keyed_by_the_device(llm_loader):
+    model, tok = llm_loader("llama")
+    gpu = copy.deepcopy(model)
+    prefix_cache = PrefixCache()
+    encode_prompts(gpu, tok, [PROMPT], prefix_cache=prefix_cache)
+    gpu.to("cuda")
+    got = encode_prompts(gpu, tok, [PROMPT], prefix_cache=prefix_cache, device=torch.device("cuda"))
+    assert prefix_cache.past[0][0].device.type == "cuda"
+    assert_equal_up_to_rounding(got.hidden_states, encode_prompts(model, tok, [PROMPT]).hidden_states)
+
+
+def test_progress_and_interrupts_with_a_cached_prefix(arch_specs, llm_loader):
+    """on_block reports the prompts' forward once per block, whether the prefix ran before it or came from the
+    cache; an interrupt leaves a cache that still serves."""
+    model, tok = llm_loader("llama")
+    before = library_hooks(model, tok)
+    L = arch_specs["llama"][1]
+    prefix_cache = PrefixCache()
+    for _ in range(2):  # computing the prefix, then reusing it
+        calls = []
+        encode_prompts(model, tok, [PROMPT], prefix_cache=prefix_cache, on_block=lambda i, n: calls.append((i, n)))
+        assert calls == [(i, L) for i in range(L)]
+
+    def interrupt(i, n):
+        if i == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        encode_prompts(model, tok, [PROMPT], prefix_cache=prefix_cache, on_block=interrupt)
+    assert hooks(model) == before
+    assert_equal_up_to_rounding(encode_prompts(model, tok, [PROMPT], prefix_cache=prefix_cache).hidden_states,
+                                encode_prompts(model, tok, [PROMPT]).hidden_states)

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from test_llm_encoder import assert_equal_up_to_rounding
 
 from adapters import llm_encoder
 
@@ -71,9 +72,14 @@ def test_smollm2_typed_chat_markers_in_the_instruction_are_text(smollm2):
     assert [i for i in calls[0] if i in (start, end)] == [start, end, start]  # the template's own, as control tokens
 
 
-def test_gemma3_270m_from_the_four_wheels():
+@pytest.fixture(scope="module")
+def gemma3():
     assert os.path.exists(GEMMA3), "run scripts/setup.sh: it assembles the Gemma GGUF"
-    model, tokenizer = llm_encoder.load_llm(GEMMA3)
+    return llm_encoder.load_llm(GEMMA3)
+
+
+def test_gemma3_270m_from_the_four_wheels(gemma3):
+    model, tokenizer = gemma3
     assert model.config.model_type in ("gemma3", "gemma3_text")
     assert model.config.hidden_size == 640
     n = llm_encoder.num_hidden_states(model)
@@ -130,3 +136,24 @@ def test_fast_conversion_keeps_no_copy(smollm2, tmp_path, monkeypatch):
     monkeypatch.setattr(llm_encoder, "_load_llm", lambda p, d: smollm2)
     assert llm_encoder.load_llm(SMOLLM2, gguf_cache=str(tmp_path))[0] is smollm2[0]
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("llm", ["smollm2", "gemma3"])
+def test_a_cached_prefix_gives_the_full_forwards_states(llm, request):
+    """Every block of the real LLMs, whose largest values run into the hundreds (SmolLM2) and tens of thousands
+    (Gemma 3): a batch of different lengths with an empty prompt, each instruction, the template on and off, block
+    contributions."""
+    model, tokenizer = request.getfixturevalue(llm)
+    prompts = ["a red circle on the left and a blue square at the top right", "", "two green triangles"]
+    for instruction in (None, llm_encoder.LI_DIT_INSTRUCTION, "Draw this picture:"):
+        for chat in (True, False):
+            prefix_cache = llm_encoder.PrefixCache()
+            options = dict(instruction=instruction, use_chat_template=chat, layers="all")
+            states = llm_encoder.encode_prompts(model, tokenizer, prompts, **options).hidden_states
+            got = llm_encoder.encode_prompts(model, tokenizer, prompts, prefix_cache=prefix_cache, **options)
+            assert_equal_up_to_rounding(got.hidden_states, states)
+            ref = llm_encoder.encode_prompts(model, tokenizer, prompts, contributions=True, **options).hidden_states
+            got = llm_encoder.encode_prompts(model, tokenizer, prompts, contributions=True, prefix_cache=prefix_cache,
+                                             **options).hidden_states
+            assert_equal_up_to_rounding(got, ref, scale=states)
+            assert bool(prefix_cache.past) == bool(llm_encoder.tokenize_prefix(tokenizer, instruction, chat))
