@@ -97,6 +97,8 @@ class LoadedLLM:
         # Identical (text, options, adapter) are not encoded twice, also across workflows that differ elsewhere;
         # the cache lives and dies with this LLM.
         self.encodings: OrderedDict = OrderedDict()
+        # The instruction and template's keys and values, computed once for the prompts after them.
+        self.prefix_cache = llm_encoder.PrefixCache()
 
     @property
     def num_hidden_states(self) -> int:
@@ -122,7 +124,8 @@ class LoadedLLM:
     def encode(self, prompts: list[str], on_block, **options) -> llm_encoder.PromptEncoding:
         self.load()
         return llm_encoder.encode_prompts(self.hf_model, self.tokenizer, prompts, device=self.patcher.load_device,
-                                          on_block=on_block, **options)
+                                          on_block=on_block, prefix_cache=self.prefix_cache,
+                                          weights_key=self.patcher.patches_uuid, **options)
 
 
 def pick_dtype(choice: str, device_policy: str) -> torch.dtype:

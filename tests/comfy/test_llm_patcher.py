@@ -151,3 +151,67 @@ def test_a_layer_with_a_bias_keeps_it_on_comfy_ops(norm, cast):
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     assert converted.bias is bias
     assert len(calls) == int(cast) and all(b is not None for b in calls)  # the cast reached the bias too
+
+
+# A forward after a cached prefix adds its fp32 products up in another order: within 128 eps of each hidden state's
+# largest value (the bound is argued in tests/unit/test_llm_encoder.py).
+ROUNDING = 2 ** -16
+
+
+def assert_equal_up_to_rounding(got: torch.Tensor, ref: torch.Tensor) -> None:
+    error, largest = (got - ref).abs().amax(dim=(0, 2, 3)), ref.abs().amax(dim=(0, 2, 3))  # [S]
+    assert (error <= ROUNDING * largest).all(), f"{(error / largest).max().item():.1e} of the largest value"
+
+
+def word_tokenizer():
+    """A word-level tokenizer with a ChatML template, whose words fill the tiny LLM's first ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "system", "user"] + \
+        "a red circle two blue squares on the left photo of the quick brown fox".split()
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    return tok
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_the_cached_prefix_serves_a_partially_loaded_llm_and_follows_its_patches(arch):
+    """LLM Prompt Encode keeps the prefix's keys and values with the LLM. ComfyUI may then load only part of it: the
+    layers it leaves on the offload device compute the same, so the stored prefix still serves. A weight patch
+    changes the patcher's patches_uuid, and the prefix runs again on the patched weights."""
+    model, tok = tiny_llm(arch), word_tokenizer()
+    reference = copy.deepcopy(model)
+    prompts, options = ["a red circle", "two blue squares on the left"], dict(instruction=None, layers="all")
+    expected = llm_encoder.encode_prompts(reference, tok, prompts, **options).hidden_states
+    llm = LoadedLLM("tiny", model, tok, device_policy="auto")
+    resident = llm.encode(prompts, None, **options).hidden_states
+    key, past = llm.prefix_cache.key, llm.prefix_cache.past
+    assert past and key[1] == llm.patcher.patches_uuid
+    assert_equal_up_to_rounding(resident, expected)
+
+    patcher = llm.patcher
+    patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1)  # no layer fits: all are cast
+    try:
+        assert patcher.model.model_lowvram
+        partial = llm_encoder.encode_prompts(model, tok, prompts, prefix_cache=llm.prefix_cache,
+                                             weights_key=patcher.patches_uuid, **options).hidden_states
+        assert llm.prefix_cache.past is past
+        torch.testing.assert_close(partial, resident, atol=0, rtol=0)
+        fresh = llm_encoder.PrefixCache()
+        llm_encoder.encode_prompts(model, tok, prompts, prefix_cache=fresh, **options)
+        for (k, v), (k0, v0) in zip(fresh.past, past):  # the prefix computed by cast layers is the same
+            torch.testing.assert_close((k, v), (k0, v0), atol=0, rtol=0)
+    finally:
+        patcher.unpatch_model()
+
+    name = "decoder.layers.0.self_attn.k_proj.weight"
+    patcher.add_patches({name: (torch.randn_like(patcher.model.get_parameter(name)),)})
+    patched = llm.encode(prompts, None, **options).hidden_states
+    assert llm.prefix_cache.key != key and llm.prefix_cache.key[1] == patcher.patches_uuid
+    full = llm_encoder.encode_prompts(model, tok, prompts, **options).hidden_states  # the patched weights, no cache
+    assert not torch.allclose(patched, resident, atol=1e-3)
+    assert_equal_up_to_rounding(patched, full)
