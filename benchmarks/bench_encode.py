@@ -10,13 +10,15 @@ Variants, all on the same LLM weights and the same prompt(s):
 
   (a) plain      `model.get_decoder()(ids, output_hidden_states=True)` on the very token sequence that (b) builds
                  (instruction + chat-template prefix + prompt): the floor for one forward keeping every state.
-  (b) encode     adapters.llm_encoder.encode_prompts(layers='all'): what LLM Prompt Encode runs (tokenising,
-                 prefix, forward, cutting the prompt tokens out of all hidden states).
+  (b) encode     adapters.llm_encoder.encode_prompts(layers='all') without a prefix cache (tokenising, prefix and
+                 prompt in one forward, cutting the prompt tokens out of all hidden states).
   (c) +adapter   (b) followed by a randomly initialised LLMDiffAdapter (context 128) through
                  adapters.conditioning.hidden_states_to_context: the node's full output (the adapter runs on
                  the CPU on the float32 states, as in the node).
   (d) offload    CUDA only: weights in CPU memory, `model.to(cuda)` before and `.to(cpu)` after every call (what
                  a memory manager that swaps the whole LLM does).
+  (e) cached     (b) with a PrefixCache, as LLM Prompt Encode runs it: the instruction and template's keys and values
+                 were computed in the warm-up, so each call runs only the prompt's tokens after them.
 
 Columns: median wall-clock ms of --repeats calls after --warmup calls; the ratio to (a); memory; and the largest
 absolute difference of the returned prompt-token hidden states from (a) (0 = the same arithmetic).
@@ -64,6 +66,7 @@ VARIANTS = {
     "encode": "(b) encode_prompts layers='all'",
     "adapter": "(c) (b) + LLMDiffAdapter",
     "offload": "(d) (b) offloaded (.to per call)",
+    "cached": "(e) (b) with the prefix cached",
 }
 
 
@@ -103,13 +106,15 @@ def run_variant(cfg: dict) -> dict:
     dtype = getattr(torch, cfg["dtype"])
     variant = cfg["variant"]
     model, tokenizer = llm_encoder.load_llm(cfg["llm"], dtype)
-    weights_on_gpu = device.type == "cuda" and variant in ("plain", "encode", "adapter")
+    weights_on_gpu = device.type == "cuda" and variant in ("plain", "encode", "cached", "adapter")
     if weights_on_gpu:
         model.to(device)
     decoder = llm_encoder.decoder(model)
     prompts = cfg["prompts"]
     instruction = llm_encoder.INSTRUCTION_PRESETS[cfg["instruction"]]
     options = dict(instruction=instruction, use_chat_template=True, layers="all", max_tokens=cfg["max_tokens"])
+    if variant == "cached":
+        options["prefix_cache"] = llm_encoder.PrefixCache()
 
     # The token sequence encode_prompts builds, for the plain forward.
     prefix_ids, prompt_ids, _ = llm_encoder.tokenize_prompts(tokenizer, prompts, instruction=instruction,
@@ -222,7 +227,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     llm_encoder.check_weights_path(args.llm)
     variants = args.variants.split(",") if args.variants else \
-        ["plain", "encode", "adapter"] + (["offload"] if args.device == "cuda" else [])
+        ["plain", "encode", "adapter"] + (["offload"] if args.device == "cuda" else []) + ["cached"]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; pick from {list(VARIANTS)}")
