@@ -678,16 +678,22 @@ def test_the_prefix_cache_is_keyed_by_what_the_prefix_depends_on(llm_loader):
     assert len(shapes) == 2 and prefix_cache.key not in keys and prefix_cache.past[0][0].dtype == torch.float64
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
 def test_the_prefix_cache_is_keyed_by_the_device(llm_loader):
+    """Another device computes the prefix again there. Two names of the CPU stand in for two devices, which this
+    test cannot assume; on a machine with CUDA the model also moves there and back."""
     model, tok = llm_loader("llama")
-    gpu = copy.deepcopy(model)
+    want = encode_prompts(model, tok, [PROMPT]).hidden_states
+    model = copy.deepcopy(model)  # one model object throughout: only the device changes
     prefix_cache = PrefixCache()
-    encode_prompts(gpu, tok, [PROMPT], prefix_cache=prefix_cache)
-    gpu.to("cuda")
-    got = encode_prompts(gpu, tok, [PROMPT], prefix_cache=prefix_cache, device=torch.device("cuda"))
-    assert prefix_cache.past[0][0].device.type == "cuda"
-    assert_equal_up_to_rounding(got.hidden_states, encode_prompts(model, tok, [PROMPT]).hidden_states)
+    devices = [torch.device("cpu"), torch.device("cpu", 0)] + ([torch.device("cuda")] if torch.cuda.is_available()
+                                                                else [])
+    computed = None
+    for device in devices + devices[:1]:
+        got = encode_prompts(model.to(device), tok, [PROMPT], prefix_cache=prefix_cache, device=device)
+        assert prefix_cache.past is not computed, f"the prefix computed for another device was reused on {device}"
+        computed = prefix_cache.past
+        assert all(k.device.type == device.type for k, _ in computed)
+        assert_equal_up_to_rounding(got.hidden_states.cpu(), want)
 
 
 def test_progress_and_interrupts_with_a_cached_prefix(arch_specs, llm_loader):
