@@ -393,8 +393,8 @@ def encode_prompts(model, tokenizer, prompts: Sequence[str], *, instruction: str
 
     An empty prompt gives a single all-zero token: the unconditional encoding that trainers drop captions to.
     contributions: every hidden state minus the same token's hidden state in a one-token prompt (the same prefix,
-    then that token alone): what the prompt's other tokens add at each block; 0 for the embeddings and for a
-    prompt's first token.
+    then that token alone): what the prompt's other tokens add at each block; 0 for the embeddings, and for a
+    prompt's first token up to rounding (a batch and a one-token prompt round differently).
     prefix_cache: runs the prefix once and then only the prompts' tokens after its keys and values (the states equal
     the full forward's up to rounding); weights_key names the weights' version in its key (ComfyUI's patches).
     """

@@ -64,7 +64,7 @@ def main() -> None:
                 "this venv installed them" for p in foreign_paths(prefix)]
     for dist in importlib.metadata.distributions():
         name, version = canonical(dist.metadata["Name"]), dist.version
-        where = os.path.dirname(str(dist.locate_file(""))) if dist.files is None else str(dist.locate_file(""))
+        where = dist.locate_file("")
         if name in BOOTSTRAP and name not in expected:
             continue
         if name not in expected:
