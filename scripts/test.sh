@@ -18,7 +18,12 @@ newest="$(versions "$ROOT/.venv/bin/python")" floors="$(versions "$ROOT/.venv-fl
 if [ "$newest" = "$floors" ]; then  # the range collapsed: the two runs would test one set of versions
   echo "[test] .venv and .venv-floor hold the same versions ($newest): requirements.txt allows only one"; exit 1
 fi
+# The suite writes GBs (checkpoints, ComfyUI models, pytest's tmp folders): a full disk shows up here first.
+disk() { df -h "$ROOT" | awk -v when="$1" 'NR == 2 {print "[test] disk " when ": " $4 " free of " $2}'; }
+disk "before the tests"
 echo "== newest: $newest"
 "$ROOT/.venv/bin/python" -m pytest -ra "$@"
+disk "after the newest run"
 echo "== floors: $floors"
 "$ROOT/.venv-floor/bin/python" -m pytest -ra "$@" unit comfy/test_server.py::test_default_workflow_follows_its_prompt
+disk "after the floor run"
