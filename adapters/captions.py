@@ -78,6 +78,10 @@ COUNT_WORDS = {2: ("two", "2", "a pair of"), 3: ("three", "3")}
 FRAMES = ("a picture of {}", "an image of {}", "a drawing of {}", "{} on a dark background",
           "a picture of {} on a dark background", "a photo of {}")
 FRAME_SHARE = 0.5  # of captions with a frame
+# 'full': every phrasing above. 'canonical': the first phrasing of each word list and template set only, no frame
+# and no held-out word: one caption per scene, the narrow language of a weak text encoder's base model, onto which
+# an LLM Diff Adapter trained on the full language adds what the base cannot read.
+LANGUAGES = ("full", "canonical")
 
 # Sentence templates. Object x (a, b, c: in layout order) is {x} (quantifier, colour, shape) with {pos_x}, or a
 # count {n_x} {color_x} {shapes_x}; {rel} / {its_rel} relate a to b. Mention order follows the text.
@@ -108,8 +112,11 @@ def _fixed_words(option) -> str:
     return re.sub(r"\{\w*\}", " ", " ".join(option) if isinstance(option, tuple) else option)
 
 
-def _pick(rng: random.Random, options, wording: str):
-    """Any option for an unseen-wording caption; only seen ones for a seen-wording caption."""
+def _pick(rng: random.Random, options, wording: str, language: str = "full"):
+    """Any option for an unseen-wording caption; only seen ones for a seen-wording caption; the first (canonical)
+    one in the canonical language."""
+    if language == "canonical":
+        return options[0]
     return rng.choice([o for o in options if wording == "unseen" or is_seen_wording(_fixed_words(o))])
 
 
@@ -133,34 +140,38 @@ def _random_groups(rng: random.Random, sizes: list[int]) -> list[list[ShapeObjec
 
 
 def describe(groups: list[list[ShapeObject]], template_set: str, rng: random.Random, wording: str = "seen",
-             kind: str | None = None) -> Scene:
+             kind: str | None = None, language: str = "full") -> Scene:
     """A caption of the layout (groups as _random_groups makes them) from TEMPLATES[template_set], with the
-    claims it makes. wording='seen' uses no held-out word; 'unseen' may (it need not)."""
-    template = _pick(rng, TEMPLATES[template_set], wording)
+    claims it makes. wording='seen' uses no held-out word; 'unseen' may (it need not). language (LANGUAGES):
+    'canonical' says every scene one way only."""
+    if language not in LANGUAGES:
+        raise ValueError(f"caption language must be one of {LANGUAGES}, not {language!r}")
+    pick = lambda options: _pick(rng, options, wording, language)  # noqa: E731
+    template = pick(TEMPLATES[template_set])
     fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
     values, mentions = {}, {}
     for x, group in zip("abc", groups):
         o = group[0]
-        color = _pick(rng, COLOR_WORDS[o.color], wording)
-        singular, plural = _pick(rng, SHAPE_WORDS[o.shape], wording)
+        color = pick(COLOR_WORDS[o.color])
+        singular, plural = pick(SHAPE_WORDS[o.shape])
         if len(group) == 1:
-            q = _pick(rng, QUANTIFIERS, wording)
+            q = pick(QUANTIFIERS)
             values[x] = f"{'an' if q == 'a' and color[0] in 'aeiou' else q} {color} {singular}"
-            values[f"pos_{x}"] = _pick(rng, POSITION_WORDS[o.cell], wording)
+            values[f"pos_{x}"] = pick(POSITION_WORDS[o.cell])
         else:
-            values.update({f"n_{x}": _pick(rng, COUNT_WORDS[len(group)], wording), f"color_{x}": color,
+            values.update({f"n_{x}": pick(COUNT_WORDS[len(group)]), f"color_{x}": color,
                            f"shapes_{x}": plural})
         mentions[x] = Mention(o.color, o.shape, len(group), o.cell if f"pos_{x}" in fields else None)
     relations = []
     if "rel" in fields or "its_rel" in fields:
         a, b = groups[0][0].cell, groups[1][0].cell
         rel = rng.choice([r for r, holds in RELATIONS.items() if holds(a, b)])
-        values.update(rel=_pick(rng, RELATION_WORDS[rel], wording), its_rel=ITS_RELATION[rel])
+        values.update(rel=pick(RELATION_WORDS[rel]), its_rel=ITS_RELATION[rel])
         relations.append(("a", rel, "b"))
     body = template.format(**values)
-    if rng.random() < FRAME_SHARE:  # "a picture of ..." only before a noun phrase
+    if language == "full" and rng.random() < FRAME_SHARE:  # "a picture of ..." only before a noun phrase
         frames = [f for f in FRAMES if f.startswith("{}") or not template.startswith("{pos_")]
-        body = _pick(rng, frames, wording).format(body)
+        body = pick(frames).format(body)
     # mentions in the order the caption names them (the positional-bias test asks which is followed better)
     order = sorted(mentions, key=lambda x: min(template.index("{%s}" % f) for f in fields
                                                if f == x or f.endswith("_" + x)))
@@ -179,8 +190,8 @@ def split_of(scene: Scene) -> tuple[str, str | None]:
 
 
 def generate(rng: random.Random, kind: str, wording: str = "seen", combination: str = "seen",
-             tries: int = 10_000) -> Scene:
-    """A random scene of `kind` (KINDS) and a caption of it in the asked split."""
+             tries: int = 10_000, language: str = "full") -> Scene:
+    """A random scene of `kind` (KINDS) and a caption of it in the asked split (and caption language)."""
     for _ in range(tries):
         template_set, sizes = kind, {"single": [1], "pair": [1, 1], "relation": [1, 1],
                                      "count": [rng.choice((2, 3))], "triple": [1, 1, 1]}[kind]
@@ -189,15 +200,16 @@ def generate(rng: random.Random, kind: str, wording: str = "seen", combination: 
         groups = _random_groups(rng, sizes)
         if groups is None:
             continue
-        scene = describe(groups, template_set, rng, wording, kind)
+        scene = describe(groups, template_set, rng, wording, kind, language)
         if split_of(scene) == (wording, combination):
             return scene
     raise RuntimeError(f"no {kind} scene with {wording} wording and {combination} combination in {tries} tries")
 
 
-def training_pool(size: int, seed: int = 0) -> list[Scene]:
+def training_pool(size: int, seed: int = 0, language: str = "full") -> list[Scene]:
     """`size` training scenes with distinct captions (seen wording, seen combination), the same number of each
-    kind; deterministic for a seed."""
+    kind; deterministic for a seed. The canonical language has fewer distinct captions of some kinds than a large
+    `size` asks for: the pool then holds all that 50 tries per missing caption find."""
     rng = random.Random(seed)
     pool, seen = [], set()
     for k, kind in enumerate(KINDS):
@@ -205,7 +217,7 @@ def training_pool(size: int, seed: int = 0) -> list[Scene]:
         for _ in range(50 * quota):
             if quota == 0:
                 break
-            scene = generate(rng, kind)
+            scene = generate(rng, kind, language=language)
             if scene.caption not in seen:
                 seen.add(scene.caption)
                 pool.append(scene)

@@ -4,8 +4,9 @@ The blocks of a decoder-only LLM act like denoising steps over the text represen
 carries information. The adapter weighs all of them with learned per-block weights, normalises and aligns the
 result to the diffusion model's context dimension. An existing diffusion model keeps its own text path and gains a
 second cross-attention on that encoding, mixed with its own by gates a*exp(b) per branch (or, where the host has no
-separable text branch, added by one such gate), the new one closed at the start (`HostAdapter`: the adapter and one
-such branch per cross-attention site of the host).
+separable text branch, added by one such gate); a fresh branch adds nothing, by a closed gate (the paper) or an open
+one with a zero value projection (`HostAdapter`: the adapter and one such branch per cross-attention site of the
+host).
 """
 from __future__ import annotations
 
@@ -83,16 +84,31 @@ class DecoupledCrossAttention(nn.Module):
     share included, so that s = 0 is the host model exactly and s = 1 the gates as trained:
 
         out = host + s ((a_h exp(b_h) - 1) host + a_l exp(b_l) llm_out)
+
+    llm_gate is a_l at the start. 0 (the paper) closes the gate, and while it is closed the new key and value
+    projections get no gradient and the gate none that points anywhere: the branch opens slowly or not at all. > 0
+    starts it open with the value projection at zero instead (LoRA's zero-initialised B, ControlNet's zero
+    convolutions), so the branch still adds nothing at the start but W_v learns from the first step.
     """
 
-    def __init__(self, inner_dim: int, context_dim: int):
+    def __init__(self, inner_dim: int, context_dim: int, llm_gate: float = 0.0):
         super().__init__()
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        if llm_gate:
+            nn.init.zeros_(self.to_v.weight)
         self.host_gate_a = nn.Parameter(torch.ones(1))
         self.host_gate_b = nn.Parameter(torch.zeros(1))
-        self.llm_gate_a = nn.Parameter(torch.zeros(1))
+        self.llm_gate_a = nn.Parameter(torch.full((1,), float(llm_gate)))
         self.llm_gate_b = nn.Parameter(torch.zeros(1))
+
+    @torch.no_grad()
+    def gates(self) -> dict[str, float]:
+        """The trained gates: the base branch's, the LLM branch's, and the LLM branch's times the RMS of its value
+        projection (how much it can add, comparable between a closed and a zero-valued start)."""
+        llm = gate(self.llm_gate_a, self.llm_gate_b).item()
+        return {"host": gate(self.host_gate_a, self.host_gate_b).item(), "llm": llm,
+                "llm_x_value_rms": abs(llm) * self.to_v.weight.float().pow(2).mean().sqrt().item()}
 
     def forward(self, q: torch.Tensor, host_out: torch.Tensor, llm_context: torch.Tensor,
                 llm_mask: torch.Tensor | None, attention: AttentionFn, strength: float = 1.0) -> torch.Tensor:
@@ -106,10 +122,11 @@ class DecoupledCrossAttention(nn.Module):
 
 class GatedCrossAttention(nn.Module):
     """Second cross-attention for hosts without a separable text branch (Flux-style joint attention): the image
-    tokens attend to the LLM encoding with their own query, out = x + s a exp(b) attn(norm(x), llm), a = 0 at start;
+    tokens attend to the LLM encoding with their own query, out = x + s a exp(b) attn(norm(x), llm), a = llm_gate
+    at start (> 0: the output projection starts at zero instead, as DecoupledCrossAttention's value projection);
     the strength s scales all that the adapter changes, so s = 0 is x exactly."""
 
-    def __init__(self, hidden_size: int, context_dim: int, num_heads: int):
+    def __init__(self, hidden_size: int, context_dim: int, num_heads: int, llm_gate: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
         self.norm = nn.LayerNorm(hidden_size)
@@ -117,7 +134,10 @@ class GatedCrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, hidden_size)
         self.to_v = nn.Linear(context_dim, hidden_size)
         self.to_out = nn.Linear(hidden_size, hidden_size)
-        self.gate_a = nn.Parameter(torch.zeros(1))
+        if llm_gate:
+            nn.init.zeros_(self.to_out.weight)
+            nn.init.zeros_(self.to_out.bias)
+        self.gate_a = nn.Parameter(torch.full((1,), float(llm_gate)))
         self.gate_b = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor, llm_context: torch.Tensor, mask: torch.Tensor | None = None,
@@ -134,10 +154,10 @@ class HostAdapter(nn.Module):
     """What an existing diffusion model gains: the LLM Diff Adapter (every LLM block -> context tokens) and one
     second cross-attention per cross-attention site of the host. sites: (name, width, heads) in the host's
     order; kind "decoupled" shares the host's query (DecoupledCrossAttention), "gated" has its own
-    (GatedCrossAttention)."""
+    (GatedCrossAttention); llm_gate: the new branches' gate at the start (their docstrings)."""
 
     def __init__(self, llm_hidden_size: int, num_hidden_states: int, context_dim: int,
-                 sites: list[tuple[str, int, int]], kind: str, feature_noise: float = 0.0):
+                 sites: list[tuple[str, int, int]], kind: str, feature_noise: float = 0.0, llm_gate: float = 0.0):
         super().__init__()
         if kind not in ("decoupled", "gated"):
             raise ValueError(f"kind must be 'decoupled' or 'gated', not '{kind}'")
@@ -145,7 +165,8 @@ class HostAdapter(nn.Module):
         self.sites = [(str(n), int(w), int(h)) for n, w, h in sites]
         self.adapter = LLMDiffAdapter(llm_hidden_size, num_hidden_states, context_dim, feature_noise)
         self.branches = nn.ModuleList([
-            DecoupledCrossAttention(w, context_dim) if kind == "decoupled" else GatedCrossAttention(w, context_dim, h)
+            DecoupledCrossAttention(w, context_dim, llm_gate) if kind == "decoupled"
+            else GatedCrossAttention(w, context_dim, h, llm_gate)
             for _, w, h in self.sites])
 
     def branch(self, site: str) -> nn.Module:

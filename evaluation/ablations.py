@@ -31,6 +31,8 @@ SMOLLM2 = os.path.join(ROOT, ".comfyui", "models", "LLM", "SmolLM2-135M-Instruct
 GEMMA3 = os.path.join(ROOT, ".cache", "gemma-3-270m.Q4_K_M.gguf")
 
 SMOL = ["--llm", SMOLLM2]
+# adapter-only runs: argparse keeps the last of a repeated flag, so a row's own --llm-gate or --host-text-dropout wins
+PAPER_ADAPTER = ["--layers", "all", "--instruction", "li-dit", "--llm-gate", "0", "--host-text-dropout", "0"]
 # name -> (what it tests, trainer flags)
 ABLATIONS = {
     "no-llm": ("no LLM: word embeddings learned from scratch over the training vocabulary + refiner",
@@ -58,19 +60,41 @@ ABLATIONS = {
                      "--fusion", "concat"]),
     # The LLM Diff Adapter on an existing model: "no-llm" frozen, only the adapter and the second
     # cross-attention trained (BASE_OF names the frozen run; its model file is <out>/<base>/<base>.safetensors).
-    "no-llm+adapter": ("no-llm frozen + LLM Diff Adapter on SmolLM2 (adapter-only; gates on both branches)",
-                       [*SMOL, "--layers", "all", "--instruction", "li-dit"]),
+    "no-llm+adapter": ("no-llm frozen + LLM Diff Adapter on SmolLM2 (adapter-only; gates on both branches; the "
+                       "paper's recipe: the new gate closed, the base's own text always given)",
+                       [*SMOL, *PAPER_ADAPTER]),
     "no-llm+adapter-fixed-host-gate": ("as no-llm+adapter, the base branch's gate kept at 1 (new branch gated only)",
-                                       [*SMOL, "--layers", "all", "--instruction", "li-dit", "--host-gate", "fixed"]),
+                                       [*SMOL, *PAPER_ADAPTER, "--host-gate", "fixed"]),
     "no-llm+adapter-contributions": ("as no-llm+adapter, each block's state replaced by its contribution (state in "
                                      "context minus the same token's state in a one-token prompt)",
-                                     [*SMOL, "--layers", "all", "--instruction", "li-dit", "--block-outputs",
-                                      "contributions"]),
+                                     [*SMOL, *PAPER_ADAPTER, "--block-outputs", "contributions"]),
+    "no-llm+adapter-open-gate": ("as no-llm+adapter, the new gate open at the start with its value projection at "
+                                 "zero (--llm-gate 1)",
+                                 [*SMOL, *PAPER_ADAPTER, "--llm-gate", "1"]),
+    "no-llm+adapter-host-dropout": ("as no-llm+adapter, the base's own text empty for half of the samples "
+                                    "(--host-text-dropout 0.5)",
+                                    [*SMOL, *PAPER_ADAPTER, "--host-text-dropout", "0.5"]),
+    "no-llm+adapter-open-gate+host-dropout": ("both (--llm-gate 1 --host-text-dropout 0.5)",
+                                              [*SMOL, *PAPER_ADAPTER, "--llm-gate", "1", "--host-text-dropout",
+                                               "0.5"]),
+    # lever 2 of issue 25: a base that reads only the canonical caption language, the adapter the full one
+    "canonical": ("as no-llm, trained on the canonical captions only (one phrasing per scene, --captions "
+                  "canonical)", ["--text-encoder", "learned", "--refiner-depth", "2", "--captions", "canonical"]),
+    "canonical+adapter": ("canonical frozen + LLM Diff Adapter trained on the full caption language, the paper's "
+                          "recipe", [*SMOL, *PAPER_ADAPTER]),
+    "canonical+adapter-open-gate+host-dropout": ("as canonical+adapter, --llm-gate 1 --host-text-dropout 0.5",
+                                                 [*SMOL, *PAPER_ADAPTER, "--llm-gate", "1", "--host-text-dropout",
+                                                  "0.5"]),
 }
-BASE_OF = {name: "no-llm" for name in ABLATIONS if name.startswith("no-llm+")}
+BASE_OF = {name: name.split("+")[0] for name in ABLATIONS if "+" in name and name.split("+")[0] in ABLATIONS}
 
 BUDGET = ["--hidden-size", "96", "--depth", "4", "--num-heads", "4", "--patch-size", "4", "--batch-size", "32",
           "--lr", "1e-3", "--warmup", "50", "--ema", "0.99", "--eval-samples", "0", "--pool-size", "2000"]
+
+
+def suffix(args) -> str:
+    """Of a run's evaluation files: none for the test prompts, "-validation" for the validation prompts."""
+    return "" if args.prompt_split == "test" else f"-{args.prompt_split}"
 
 
 def run(name: str, args, feature_cache: dict) -> dict:
@@ -84,8 +108,8 @@ def run(name: str, args, feature_cache: dict) -> dict:
         train_lidit.main([*flags, *BUDGET, "--steps", str(args.steps), "--save-every",
                           str(args.steps), "--seed", str(args.seed), "--out", out, "--name", name,
                           "--cache-dir", args.cache_dir, "--threads", str(args.threads), "--resume"])
-    grid = os.path.join(out, "heldout.png")
-    scores = os.path.join(out, "eval.json")
+    grid = os.path.join(out, f"heldout{suffix(args)}.png")
+    scores = os.path.join(out, f"eval{suffix(args)}.json")
     # an interrupted sweep picks up where it stopped: a run's evaluation is reused while its model is unchanged
     if os.path.exists(scores) and os.path.getmtime(scores) > os.path.getmtime(model) and os.path.exists(grid):
         with open(scores) as f:
@@ -94,7 +118,7 @@ def run(name: str, args, feature_cache: dict) -> dict:
             return result
     return ev.evaluate(base or model, diff_adapter=model if base else None, per_kind=args.per_kind,
                        images_per_prompt=args.images_per_prompt, seed=args.seed, cache_dir=args.cache_dir,
-                       feature_cache=feature_cache, save_grid=grid, json_path=scores)
+                       feature_cache=feature_cache, save_grid=grid, json_path=scores, prompt_split=args.prompt_split)
 
 
 def table(results: dict) -> str:
@@ -134,7 +158,7 @@ def comparison_grid(args, names: list[str], path: str, picks: dict = COMPARISON_
     same-name .txt file."""
     from PIL import Image, ImageDraw
 
-    with open(os.path.join(args.out, names[0], "heldout.txt")) as f:
+    with open(os.path.join(args.out, names[0], f"heldout{suffix(args)}.txt")) as f:
         prompts = [line.rstrip("\n").split("\t") for line in f]
     first_of = {}
     for i, (split, kind, _) in enumerate(prompts):
@@ -146,7 +170,7 @@ def comparison_grid(args, names: list[str], path: str, picks: dict = COMPARISON_
     for col in range(len(picked)):
         draw.text((label_w + col * (cell + pad) + cell // 2 - 3, 2), str(col + 1), fill="black")
     for row, name in enumerate(names):
-        grid = Image.open(os.path.join(args.out, name, "heldout.png")).convert("RGB")
+        grid = Image.open(os.path.join(args.out, name, f"heldout{suffix(args)}.png")).convert("RGB")
         y = 16 + row * (cell + pad)
         draw.text((4, y + cell // 2 - 6), name, fill="black")
         for col, i in enumerate(picked):
@@ -169,6 +193,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--per-kind", type=int, default=8, help="evaluation prompts of each kind in each column")
     p.add_argument("--images-per-prompt", type=int, default=2)
+    p.add_argument("--prompt-split", default="test", choices=ev.PROMPT_SPLITS,
+                   help="'validation' to choose between runs, 'test' for the reported numbers")
     args = p.parse_args(argv)
     if args.docs:
         os.makedirs(args.docs, exist_ok=True)
@@ -179,7 +205,7 @@ def main(argv=None):
         results[name] = run(name, args, feature_cache)
         print(f"[{time.time() - started:.0f}s] {name}: overall {results[name]['overall_mean']:.3f}", flush=True)
     print(table(results))
-    with open(os.path.join(args.out, f"{args.docs_prefix}ablations.json"), "w") as f:
+    with open(os.path.join(args.out, f"{args.docs_prefix}ablations{suffix(args)}.json"), "w") as f:
         json.dump({k: {kk: vv for kk, vv in v.items() if kk != "records"} for k, v in results.items()}, f, indent=1)
     if args.docs:
         comparison_grid(args, names, os.path.join(args.docs, f"{args.docs_prefix}ablation-grid.png"))

@@ -322,6 +322,7 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
 
     result = {"model": "oracle renders" if oracle else os.path.abspath(model_path),
               "diff_adapter": diff_adapter and os.path.abspath(diff_adapter),
+              "adapter_gates": [b.gates() for b in model.branches] if diff_adapter else None,
               "text_encoders": info["text_encoders"],
               "settings": {"per_kind": per_kind, "images_per_prompt": images_per_prompt, "steps": steps, "cfg": cfg,
                            "seed": seed, "resolution": resolution, "device": str(device), "oracle": oracle,
@@ -495,6 +496,10 @@ def format_tables(result: dict) -> str:
                "accuracy in % of images.", "",
              f"| criterion | {cols} |", "|---|" + "---:|" * len(SPLITS)]
     splits = result["splits"]
+    if result.get("adapter_gates"):
+        gates = ", ".join(f"{g['host']:.3f} / {g['llm']:.3f} ({g['llm_x_value_rms']:.4f})"
+                          for g in result["adapter_gates"])
+        lines[1:1] = ["", f"LLM Diff Adapter gates per block, base / LLM (LLM x RMS of its value projection): {gates}"]
     lines.append("| prompts / images | " + " | ".join(f"{splits[c]['prompts']} / {splits[c]['images']}"
                                                      for c in SPLITS) + " |")
     for crit in CRITERIA:

@@ -164,6 +164,36 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     return api
 
 
+# What the LLM Diff Adapter adds to a graph: each node, and the input its consumers get instead when it is taken out.
+ADAPTER_NODES = {"ApplyLLMDiffAdapter": "model", "LLMConditioningAttach": "conditioning"}
+LLM_NODES = {"LLMLoader", "LLMAdapterLoader", "LLMPromptEncode"}
+
+
+def without_llm_adapter(api_prompt: dict) -> dict:
+    """The same API-format graph with the base model alone: Apply LLM Diff Adapter and LLM Conditioning Attach taken
+    out (their consumers wired to the model and the conditioning they were given), and the LLM nodes that fed only
+    them."""
+    prompt = json.loads(json.dumps(api_prompt))
+
+    def source(link):
+        while prompt[link[0]]["class_type"] in ADAPTER_NODES:
+            node = prompt[link[0]]
+            link = node["inputs"][ADAPTER_NODES[node["class_type"]]]
+        return link
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) in prompt:
+                node["inputs"][name] = source(value)
+    prompt = {i: n for i, n in prompt.items() if n["class_type"] not in ADAPTER_NODES}
+    while True:
+        used = {str(v[0]) for n in prompt.values() for v in n["inputs"].values() if isinstance(v, list) and len(v) == 2}
+        unused = [i for i, n in prompt.items() if n["class_type"] in LLM_NODES and i not in used]
+        if not unused:
+            return prompt
+        for i in unused:
+            del prompt[i]
+
+
 def load_workflow(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

@@ -39,9 +39,10 @@ from adapters.checkpoint import save_host_adapter  # noqa: E402
 from adapters.conditioning import hidden_states_to_context  # noqa: E402
 from adapters.diff_adapter import HostAdapter  # noqa: E402
 from training.features import caption_features, encoder_settings  # noqa: E402
-from training.train_lidit import (STREAM_STRIDE, DivergedError, FolderData, LossLog, check_gradients,  # noqa: E402
-                                  diverged, load_optimizer_state, load_training_state, lr_at, recover_checkpoint,
-                                  refuse_existing_run, save_training_state)
+from training.train_lidit import (HOST_TEXT_DROPOUT, LLM_GATE, STREAM_STRIDE, DivergedError,  # noqa: E402
+                                  FolderData, LossLog, check_gradients, diverged, load_optimizer_state,
+                                  load_training_state, lr_at, recover_checkpoint, refuse_existing_run,
+                                  save_training_state)
 
 log = logging.getLogger("train_comfy_adapter")
 PACKAGE = "llm_diffusion"
@@ -69,6 +70,12 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--caption-dropout", type=float, default=0.1,
                    help="share of images trained on the empty prompt (CLIP and LLM), for classifier-free guidance")
+    p.add_argument("--host-text-dropout", type=float, default=HOST_TEXT_DROPOUT,
+                   help="share of the other images whose model's own text encoder (CLIP) gets the empty prompt while "
+                        "the LLM keeps the caption, so that the LLM branch has to carry the meaning")
+    p.add_argument("--llm-gate", type=float, default=LLM_GATE,
+                   help="the new branches' gate at the start: 0 closed (the paper), > 0 open with the value projection "
+                        "at zero (adapters.diff_adapter.DecoupledCrossAttention)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--export-weights", default="ema", choices=["ema", "raw"])
     p.add_argument("--weight-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -87,6 +94,8 @@ def parse_args(argv=None):
     if not args.checkpoint.endswith(".safetensors"):
         p.error(f"'{os.path.basename(args.checkpoint)}' is not a .safetensors file; only safetensors checkpoints are "
                 "loaded (pickled .ckpt/.pt files can run arbitrary code). Convert it to safetensors first.")
+    if not 0 <= args.host_text_dropout <= 1:
+        p.error("--host-text-dropout is a share of images, from 0 to 1")
     for flag, path in (("--checkpoint", args.checkpoint), ("--llm", args.llm), ("--data", args.data)):
         if not os.path.exists(path):
             p.error(f"{flag} '{path}' does not exist.")
@@ -174,7 +183,9 @@ class AdapterTraining:
         from tqdm import tqdm
         args, inner = self.args, model_wrap.inner_model
         sampling, device = inner.model_sampling, noise.device
-        conds = model_wrap.conds["positive"]  # one per image, then the empty prompt
+        # one per image, then the empty prompt, then one per image with the empty prompt for the model's own encoder
+        conds = model_wrap.conds["positive"]
+        n = len(self.latents)
         latents = inner.process_latent_in(self.latents.to(device))
         params = [p for p in self.host.parameters() if p.requires_grad]
         self.ema.to(device)
@@ -193,13 +204,15 @@ class AdapterTraining:
                 idx = torch.randint(len(latents), (args.batch_size,), generator=g).tolist()
                 dropped = (torch.rand(args.batch_size, generator=g) < args.caption_dropout).tolist()
                 percent = torch.rand(args.batch_size, generator=g).clamp(1e-4, 1 - 1e-4).tolist()
+                host_dropped = (torch.rand(args.batch_size, generator=g) < args.host_text_dropout).tolist()
                 draws = torch.randn((args.batch_size, *latents.shape[1:]), generator=g).to(device)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(self.step, args)
                 opt.zero_grad(set_to_none=True)
                 total = 0.0
                 for b, i in enumerate(idx):
-                    model_wrap.conds["positive"] = [conds[-1] if dropped[b] else conds[i]]
+                    model_wrap.conds["positive"] = [conds[n] if dropped[b] else conds[n + 1 + i] if host_dropped[b]
+                                                    else conds[i]]
                     sigma = torch.tensor([sampling.percent_to_sigma(percent[b])], device=device)
                     x0 = latents[i:i + 1]
                     xt = sampling.noise_scaling(sigma, draws[b:b + 1], x0)
@@ -284,15 +297,17 @@ def main(argv=None):
 
     latents = encode_images(vae, data)
     with torch.no_grad():
+        clip_conds = [clip.encode_from_tokens_scheduled(clip.tokenize(c)) for c in captions + [""]]
+        llm_tokens = [hidden_states_to_context(feat[None].float()) for feat in feats]
+        # as AdapterTraining.sample reads them: every caption, the empty prompt, every caption for the LLM alone
         conditionings = []
-        for caption, feat in zip(captions + [""], feats):
-            cond = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
-            conditionings += dan.attach_llm_tokens(cond, hidden_states_to_context(feat[None].float()), None, False)
+        for cond, tokens in [*zip(clip_conds, llm_tokens), *((clip_conds[-1], t) for t in llm_tokens[:-1])]:
+            conditionings += dan.attach_llm_tokens(cond, tokens, None, False)
     del clip, vae
 
     torch.manual_seed(args.seed)  # the adapter's initial weights
     host = HostAdapter(llm_hidden_size, num_states, args.context_dim, sites,
-                       "decoupled" if family in ("unet", "lidit") else "gated")
+                       "decoupled" if family in ("unet", "lidit") else "gated", llm_gate=args.llm_gate)
     ema = copy.deepcopy(host).requires_grad_(False)
     info = {"family": family, "llm": settings["llm"]}
     patched = dan.apply_host_adapter(model, host, info, args.name, 1.0)

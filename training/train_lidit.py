@@ -43,6 +43,11 @@ from training.features import caption_features, collate, encoder_settings, setti
 
 log = logging.getLogger("train_lidit")
 
+# The adapter-only recipe of both trainers (--base here, train_comfy_adapter): docs/results.md, "The LLM Diff Adapter
+# on an existing model", has the runs that chose it.
+HOST_TEXT_DROPOUT = 0.5
+LLM_GATE = 1.0
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,6 +60,13 @@ def parse_args(argv=None):
                         "Diff Adapter on --llm with a second cross-attention in every block (one output file)")
     p.add_argument("--host-gate", default="learned", choices=["learned", "fixed"],
                    help="--base: learn the base branch's gate a*exp(b) beside the new one (the paper), or keep it at 1")
+    p.add_argument("--host-text-dropout", type=float, default=None,
+                   help="--base: share of samples whose base model's own text streams get the empty prompt while "
+                        f"the new LLM stream keeps the caption, so that the LLM branch has to carry the meaning "
+                        f"(default {HOST_TEXT_DROPOUT})")
+    p.add_argument("--llm-gate", type=float, default=None,
+                   help="--base: the new branches' gate a at the start: 0 closed (the paper), > 0 open with the value "
+                        f"projection at zero (adapters.diff_adapter.DecoupledCrossAttention; default {LLM_GATE})")
     p.add_argument("--data", default="shapes", help="'shapes' or a folder of images + .txt captions")
     p.add_argument("--out", required=True)
     p.add_argument("--name", default="lidit")
@@ -76,6 +88,10 @@ def parse_args(argv=None):
     p.add_argument("--mix", default="0.3,0.2,0.2,0.15,0.15",
                    help="shapes world: share of each kind of scene in a batch, in the order of "
                         "adapters.captions.KINDS (single, pair, relation, count, triple)")
+    p.add_argument("--captions", default="full", choices=list(captions.LANGUAGES),
+                   help="shapes world: the training pool's caption language (adapters.captions.LANGUAGES): every "
+                        "seen phrasing, or the canonical one alone (one word per colour, shape, position and "
+                        "relation, one template per kind, no frame) for a base model with a narrow text encoder")
     p.add_argument("--refiner-depth", type=int, default=2)
     p.add_argument("--refiner-causal", action="store_true", help="ablation: keep the causal mask in the refiner")
     p.add_argument("--fusion", default="collaborative", choices=["collaborative", "concat"])
@@ -119,6 +135,13 @@ def parse_args(argv=None):
                 "--layers all")
     if args.base and (len(args.llm) != 1 or args.layers != "all"):
         p.error("--base trains one LLM Diff Adapter: give exactly one --llm and --layers all")
+    if not args.base and (args.host_text_dropout is not None or args.llm_gate is not None):
+        p.error("--host-text-dropout and --llm-gate shape adapter-only training: they need --base")
+    if args.base:
+        args.host_text_dropout = HOST_TEXT_DROPOUT if args.host_text_dropout is None else args.host_text_dropout
+        args.llm_gate = LLM_GATE if args.llm_gate is None else args.llm_gate
+        if not 0 <= args.host_text_dropout <= 1:
+            p.error("--host-text-dropout is a share of samples, from 0 to 1")
     return args
 
 
@@ -126,8 +149,9 @@ class ShapesData:
     """The training pool of adapters/captions.py (fixed captions: seen wordings, seen combinations), each sample
     drawn in a fresh layout that its caption is true of."""
 
-    def __init__(self, pool_size: int, seed: int, resolution: int, mix: str = "0.3,0.2,0.2,0.15,0.15"):
-        self.scenes = captions.training_pool(pool_size, seed=0)
+    def __init__(self, pool_size: int, seed: int, resolution: int, mix: str = "0.3,0.2,0.2,0.15,0.15",
+                 language: str = "full"):
+        self.scenes = captions.training_pool(pool_size, seed=0, language=language)
         self.captions = [s.caption for s in self.scenes] + [""]
         self.rng = random.Random(seed)
         self.resolution = resolution
@@ -510,8 +534,8 @@ def main(argv=None):
     random.seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
 
-    data = ShapesData(args.pool_size, args.seed, args.resolution, args.mix) if args.data == "shapes" else \
-        FolderData(args.data, args.seed, args.resolution)
+    data = ShapesData(args.pool_size, args.seed, args.resolution, args.mix, args.captions) \
+        if args.data == "shapes" else FolderData(args.data, args.seed, args.resolution)
     eval_captions = [s.caption for s in heldout_scenes(args.eval_samples)] if args.data == "shapes" else []
     all_captions = list(dict.fromkeys(data.captions + eval_captions))
 
@@ -523,11 +547,14 @@ def main(argv=None):
     context_dims = [dim for _, _, dim, _ in streams]
     settings = [s for _, _, _, s in streams]
 
-    def batch_inputs(batch_captions: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [to_input(batch_captions) for to_input, _, _, _ in streams]
+    def batch_inputs(batch_captions: list[str], host_captions: list[str] | None = None):
+        """Per stream (input, mask); a --base model's own streams read host_captions where given."""
+        host_captions = batch_captions if host_captions is None else host_captions
+        return [to_input(host_captions if i < len(streams) - 1 else batch_captions)
+                for i, (to_input, _, _, _) in enumerate(streams)]
     if args.base:
         host = HostAdapter(adapters[-1].llm_hidden_size, adapters[-1].num_hidden_states, args.context_dim,
-                           lidit_sites(base.config), "decoupled", args.feature_noise)
+                           lidit_sites(base.config), "decoupled", args.feature_noise, args.llm_gate)
         if args.host_gate == "fixed":
             for branch in host.branches:
                 branch.host_gate_a.requires_grad_(False)
@@ -576,7 +603,9 @@ def main(argv=None):
     while step < args.steps:
         x0, idx = data.sample(args.batch_size)
         batch_captions = [data.captions[i] if random.random() >= args.caption_dropout else "" for i in idx]
-        hidden = batch_inputs(batch_captions)
+        host_captions = [c if random.random() >= args.host_text_dropout else "" for c in batch_captions] \
+            if args.host_text_dropout else None
+        hidden = batch_inputs(batch_captions, host_captions)
         try:
             loss = train_step(model, opt, accelerator, x0, [h for h, _ in hidden], [m for _, m in hidden],
                               lr_at(step, args))

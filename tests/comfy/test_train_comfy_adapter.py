@@ -70,8 +70,13 @@ def test_trains_only_the_adapter_into_one_file_naming_family_and_llm(trained):
     assert [(w, h) for _, w, h in host.sites] == [(320, 8)] * 4  # the one-level SD 1.5 UNet's four attn2 sites
     assert (host.adapter.num_hidden_states, host.adapter.llm_hidden_size) == (31, 576)
     assert "unet checkpoint, 4 cross-attention sites; 4 images" in trained["log"]  # the uncaptioned one skipped
-    opened = [b.llm_gate_a.item() for b in host.branches]
-    assert all(abs(a) > 1e-4 for a in opened), f"the LLM branches never opened: {opened}"
+    # What the LLM branch adds per unit of attention output: its gate times its value projection's RMS. The paper's
+    # closed start leaves it near zero (its gate moves by about the learning rate per step, its value projection
+    # gets no gradient while the gate is shut: below 3e-4 after these steps); the trainer's default recipe
+    # (adapters.diff_adapter.DecoupledCrossAttention's llm_gate, host-text dropout) opens it from the first step.
+    opened = [(b.llm_gate_a * b.llm_gate_b.exp()).abs().item() * b.to_v.weight.pow(2).mean().sqrt().item()
+              for b in host.branches]
+    assert min(opened) > 2e-3, f"the LLM branches stayed shut: {opened}"
     losses = [float(r[1]) for r in loss_rows(trained["out"])]
     assert len(losses) == STEPS and all(0 < x < 100 for x in losses)
 

@@ -194,3 +194,33 @@ def test_pools_are_deterministic_and_balanced(pools):
         assert {k: sum(s.kind == k for s in pool) for k in KINDS} == {k: 400 for k in KINDS}
         sizes = {len(s.objects) for s in pool}
         assert sizes == {1, 2, 3}
+
+
+def test_canonical_language_says_each_scene_one_way_in_the_first_phrasings():
+    """The narrow language of a weak base model: one caption per layout (and relation that holds), whatever the
+    draw, made of the first phrasing of every word list and template set, with no frame; every caption true and in
+    the training split."""
+    first = {w for table in (COLOR_WORDS, captions.POSITION_WORDS, RELATION_WORDS, COUNT_WORDS)
+             for options in table.values() for w in words(captions._fixed_words(options[0]))}
+    first |= {w for options in captions.SHAPE_WORDS.values() for w in words(captions._fixed_words(options[0]))}
+    first |= {w for options in captions.TEMPLATES.values() for w in words(captions._fixed_words(options[0]))}
+    first |= set(words(captions.QUANTIFIERS[0])) | {"an"}
+    full = {w for s in training_pool(2000, 0) for w in words(s.caption)}
+    pool = training_pool(2000, 0, language="canonical")
+    used = {w for s in pool for w in words(s.caption)}
+    assert used <= first, used - first
+    assert len(used) < len(full) / 2
+    assert not {"picture", "crimson", "dot", "middle"} & used  # frames and synonyms of the full language
+    for scene in pool:
+        assert verdict(scene.objects, scene)["overall"], scene
+        assert split_of(scene) == ("seen", "seen")
+    rng = random.Random(3)
+    sizes = {"single": [1], "pair": [1, 1], "relation": [1, 1], "count": [2], "triple": [1, 1, 1]}
+    for kind in KINDS:
+        groups = None
+        while groups is None:
+            groups = captions._random_groups(rng, sizes[kind])
+        said = {captions.describe(groups, kind, random.Random(seed), language="canonical") for seed in range(8)}
+        assert len({(s.caption, s.relations) for s in said}) == len({s.relations for s in said}), said
+    with pytest.raises(ValueError, match="canonical"):
+        generate(rng, "single", language="terse")

@@ -159,6 +159,46 @@ def test_decoupled_gates_mix_both_branches():
     torch.testing.assert_close(branch(q, host, llm, None, attn), want)
 
 
+def branch_output_and_step(kind: str, llm_gate: float):
+    """A fresh branch of each kind with this initial gate, its output, and its input (what a closed branch
+    returns); the branch's gradients are those of a loss that wants it to add something."""
+    torch.manual_seed(0)
+    q, host, llm = host_inputs()
+    if kind == "decoupled":
+        branch = DecoupledCrossAttention(32, C, llm_gate)
+        out = branch(q, host, llm, None, sdpa_attention(4))
+    else:
+        branch = GatedCrossAttention(32, C, num_heads=4, llm_gate=llm_gate)
+        out = branch(host, llm)
+    (out - host - 1.0).pow(2).sum().backward()
+    return out, host, branch
+
+
+@pytest.mark.parametrize("kind", ["decoupled", "gated"])
+def test_open_initial_gate_still_returns_the_host_and_its_value_path_learns_from_the_first_step(kind):
+    """llm_gate > 0: the gate starts open and the value (decoupled) or output (gated) projection at zero, so a
+    fresh branch is still the host bit for bit, but that projection gets a gradient at once; with the paper's
+    closed gate (0) the branch's projections get none."""
+    out, base, branch = branch_output_and_step(kind, 1.0)
+    assert torch.equal(out, base)
+    value = branch.to_v if kind == "decoupled" else branch.to_out
+    assert value.weight.grad.abs().sum() > 0
+    assert (branch.llm_gate_a if kind == "decoupled" else branch.gate_a).item() == 1.0
+
+    out, base, branch = branch_output_and_step(kind, 0.0)
+    assert torch.equal(out, base)
+    value = branch.to_v if kind == "decoupled" else branch.to_out
+    assert value.weight.grad.abs().sum() == 0
+    assert value.weight.abs().sum() > 0  # random, as in the paper
+
+
+def test_host_adapter_passes_the_initial_gate_to_every_branch():
+    for kind in ("decoupled", "gated"):
+        host = HostAdapter(D, S, C, [("a", 32, 4), ("b", 32, 4)], kind, llm_gate=0.5)
+        for branch in host.branches:
+            assert (branch.llm_gate_a if kind == "decoupled" else branch.gate_a).item() == 0.5
+
+
 @pytest.mark.parametrize("kind", ["decoupled", "gated"])
 def test_strength_scales_the_whole_change_so_0_is_the_host_bit_for_bit(kind):
     """Strength scales what the adapter changes, the host gate's share included: at 0 the host model's output

@@ -163,7 +163,7 @@ def test_comparison_grid_picks_the_same_prompts_from_every_run(tmp_path):
         save_image(torch.stack(images), tmp_path / name / "heldout.png", nrow=8, padding=2, pad_value=0.5)
         (tmp_path / name / "heldout.txt").write_text(
             "".join(f"{split}\t{kind}\tprompt {i}\n" for i, (split, kind) in enumerate(prompts)))
-    args = argparse.Namespace(out=str(tmp_path), images_per_prompt=2)
+    args = argparse.Namespace(out=str(tmp_path), images_per_prompt=2, prompt_split="test")
     ablations.comparison_grid(args, names, str(tmp_path / "cmp.png"))
     sheet = Image.open(tmp_path / "cmp.png").convert("L")
     listed = (tmp_path / "cmp.txt").read_text().splitlines()

@@ -251,7 +251,8 @@ def test_adapter_only_training_freezes_the_base_and_saves_one_file(tmp_path, tin
     assert info["family"] == "lidit" and info["llm"] == os.path.basename(tiny_llm_dirs["llama"])
     assert json.loads(info["base"]) == "lidit.safetensors" and json.loads(info["encoder"])["layers"] == "all"
     assert host.sites == [(f"block{i}", 32, 2) for i in range(base.config.depth)]
-    assert all(b.llm_gate_a.abs().item() > 0 for b in host.branches), "the new branches' gates never opened"
+    # the default start (an open gate, the value projection at zero): the value projection has learned
+    assert all(b.gates()["llm_x_value_rms"] > 0 for b in host.branches), "the new branches never opened"
     # the base model and its word encoder in the final checkpoint are the base file's, bit for bit
     trained = load_file(os.path.join(out, "checkpoint", "model.safetensors"))
     for k, v in base.state_dict().items():
@@ -367,3 +368,38 @@ def test_feature_noise_reaches_the_adapter_of_an_adapter_only_run(monkeypatch, t
     with torch.no_grad():
         assert not torch.equal(adapter(states), adapter(states)), "no noise on the trained adapter's input"
         assert torch.equal(adapter.eval()(states), adapter(states))  # and none outside training
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_host_text_dropout_gives_the_base_the_empty_prompt_and_the_llm_the_caption(monkeypatch, tmp_path,
+                                                                                   tiny_llm_dirs, share):
+    """--host-text-dropout: the base model's own stream reads the empty prompt for that share of the samples,
+    while the LLM stream keeps every caption (caption dropout, for CFG, still empties both)."""
+    import training.train_lidit as trainer
+    seen = {"base": [], "llm": []}
+
+    def recording(streams_of, who):
+        def wrapped(*a, **k):
+            return [(lambda caps, f=f: (seen[who].append(list(caps)), f(caps))[1], *rest)
+                    for f, *rest in streams_of(*a, **k)]
+        return wrapped
+    monkeypatch.setattr(trainer, "base_streams", recording(trainer.base_streams, "base"))
+    monkeypatch.setattr(trainer, "text_streams", recording(trainer.text_streams, "llm"))
+    base = train(tmp_path / "base", [], 1, "--text-encoder", "learned", "--eval-samples", "0")
+    seen["base"].clear(), seen["llm"].clear()
+    train(tmp_path / "adapter", [tiny_llm_dirs["llama"]], 2, "--base", os.path.join(base, "lidit.safetensors"),
+          "--host-text-dropout", str(share), "--caption-dropout", "0", "--eval-samples", "0")
+    assert len(seen["base"]) == len(seen["llm"]) == 2  # one call per training step
+    for host, llm in zip(seen["base"], seen["llm"]):
+        assert all(llm)
+        assert host == ([""] * len(llm) if share else llm)
+
+
+def test_adapter_recipe_flags_need_base(capsys):
+    from training.train_lidit import HOST_TEXT_DROPOUT, LLM_GATE, parse_args
+    for flag in ("--host-text-dropout", "--llm-gate"):
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "x", "--text-encoder", "learned", flag, "0.5"])
+        assert "they need --base" in capsys.readouterr().err
+    args = parse_args(["--out", "x", "--llm", "m.gguf", "--base", "b.safetensors"])
+    assert (args.host_text_dropout, args.llm_gate) == (HOST_TEXT_DROPOUT, LLM_GATE)  # the adapter recipe's
