@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from adapters import shapes_world
-from evaluation.evaluate import PROMPT_SPLITS, prompt_sets
+from evaluation.evaluate import KINDS, PROMPT_SPLITS, SPLITS, prompt_sets
 from scripts import comfy_client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,42 +28,45 @@ PROMPT_NODES = ("LIDiTWordEncode", "LLMPromptEncode")  # the base model's word e
 
 
 def with_prompt(api_prompt: dict, text: str, seed: int) -> dict:
-    """The workflow with `text` as its positive prompt (the base model's word encoder and the LLM's) and `seed`."""
+    """The graph with `text` as its positive prompt (every prompt node whose text is not empty) and `seed`."""
     prompt = {i: {**n, "inputs": dict(n["inputs"])} for i, n in api_prompt.items()}
-    (sampler,) = [n for n in prompt.values() if n["class_type"] == "LIDiTSampler"]
-    sampler["inputs"]["seed"] = seed
-    positive = [n for n in prompt.values() if n["class_type"] in PROMPT_NODES and n["inputs"]["text"]]
-    wanted = sorted(PROMPT_NODES if "LLMPromptEncode" in {n["class_type"] for n in prompt.values()}
-                    else ["LIDiTWordEncode"])
-    if sorted(n["class_type"] for n in positive) != wanted:
-        raise SystemExit(f"{WORKFLOW} should have one positive prompt for the base model and one for the LLM")
-    for node in positive:
-        node["inputs"]["text"] = text
+    for node in prompt.values():
+        if node["class_type"] == "LIDiTSampler":
+            node["inputs"]["seed"] = seed
+        if node["class_type"] in PROMPT_NODES and node["inputs"]["text"]:
+            node["inputs"]["text"] = text
     return prompt
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the grid's PNG")
-    p.add_argument("--column", default="unseen wording", help="the evaluation column the prompts come from")
+    p.add_argument("--column", default="unseen wording", choices=list(SPLITS),
+                   help="the evaluation column the prompts come from")
     p.add_argument("--prompt-split", default="test", choices=PROMPT_SPLITS)
     p.add_argument("--per-kind", type=int, default=2, help="prompts of each kind")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     scenes = prompt_sets(max(args.per_kind, 8), 0, args.prompt_split)[args.column]
-    scenes = [s for kind in dict.fromkeys(x.kind for x in scenes) for s in [x for x in scenes if x.kind == kind]
-              [:args.per_kind]]
+    scenes = [s for kind in KINDS for s in [x for x in scenes if x.kind == kind][:args.per_kind]]
     cell, label = 128, 16
     rows = []
     with tempfile.TemporaryDirectory() as output, comfy_client.ComfyServer(output) as server:
         workflow = comfy_client.ui_to_api(comfy_client.load_workflow(WORKFLOW), server.object_info())
+        positive = sorted(n["class_type"] for n in workflow.values()
+                          if n["class_type"] in PROMPT_NODES and n["inputs"]["text"])
+        if positive != sorted(PROMPT_NODES):
+            raise SystemExit(f"{WORKFLOW} should have one positive prompt for the base model (LIDiTWordEncode) and "
+                             f"one for the LLM (LLMPromptEncode), found {positive}: restore the shipped workflow.")
+        (latent,) = [n for n in workflow.values() if n["class_type"] == "EmptyChromaRadianceLatentImage"]
         for scene in scenes:
             row = []
             for graph in (comfy_client.without_llm_adapter(workflow), workflow):
                 (path,) = server.output_images(server.run(with_prompt(graph, scene.caption, args.seed)))
                 image = Image.open(path).convert("RGB")
-                # the workflow scales 32 px up by nearest neighbours: every 8th pixel is the sampled image
-                pixels = torch.from_numpy(np.asarray(image)[::8, ::8].copy()).permute(2, 0, 1).float() / 255
+                # the workflow scales the sample up by nearest neighbours: every stride-th pixel is the sample
+                stride = image.width // latent["inputs"]["width"]
+                pixels = torch.from_numpy(np.asarray(image)[::stride, ::stride].copy()).permute(2, 0, 1).float() / 255
                 row.append((image.resize((cell, cell), Image.NEAREST), shapes_world.check(pixels, scene)))
             rows.append((scene, row))
     grid = Image.new("RGB", (2 * cell, label + len(rows) * cell), "white")

@@ -174,6 +174,7 @@ def without_llm_adapter(api_prompt: dict) -> dict:
     out (their consumers wired to the model and the conditioning they were given), and the LLM nodes that fed only
     them."""
     prompt = json.loads(json.dumps(api_prompt))
+    is_link = lambda v: isinstance(v, list) and len(v) == 2 and str(v[0]) in prompt  # noqa: E731
 
     def source(link):
         while prompt[link[0]]["class_type"] in ADAPTER_NODES:
@@ -182,11 +183,11 @@ def without_llm_adapter(api_prompt: dict) -> dict:
         return link
     for node in prompt.values():
         for name, value in node["inputs"].items():
-            if isinstance(value, list) and len(value) == 2 and str(value[0]) in prompt:
+            if is_link(value):
                 node["inputs"][name] = source(value)
     prompt = {i: n for i, n in prompt.items() if n["class_type"] not in ADAPTER_NODES}
     while True:
-        used = {str(v[0]) for n in prompt.values() for v in n["inputs"].values() if isinstance(v, list) and len(v) == 2}
+        used = {str(v[0]) for n in prompt.values() for v in n["inputs"].values() if is_link(v)}
         unused = [i for i, n in prompt.items() if n["class_type"] in LLM_NODES and i not in used]
         if not unused:
             return prompt
