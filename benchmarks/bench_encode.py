@@ -1,6 +1,6 @@
 """Prompt-encoding benchmark: what the pack's LLM path costs over a plain transformers forward.
 
-Run from the repository root (CPU; a few minutes, most of it the one-off GGUF dequantisation):
+Run from the repository root (CPU; a few minutes):
 
     .venv/bin/python benchmarks/bench_encode.py                       # SmolLM2 from .comfyui/models/LLM
     .venv/bin/python benchmarks/bench_encode.py --quick --threads 1   # 2 timed repeats, while other jobs run
@@ -19,6 +19,10 @@ Variants, all on the same LLM weights and the same prompt(s):
                  a memory manager that swaps the whole LLM does).
   (e) cached     (b) with a PrefixCache, as LLM Prompt Encode runs it: the instruction and template's keys and values
                  were computed in the warm-up, so each call runs only the prompt's tokens after them.
+  (f) dense      (b) on the same GGUF LLM with every weight dequantized at load (adapters.gguf_weights.
+                 dequantize_layers: what a load that dequantizes the whole file makes), against (b) whose GGUF
+                 weights stay quantized and are dequantized layer by layer in each forward. A Hugging Face folder
+                 has no GGUF layers: there (f) is (b).
 
 Columns: median wall-clock ms of --repeats calls after --warmup calls; the ratio to (a); memory; and the largest
 absolute difference of the returned prompt-token hidden states from (a) (0 = the same arithmetic).
@@ -30,10 +34,7 @@ loading peaks far above any forward; where that is not possible the column is ma
 0: the load peak hides the forward). CUDA: torch.cuda.max_memory_allocated during the variant, and its growth
 over what was allocated before the first call (the resident weights).
 
-A GGUF file is dequantised once (in its own process, into LLM Loader's converted copy: load_llm's gguf_cache,
-here a temporary folder) as fp32 safetensors that every variant
-process then loads in a second or two instead of a minute: the same weights, the same tokenizer and chat
-template (--no-convert loads the GGUF in every process instead). The folder is deleted at the end.
+Every variant process loads the LLM with load_llm, as LLM Loader does (a GGUF file's weights stay quantized).
 """
 from __future__ import annotations
 
@@ -42,10 +43,8 @@ import concurrent.futures
 import multiprocessing
 import os
 import resource
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +53,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from adapters import llm_encoder  # noqa: E402
+from adapters import gguf_weights, llm_encoder  # noqa: E402
 from adapters.conditioning import hidden_states_to_context  # noqa: E402
 from adapters.diff_adapter import LLMDiffAdapter  # noqa: E402
 
@@ -67,6 +66,7 @@ VARIANTS = {
     "adapter": "(c) (b) + LLMDiffAdapter",
     "offload": "(d) (b) offloaded (.to per call)",
     "cached": "(e) (b) with the prefix cached",
+    "dense": "(f) (b) dequantized at load",
 }
 
 
@@ -88,11 +88,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _convert(gguf_path: str, cache: str) -> None:
-    """Runs in its own process: dequantise once into load_llm's converted copy (fp32 safetensors)."""
-    llm_encoder.load_llm(gguf_path, torch.float32, gguf_cache=cache)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -106,7 +101,9 @@ def run_variant(cfg: dict) -> dict:
     dtype = getattr(torch, cfg["dtype"])
     variant = cfg["variant"]
     model, tokenizer = llm_encoder.load_llm(cfg["llm"], dtype)
-    weights_on_gpu = device.type == "cuda" and variant in ("plain", "encode", "cached", "adapter")
+    if variant == "dense":
+        gguf_weights.dequantize_layers(model)
+    weights_on_gpu = device.type == "cuda" and variant in ("plain", "encode", "cached", "adapter", "dense")
     if weights_on_gpu:
         model.to(device)
     decoder = llm_encoder.decoder(model)
@@ -208,10 +205,6 @@ def parse_args(argv=None):
     p.add_argument("--instruction", default="li-dit", choices=sorted(llm_encoder.INSTRUCTION_PRESETS))
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--variants", default=None, help="comma list of " + ",".join(VARIANTS))
-    p.add_argument("--no-convert", action="store_true", help="load the GGUF file in every variant process")
-    p.add_argument("--convert-dir", default=None,
-                   help="keep the dequantised fp32 folder here and reuse it on later runs (default: a temporary "
-                        "folder, deleted at the end)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup = 2, 1
@@ -227,41 +220,25 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     llm_encoder.check_weights_path(args.llm)
     variants = args.variants.split(",") if args.variants else \
-        ["plain", "encode", "adapter"] + (["offload"] if args.device == "cuda" else []) + ["cached"]
+        ["plain", "encode", "adapter"] + (["offload"] if args.device == "cuda" else []) + ["cached", "dense"]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; pick from {list(VARIANTS)}")
     if "offload" in variants and args.device != "cuda":
         raise SystemExit("the offload variant needs --device cuda")
 
-    tmp = None
-    llm_path = args.llm
-    try:
-        if os.path.isfile(args.llm) and not args.no_convert:
-            cache = args.convert_dir or (tmp := tempfile.mkdtemp(prefix="bench_encode_llm_"))
-            converted = llm_encoder.converted_gguf_path(args.llm, torch.float32, cache)
-            if not os.path.isdir(converted):
-                t0 = time.perf_counter()
-                in_fresh_process(_convert, args.llm, cache)
-                print(f"dequantised {os.path.basename(args.llm)} to fp32 safetensors in {converted} in "
-                      f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
-            if os.path.isdir(converted):  # else (no room to keep it) every variant loads the GGUF file
-                llm_path = converted
-        results = {}
-        for v in variants:
-            cfg = dict(variant=v, llm=llm_path, device=args.device, dtype=args.dtype, prompts=args.prompt,
-                       instruction=args.instruction, max_tokens=args.max_tokens, repeats=args.repeats,
-                       warmup=args.warmup, threads=args.threads)
-            try:
-                results[v] = in_fresh_process(run_variant, cfg)
-            except Exception as e:  # one broken path must not hide the others' numbers
-                results[v] = {"variant": v, "error": f"{type(e).__name__}: {e}"}
-                print(f"{VARIANTS[v]}: FAILED {results[v]['error']}", file=sys.stderr)
-                continue
-            print(f"{VARIANTS[v]}: median {statistics.median(results[v]['times_ms']):.1f} ms", file=sys.stderr)
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    results = {}
+    for v in variants:
+        cfg = dict(variant=v, llm=args.llm, device=args.device, dtype=args.dtype, prompts=args.prompt,
+                   instruction=args.instruction, max_tokens=args.max_tokens, repeats=args.repeats,
+                   warmup=args.warmup, threads=args.threads)
+        try:
+            results[v] = in_fresh_process(run_variant, cfg)
+        except Exception as e:  # one broken path must not hide the others' numbers
+            results[v] = {"variant": v, "error": f"{type(e).__name__}: {e}"}
+            print(f"{VARIANTS[v]}: FAILED {results[v]['error']}", file=sys.stderr)
+            continue
+        print(f"{VARIANTS[v]}: median {statistics.median(results[v]['times_ms']):.1f} ms", file=sys.stderr)
 
     print_table(args, results)
     return results
@@ -302,6 +279,10 @@ def print_table(args, results: dict) -> None:
             row += [f"{r['cuda_peak_mib']:.0f}", f"{r['cuda_growth_mib']:.0f}"]
         row += [diff, "x".join(map(str, r["output_shape"]))]
         print("| " + " | ".join(row) + " |")
+    if "encode" in ok and "dense" in ok:
+        ratio = statistics.median(ok["encode"]["times_ms"]) / statistics.median(ok["dense"]["times_ms"])
+        print(f"\nQuantized weights against dequantized at load, (b) / (f): {ratio:.2f}x; RSS with the LLM loaded "
+              f"{ok['encode']['rss_loaded_mib']:.0f} against {ok['dense']['rss_loaded_mib']:.0f} MiB.")
     print(f"\nRSS with the LLM loaded: {first['rss_loaded_mib']:.0f} MiB. Output: hidden states [S, T, D] of the "
           "first prompt's tokens ((c): adapter context [B, T, 128]).")
     if not all(r["rss_reset"] for r in ok.values()):

@@ -14,7 +14,7 @@ workflows/lidit_shapes_default.json to the API format.
    prompt are done.
 2. Reloads: --reloads runs of the default workflow whose LLM Loader's dtype alternates between fp32 and auto
    (the same fp32 model on a CPU, but another input, so ComfyUI's cache misses and replaces the last LLM): each
-   run loads the LLM anew, from the converted GGUF copy where one is kept. RSS after each; the first reload is
+   run loads the LLM anew from its file. RSS after each; the first reload is
    where it "started". (POST /free is not used: its flags can wait in ComfyUI's queue until the next prompt has
    run from the cache.)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import torch
 
@@ -13,7 +14,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.v0_0_2 import io
 
-from ..adapters import llm_encoder
+from ..adapters import gguf_weights, llm_encoder
 from ..adapters.checkpoint import load_adapter, trained_on_contributions
 from ..adapters.conditioning import hidden_states_to_context
 from . import model_folders
@@ -42,6 +43,52 @@ class CastParameters(comfy.ops.CastWeightBiasOp):
             comfy.ops.uncast_bias_weight(self, weight, bias, stream)
 
 
+class CastGGUF(CastParameters):
+    """Mixin for a GGUF layer (adapters.gguf_weights): ComfyUI's memory manager counts and moves its GGUF blocks,
+    which comfy.ops casts to the input's device as they are (uint8) and the layer dequantizes there for the call.
+    Weight patches follow ComfyUI's convert_weight / set_weight protocol: they see the dequantized weight, and a
+    patched weight is stored dense in the blocks' place (restored on unpatch)."""
+
+    def forward(self, x, *args, **kwargs):
+        if self.weight.is_floating_point():  # patched: a dense layer until ComfyUI restores the blocks
+            return super().forward(x, *args, **kwargs)
+        # the weight functions are held back: they take the weight after convert_weight, not the bytes
+        blocks = SimpleNamespace(weight=self.weight, bias=self.bias, weight_function=[],
+                                 bias_function=self.bias_function)
+        raw, bias, stream = comfy.ops.cast_bias_weight(blocks, device=x.device, dtype=torch.uint8, offloadable=True)
+        stored = self._parameters.get("bias")
+        if bias is not None:
+            self._parameters["bias"] = bias
+        try:
+            if not self.weight_function:
+                return self.forward_blocks(raw, x, *args, **kwargs)
+            weight = raw
+            for f in self.weight_function:  # ComfyUI's LowVramPatch converts the blocks itself
+                if weight.dtype == torch.uint8 and not isinstance(f, comfy.model_patcher.LowVramPatch):
+                    weight = self.dequantize_weight(weight)
+                weight = f(weight)
+            if weight.dtype == torch.uint8:
+                weight = self.dequantize_weight(weight)
+            return self.forward_dense(weight.to(self.compute_dtype), x, *args, **kwargs)
+        finally:
+            if bias is not None:
+                self._parameters["bias"] = stored
+            comfy.ops.uncast_bias_weight(self, raw, bias, stream)
+
+    def convert_weight(self, weight, inplace=False, **kwargs):
+        """ModelPatcher hands the stored blocks, as uint8 or as their byte values in float32."""
+        return gguf_weights.dequantize(weight.to(torch.uint8), self.gguf_type)
+
+    def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+        dense = weight.to(self.compute_dtype)
+        if return_weight:
+            return dense
+        if inplace_update:
+            raise llm_encoder.LLMError("A GGUF layer's weight cannot be patched in place: its blocks are not the "
+                                       "patched weight's shape. Turn off in-place weight patching for the LLM.")
+        self.weight = torch.nn.Parameter(dense, requires_grad=False)
+
+
 COMFY_LAYERS = {torch.nn.Linear: comfy.ops.disable_weight_init.Linear,
                 torch.nn.Embedding: comfy.ops.disable_weight_init.Embedding}
 _cast_classes: dict[type, type] = {}
@@ -49,14 +96,18 @@ _cast_classes: dict[type, type] = {}
 
 def on_comfy_ops(module: torch.nn.Module) -> torch.nn.Module:
     """Every layer with weights becomes one that ComfyUI can leave on the offload device under partial loading
-    (--lowvram, or a diffusion model that needs the room): Linear and Embedding as comfy.ops layers, any other layer
-    with only weight/bias through CastParameters. Classes change in place; weights and arithmetic stay the same."""
+    (--lowvram, or a diffusion model that needs the room): GGUF layers through CastGGUF, Linear and Embedding as
+    comfy.ops layers, any other layer with only weight/bias through CastParameters. Classes change in place; weights and arithmetic stay the same."""
     for name, m in module.named_modules():
         own = dict(m.named_parameters(recurse=False))
         if not own or isinstance(m, comfy.ops.CastWeightBiasOp):
             continue
         cls = type(m)
-        if cls in COMFY_LAYERS:
+        if isinstance(m, gguf_weights.GGUFLayer):  # before COMFY_LAYERS: its forward must not cast bytes to floats
+            if cls not in _cast_classes:
+                _cast_classes[cls] = type(f"Comfy{cls.__name__}", (CastGGUF, cls), {})
+            m.__class__ = _cast_classes[cls]
+        elif cls in COMFY_LAYERS:
             m.__class__ = COMFY_LAYERS[cls]
         elif set(own) <= {"weight", "bias"} and not list(m.children()):
             if cls not in _cast_classes:
@@ -113,13 +164,18 @@ class LoadedLLM:
         many as it allows, the rest cast layer by layer; it pushes them back when the diffusion model needs the
         room."""
         device = self.patcher.load_device
+        # a GGUF layer's weight exists dequantized (float32, then the compute dtype) for its call, beside the blocks
+        extra = {"memory_required": max((m.in_features * m.out_features * (4 + m.compute_dtype.itemsize)
+                                         for m in self.patcher.model.modules()
+                                         if isinstance(m, gguf_weights.GGUFLayer) and isinstance(m, torch.nn.Linear)),
+                                        default=0)}
         if self.device_policy == "gpu":
-            mm.load_models_gpu([self.patcher], force_full_load=True)
+            mm.load_models_gpu([self.patcher], force_full_load=True, **extra)
         elif self.device_policy == "stream" and device.type != "cpu":
             # asking to keep all free memory for the forward leaves ComfyUI's smallest weight share resident
-            mm.load_models_gpu([self.patcher], minimum_memory_required=mm.get_free_memory(device))
+            mm.load_models_gpu([self.patcher], minimum_memory_required=mm.get_free_memory(device), **extra)
         else:
-            mm.load_models_gpu([self.patcher])
+            mm.load_models_gpu([self.patcher], **extra)
 
     def encode(self, prompts: list[str], on_block, **options) -> llm_encoder.PromptEncoding:
         self.load()
@@ -150,8 +206,9 @@ class LLMLoader(io.ComfyNode):
                 io.Combo.Input("llm_name", options=list(model_folders.llm_entries()),
                                tooltip="A .gguf file or a Hugging Face folder in models/LLM or models/text_encoders."),
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
-                               tooltip="auto: fp32 on the CPU, bf16 (or fp16) on a GPU. GGUF weights are "
-                                       "dequantized to this type."),
+                               tooltip="auto: fp32 on the CPU, bf16 (or fp16) on a GPU. GGUF weights stay "
+                                       "quantized in memory and are dequantized to this type layer by layer "
+                                       "as the LLM runs."),
                 io.Combo.Input("device", options=["auto", "gpu", "cpu", "stream"], default="auto",
                                tooltip="auto: GPU through ComfyUI's memory manager, which loads what fits and "
                                        "casts the rest layer by layer. gpu: all of it. stream: as little as "
@@ -167,8 +224,8 @@ class LLMLoader(io.ComfyNode):
         if llm_name not in entries:
             raise llm_encoder.LLMError(f"LLM '{llm_name}' not found in {folder_paths.get_folder_paths('LLM')}. "
                                        "Put the .gguf file or model folder there and refresh.")
-        hf_model, tokenizer = llm_encoder.load_llm(entries[llm_name], pick_dtype(dtype, device),
-                                                   gguf_cache=model_folders.gguf_cache())
+        model_folders.remove_old_gguf_cache()
+        hf_model, tokenizer = llm_encoder.load_llm(entries[llm_name], pick_dtype(dtype, device))
         return io.NodeOutput(LoadedLLM(llm_name, hf_model, tokenizer, device))
 
 

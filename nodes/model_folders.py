@@ -6,7 +6,9 @@ lidit:        models/lidit (also diffusion_models), and the pack's own models/li
 """
 import contextlib
 import functools
+import logging
 import os
+import shutil
 
 import folder_paths
 
@@ -110,6 +112,13 @@ def _walk_llm_roots(roots: list[str]) -> tuple[dict[str, str], dict[str, float]]
     return dict(sorted(found.items())), mtimes
 
 
-def gguf_cache() -> str:
-    """Where GGUF files are kept converted to safetensors (ComfyUI's system cache, not served over HTTP)."""
-    return os.path.join(folder_paths.get_system_user_directory("cache"), "llm_diffusion", "gguf")
+def remove_old_gguf_cache() -> None:
+    """Removes the folder of dequantized GGUF copies (hundreds of MB each) that nothing reads: GGUF weights load from
+    the .gguf file itself."""
+    ours = os.path.join(folder_paths.get_system_user_directory("cache"), "llm_diffusion")
+    folder = os.path.join(ours, "gguf")
+    if os.path.isdir(folder):
+        logging.info("Removing %s: converted GGUF copies that the LLM Loader does not use.", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):  # only when empty: anything else in it is not this function's
+        os.rmdir(ours)

@@ -215,3 +215,104 @@ def test_the_cached_prefix_serves_a_partially_loaded_llm_and_follows_its_patches
     full = llm_encoder.encode_prompts(model, tok, prompts, **options).hidden_states  # the patched weights, no cache
     assert not torch.allclose(patched, resident, atol=1e-3)
     assert_equal_up_to_rounding(patched, full)
+
+
+def gguf_llm(arch: str):
+    """tiny_llm with every Linear and Embedding matrix as GGUF blocks (Q8_0, as gguf-py quantizes it), and the same
+    model dense with the dequantized weights: the reference the GGUF layers must equal."""
+    import gguf
+    from llm_diffusion.adapters import gguf_weights
+
+    model = tiny_llm(arch)
+    dense = copy.deepcopy(model)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+            raw = torch.from_numpy(gguf.quants.quantize(m.weight.detach().numpy(), gguf.GGMLQuantizationType.Q8_0)
+                                   .view("uint8").reshape(m.weight.shape[0], -1))
+            gguf_weights.to_gguf_layer(m, raw, gguf.GGMLQuantizationType.Q8_0, torch.float32)
+            dense.get_submodule(name).weight = torch.nn.Parameter(m.dequantize_weight(raw), requires_grad=False)
+    model.lm_head.weight = model.model.embed_tokens.weight if model.config.tie_word_embeddings else model.lm_head.weight
+    return model, dense
+
+
+def gguf_layers(module):
+    from llm_diffusion.adapters import gguf_weights
+    return [m for m in module.modules() if isinstance(m, gguf_weights.GGUFLayer)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_gguf_layers_are_comfy_cast_layers_counted_by_their_blocks(arch):
+    model, dense = gguf_llm(arch)
+    llm = LoadedLLM("tiny", model, tokenizer=None, device_policy="auto")
+    quantized = gguf_layers(llm.patcher.model)
+    assert len(quantized) == 7 * 2 + 1  # q, k, v, o, gate, up, down per block, and the embedding
+    assert all(isinstance(m, comfy.ops.CastWeightBiasOp) and m.weight.dtype == torch.uint8 for m in quantized)
+    held = sum(p.numel() * p.element_size() for p in model.model.parameters())
+    dense_bytes = sum(p.numel() * p.element_size() for p in dense.model.parameters())
+    assert llm.patcher.model_size() == held < dense_bytes / 3  # Q8_0: 34 bytes per 32 values, not 128
+    mm.load_models_gpu([llm.patcher])
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    torch.testing.assert_close(states(model, ids), states(dense, ids), atol=0, rtol=0)
+
+
+def test_a_tied_gguf_embedding_is_one_parameter_counted_once():
+    model, _ = gguf_llm("gemma3")  # Gemma 3 ties its LM head to the scaled embedding
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.dtype == torch.uint8
+    llm = LoadedLLM("tiny", model, tokenizer=None, device_policy="auto")
+    assert llm.patcher.model_size() == sum(p.numel() * p.element_size() for p in model.parameters())  # each once
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_a_partially_loaded_gguf_llm_casts_the_blocks_and_gives_the_same_states(arch):
+    model, dense = gguf_llm(arch)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    expected = states(dense, ids)
+    patcher = LoadedLLM("tiny", model, tokenizer=None, device_policy="auto").patcher
+    patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1)  # no layer fits: all are cast
+    try:
+        quantized = gguf_layers(patcher.model)
+        assert patcher.model.model_lowvram and all(m.comfy_cast_weights for m in quantized)
+        cast = []
+        original = comfy.ops.cast_bias_weight
+
+        def counting(s, *args, **kwargs):
+            out = original(s, *args, **kwargs)
+            cast.append(out[0].dtype)
+            return out
+        comfy.ops.cast_bias_weight = counting
+        try:
+            got = states(model, ids)
+        finally:
+            comfy.ops.cast_bias_weight = original
+        assert cast.count(torch.uint8) == len(quantized)  # every GGUF layer's blocks went through the cast as bytes
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    finally:
+        patcher.unpatch_model()
+    assert all(m.weight.dtype == torch.uint8 for m in gguf_layers(patcher.model))
+    torch.testing.assert_close(states(model, ids), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("lowvram", [False, True], ids=["resident", "lowvram"])
+def test_a_patched_gguf_layer_is_the_dense_layer_plus_the_patch(lowvram):
+    """ComfyUI's weight patches (LoRA, add_patches) reach GGUF layers through convert_weight / set_weight: resident,
+    the patched weight replaces the blocks until unpatch; under lowvram, each call patches the dequantized weight."""
+    model, dense = gguf_llm("llama")
+    name = "decoder.layers.0.self_attn.k_proj.weight"
+    k_proj = model.model.layers[0].self_attn.k_proj
+    torch.manual_seed(1)
+    diff = torch.randn(k_proj.out_features, k_proj.in_features)  # a patch is shaped as the weight, not the blocks
+    with torch.no_grad():
+        dense.model.layers[0].self_attn.k_proj.weight.add_(diff)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    expected = states(dense, ids)
+    patcher = LoadedLLM("tiny", model, tokenizer=None, device_policy="auto").patcher
+    blocks = k_proj.weight
+    patcher.add_patches({name: (diff,)})
+    patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1 if lowvram else 0)
+    try:
+        assert (k_proj.weight is blocks) == lowvram and (k_proj.weight.dtype == torch.uint8) == lowvram
+        torch.testing.assert_close(states(model, ids), expected, atol=0, rtol=0)
+    finally:
+        patcher.unpatch_model()
+    assert torch.equal(k_proj.weight, blocks) and k_proj.weight.dtype == torch.uint8
+    assert not torch.equal(states(model, ids), expected)

@@ -292,3 +292,24 @@ def test_shared_workflows_are_in_the_template_browser(comfy_server):
     assert set(templates["llm_diffusion"]) == names
     served = comfy_server.get("/api/workflow_templates/llm_diffusion/lidit_shapes_default.json")
     assert served == comfy_client.load_workflow(os.path.join(WORKFLOW_DIR, "lidit_shapes_default.json"))
+
+
+def test_the_llm_loader_removes_the_converted_gguf_copies_that_nothing_reads(comfy_server, default_prompt):
+    """GGUF weights load from the .gguf file; a folder of dequantized copies in ComfyUI's cache is dead weight."""
+    ours = os.path.join(comfy_client.COMFY_DIR, "user", "__cache", "llm_diffusion")
+    loader = node_id(default_prompt, "LLMLoader")
+    executed = 0
+    for dtype in ("fp32", "auto"):  # one of them differs from the loader's last inputs, so the loader runs
+        copy_dir = os.path.join(ours, "gguf", "SmolLM2-135M-Instruct.Q4_1-float32-0123456789ab")
+        os.makedirs(copy_dir, exist_ok=True)
+        with open(os.path.join(copy_dir, "model.safetensors"), "wb") as f:
+            f.write(b"\0" * 4096)
+        prompt = copy.deepcopy(default_prompt)
+        prompt[loader]["inputs"]["dtype"] = dtype
+        entry = comfy_server.run(prompt)
+        cached = [m for m in entry["status"]["messages"] if m[0] == "execution_cached"][0][1]["nodes"]
+        if loader not in cached:
+            executed += 1
+            assert not os.path.exists(ours)
+    assert executed
+

@@ -6,9 +6,6 @@ import gc
 import logging
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import weakref
 
 import pytest
@@ -381,46 +378,6 @@ def test_corrupt_gguf(tmp_path):
         load_llm(str(path))
 
 
-KILLED_WHILE_KEEPING_A_COPY = """
-import os, signal, sys
-sys.path.insert(0, {repo!r})
-from adapters import llm_encoder
-real_load = llm_encoder._load_llm
-llm_encoder._load_llm = lambda path, dtype: real_load({hf_dir!r}, dtype)  # a tiny model stands in for the GGUF
-llm_encoder.KEEP_CONVERTED_AFTER_S = -1.0
-
-def save_file_then_get_killed(tensors, path, metadata=None):
-    with open(path, "wb") as f:
-        f.write(b"half a file")
-    os.kill(os.getpid(), signal.SIGKILL)
-
-llm_encoder.save_file = save_file_then_get_killed
-llm_encoder.load_llm({gguf!r}, gguf_cache={cache!r})
-"""
-
-
-def test_kill_while_keeping_a_converted_copy_leaves_nothing_behind(tmp_path, tiny_llm_dirs, monkeypatch):
-    gguf, cache = tmp_path / "tiny.gguf", tmp_path / "cache"
-    gguf.write_bytes(b"GGUF stand-in")
-    script = KILLED_WHILE_KEEPING_A_COPY.format(repo=REPO_ROOT, hf_dir=tiny_llm_dirs["llama"], gguf=str(gguf),
-                                                cache=str(cache))
-    killed = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
-    _, stderr = killed.communicate(timeout=300)
-    assert killed.returncode == -signal.SIGKILL, stderr
-    entry = llm_encoder.converted_gguf_path(str(gguf), torch.float32, str(cache))
-    assert os.listdir(cache) == [f"{os.path.basename(entry)}.partial-{killed.pid}"]
-
-    real_load, loaded_from = llm_encoder._load_llm, []
-    monkeypatch.setattr(llm_encoder, "_load_llm",
-                        lambda path, dtype: loaded_from.append(path) or real_load(
-                            tiny_llm_dirs["llama"] if path == str(gguf) else path, dtype))
-    monkeypatch.setattr(llm_encoder, "KEEP_CONVERTED_AFTER_S", -1.0)
-    llm_encoder.load_llm(str(gguf), gguf_cache=str(cache))  # converts again, keeps a copy, removes the orphan
-    assert os.listdir(cache) == [os.path.basename(entry)]
-    llm_encoder.load_llm(str(gguf), gguf_cache=str(cache))
-    assert loaded_from == [str(gguf), entry]
-
-
 def test_truncated_safetensors_in_folder(tmp_path, tiny_llm_dirs):
     folder = tmp_path / "llama"
     shutil.copytree(tiny_llm_dirs["llama"], folder)
@@ -717,3 +674,4 @@ def test_progress_and_interrupts_with_a_cached_prefix(arch_specs, llm_loader):
     assert hooks(model) == before
     assert_equal_up_to_rounding(encode_prompts(model, tok, [PROMPT], prefix_cache=prefix_cache).hidden_states,
                                 encode_prompts(model, tok, [PROMPT]).hidden_states)
+

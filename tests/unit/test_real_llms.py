@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_llm_encoder import assert_equal_up_to_rounding
 
-from adapters import llm_encoder
+from adapters import gguf_weights, llm_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOLLM2 = os.path.join(ROOT, ".comfyui", "models", "LLM", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -14,16 +14,9 @@ GEMMA3 = os.path.join(ROOT, ".cache", "gemma-3-270m.Q4_K_M.gguf")
 
 
 @pytest.fixture(scope="module")
-def gguf_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("gguf_cache"))
-
-
-@pytest.fixture(scope="module")
-def smollm2(gguf_cache):
+def smollm2():
     assert os.path.exists(SMOLLM2), "run scripts/setup.sh: it installs the default LLM"
-    with pytest.MonkeyPatch.context() as mp:  # keep a converted copy however fast this transformers converts
-        mp.setattr(llm_encoder, "KEEP_CONVERTED_AFTER_S", 0.0)
-        return llm_encoder.load_llm(SMOLLM2, gguf_cache=gguf_cache)
+    return llm_encoder.load_llm(SMOLLM2)
 
 
 def test_smollm2_is_the_real_model(smollm2):
@@ -92,52 +85,6 @@ def test_gemma3_270m_from_the_four_wheels(gemma3):
     assert torch.isfinite(enc.hidden_states).all()
 
 
-def test_smollm2_converted_copy_encodes_identically(smollm2, gguf_cache, monkeypatch):
-    model, tokenizer = smollm2
-    (entry,) = os.listdir(gguf_cache)
-    assert entry.startswith("SmolLM2-135M-Instruct.Q4_1-float32-")
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(os.path.join(gguf_cache, entry)))
-    loaded_from = []
-    real_load = llm_encoder._load_llm
-    monkeypatch.setattr(llm_encoder, "_load_llm", lambda p, d: loaded_from.append(p) or real_load(p, d))
-    cached_model, cached_tokenizer = llm_encoder.load_llm(SMOLLM2, gguf_cache=gguf_cache)
-    assert loaded_from == [os.path.join(gguf_cache, entry)]  # the GGUF file was not parsed again
-    prompts = ["a red circle on the left", "two blue squares"]
-    assert llm_encoder.prompt_prefix(cached_tokenizer, llm_encoder.LI_DIT_INSTRUCTION, True) == \
-        llm_encoder.prompt_prefix(tokenizer, llm_encoder.LI_DIT_INSTRUCTION, True)
-    ref = llm_encoder.encode_prompts(model, tokenizer, prompts, instruction=llm_encoder.LI_DIT_INSTRUCTION)
-    got = llm_encoder.encode_prompts(cached_model, cached_tokenizer, prompts,
-                                     instruction=llm_encoder.LI_DIT_INSTRUCTION)
-    assert torch.equal(got.attention_mask, ref.attention_mask)
-    assert torch.equal(got.hidden_states, ref.hidden_states)
-
-
-def test_damaged_converted_copy_is_rebuilt(smollm2, gguf_cache, monkeypatch):
-    (entry,) = os.listdir(gguf_cache)
-    folder = os.path.join(gguf_cache, entry)
-    os.remove(os.path.join(folder, "model.safetensors"))  # e.g. a disk that filled up while copying
-    loaded_from = []
-    real_load = llm_encoder._load_llm
-    # the GGUF parse itself is covered above; here it returns the module's model to keep the test fast
-    monkeypatch.setattr(llm_encoder, "KEEP_CONVERTED_AFTER_S", 0.0)
-    monkeypatch.setattr(llm_encoder, "_load_llm",
-                        lambda p, d: loaded_from.append(p) or (smollm2 if p == SMOLLM2 else real_load(p, d)))
-    model, _ = llm_encoder.load_llm(SMOLLM2, gguf_cache=gguf_cache)
-    assert loaded_from == [folder, SMOLLM2]
-    assert model is smollm2[0]
-    assert os.listdir(gguf_cache) == [entry] and os.path.exists(os.path.join(folder, "model.safetensors"))
-    rebuilt, _ = real_load(folder, torch.float32)
-    torch.testing.assert_close(rebuilt.get_input_embeddings().weight, model.get_input_embeddings().weight,
-                               rtol=0, atol=0)
-
-
-def test_fast_conversion_keeps_no_copy(smollm2, tmp_path, monkeypatch):
-    # transformers 5 converts SmolLM2 in about a second: a 540 MB copy would save nothing there
-    monkeypatch.setattr(llm_encoder, "_load_llm", lambda p, d: smollm2)
-    assert llm_encoder.load_llm(SMOLLM2, gguf_cache=str(tmp_path))[0] is smollm2[0]
-    assert os.listdir(tmp_path) == []
-
-
 @pytest.mark.parametrize("llm", ["smollm2", "gemma3"])
 def test_a_cached_prefix_gives_the_full_forwards_states(llm, request):
     """Every block of the real LLMs, whose largest values run into the hundreds (SmolLM2) and tens of thousands
@@ -157,3 +104,74 @@ def test_a_cached_prefix_gives_the_full_forwards_states(llm, request):
                                              **options).hidden_states
             assert_equal_up_to_rounding(got, ref, scale=states)
             assert bool(prefix_cache.past) == bool(llm_encoder.tokenize_prefix(tokenizer, instruction, chat))
+
+
+def dequantized_at_load(path: str):
+    """What load_llm made of a GGUF file before its weights stayed quantized: transformers' own load, every tensor
+    dequantized to float32 by gguf-py and then cast."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                **{llm_encoder._DTYPE_KWARG: torch.float32}).eval()
+
+
+def gguf_tensor_bytes(path: str) -> int:
+    return sum(t.nbytes for t in gguf_weights.read_gguf(path).tensors.values())
+
+
+@pytest.mark.parametrize("llm,path", [("smollm2", SMOLLM2), ("gemma3", GEMMA3)])
+def test_quantized_weights_give_the_dequantized_models_states(llm, path, request):
+    """Every weight, every hidden state and the logits equal those of the model dequantized at load, bit for bit:
+    dequantization computes in float32 as gguf-py does, and the layers run the same arithmetic on it."""
+    model, tokenizer = request.getfixturevalue(llm)
+    ref = dequantized_at_load(path)
+    dense = dict(ref.named_parameters())
+    quantized = 0
+    for name, p in model.named_parameters():
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        if isinstance(module, gguf_weights.GGUFLayer):
+            quantized += 1
+            assert p.dtype == torch.uint8 and torch.equal(module.dequantize_weight(p), dense[name])
+        else:
+            assert torch.equal(p, dense[name]), name
+    assert quantized >= 7 * (llm_encoder.num_hidden_states(model) - 1)  # q, k, v, o, gate, up, down per block
+    prompts = ["a red circle on the left and a blue square at the top right", "two green triangles"]
+    options = dict(instruction=llm_encoder.LI_DIT_INSTRUCTION, layers="all")
+    got = llm_encoder.encode_prompts(model, tokenizer, prompts, **options)
+    expected = llm_encoder.encode_prompts(ref, tokenizer, prompts, **options)
+    assert torch.equal(got.hidden_states, expected.hidden_states)
+    ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)  # the tied head reads the embedding's blocks
+
+
+@pytest.mark.parametrize("llm,path", [("smollm2", SMOLLM2), ("gemma3", GEMMA3)])
+def test_the_llm_holds_about_the_files_tensor_bytes(llm, path, request):
+    model, _ = request.getfixturevalue(llm)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied: one Parameter
+    held = sum(p.numel() * p.element_size() for p in model.parameters())  # each Parameter once
+    assert held <= 1.25 * gguf_tensor_bytes(path)
+
+
+# Types that the shipped files lack, written into SmolLM2's first block (K-quants need rows of 256 values: down_proj).
+OTHER_TYPES = {"self_attn.q_proj": "Q4_0", "self_attn.k_proj": "Q5_1", "self_attn.v_proj": "F16",
+               "self_attn.o_proj": "BF16", "mlp.gate_proj": "Q8_0", "mlp.up_proj": "Q5_0", "mlp.down_proj": "Q5_K"}
+
+
+def test_other_types_in_a_real_model_give_the_dense_models_states(smollm2):
+    import copy
+    import gguf
+    from test_gguf_weights import made_blocks
+
+    model, tokenizer = smollm2
+    model, dense = copy.deepcopy(model), copy.deepcopy(model)
+    block, dense_block = model.model.layers[0], dense.model.layers[0]
+    for i, (name, qtype) in enumerate(OTHER_TYPES.items()):
+        layer = block.get_submodule(name)
+        qtype = gguf.GGMLQuantizationType[qtype]
+        raw = torch.from_numpy(made_blocks(qtype, layer.out_features, layer.in_features, seed=i))
+        gguf_weights.to_gguf_layer(layer, raw, qtype, torch.float32)
+        dense_block.get_submodule(name).weight = torch.nn.Parameter(gguf_weights.dequantize(raw, qtype))
+    prompts, options = ["a red circle on the left"], dict(instruction=llm_encoder.LI_DIT_INSTRUCTION, layers="all")
+    got = llm_encoder.encode_prompts(model, tokenizer, prompts, **options).hidden_states
+    assert torch.equal(got, llm_encoder.encode_prompts(dense, tokenizer, prompts, **options).hidden_states)
+    assert not torch.equal(got, llm_encoder.encode_prompts(smollm2[0], tokenizer, prompts, **options).hidden_states)
