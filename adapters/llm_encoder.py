@@ -322,11 +322,55 @@ def forward_prompts(model, prefix_ids: list[int], prompt_ids: list[list[int]], d
 
 
 @torch.no_grad()
-def encode_prompts(model, tokenizer, prompts: Sequence[str], *, instruction: str | None = None,
-                   use_chat_template: bool = True, layers: str = "all", max_tokens: int = 256,
-                   device: torch.device | None = None, contributions: bool = False,
-                   on_block: Callable[[int, int], None] | None = None,
-                   prefix_cache: PrefixCache | None = None, weights_key=None) -> PromptEncoding:
+def encode_prompts(model, tokenizer, prompts: Sequence[str], *, name: str | None = None, **options) -> PromptEncoding:
+    """encode_one_pass (its options), never with a NaN or inf in the returned states: half precision overflows in
+    some LLMs' activations (the black images users report); such an encoding runs again with the weights in float32,
+    with a warning naming the LLM (`name`) and its dtype."""
+    enc = encode_one_pass(model, tokenizer, prompts, **options)
+    if bool(torch.isfinite(enc.hidden_states).all()):
+        return enc
+    name = name or getattr(model, "name_or_path", "") or model.config.model_type
+    if model.dtype == torch.float32:
+        raise LLMError(f"LLM '{name}' gives NaN or inf hidden states even in float32: its weights are broken. "
+                       "Download the model again, or use another file of it.")
+    log.warning("LLM '%s' gave NaN or inf hidden states in %s (an overflow of half precision, which would give a "
+                "black image); encoding again in float32. Load the LLM with dtype fp32 (or bf16) to skip the first "
+                "pass.", name, str(model.dtype).removeprefix("torch."))
+    with computing_in(model, torch.float32):
+        enc = encode_one_pass(model, tokenizer, prompts, **options)
+    if not bool(torch.isfinite(enc.hidden_states).all()):
+        raise LLMError(f"LLM '{name}' gives NaN or inf hidden states even in float32: its weights are broken. "
+                       "Download the model again, or use another file of it.")
+    return enc
+
+
+@contextlib.contextmanager
+def computing_in(model, dtype: torch.dtype):
+    """The model's floating weights and buffers, and its GGUF layers' compute dtype, in `dtype` for the block; then
+    the very tensors it had (tied weights stay tied, ComfyUI's pinned or patched weights stay what they were). For a
+    GGUF model only the norms are copied; a dense half-precision model holds a float32 copy meanwhile."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point() and t.dtype != dtype}
+    kept = {k: t.data for k, t in tensors.items()}
+    layers = {m: m.compute_dtype for m in model.modules() if isinstance(m, gguf_weights.GGUFLayer)}
+    try:
+        for t in tensors.values():
+            t.data = t.data.to(dtype)
+        for m in layers:
+            m.compute_dtype = dtype
+        yield model
+    finally:
+        for k, t in tensors.items():
+            t.data = kept[k]
+        for m, d in layers.items():
+            m.compute_dtype = d
+
+
+@torch.no_grad()
+def encode_one_pass(model, tokenizer, prompts: Sequence[str], *, instruction: str | None = None,
+                    use_chat_template: bool = True, layers: str = "all", max_tokens: int = 256,
+                    device: torch.device | None = None, contributions: bool = False,
+                    on_block: Callable[[int, int], None] | None = None,
+                    prefix_cache: PrefixCache | None = None, weights_key=None) -> PromptEncoding:
     """One forward pass of [prefix + prompt] per prompt (right-padded batch); returns the prompt tokens only.
 
     An empty prompt gives a single all-zero token: the unconditional encoding that trainers drop captions to.

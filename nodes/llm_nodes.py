@@ -179,7 +179,8 @@ class LoadedLLM:
 
     def encode(self, prompts: list[str], on_block, **options) -> llm_encoder.PromptEncoding:
         self.load()
-        return llm_encoder.encode_prompts(self.hf_model, self.tokenizer, prompts, device=self.patcher.load_device,
+        return llm_encoder.encode_prompts(self.hf_model, self.tokenizer, prompts, name=self.name,
+                                          device=self.patcher.load_device,
                                           on_block=on_block, prefix_cache=self.prefix_cache,
                                           weights_key=self.patcher.patches_uuid, **options)
 

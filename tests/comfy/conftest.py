@@ -35,6 +35,7 @@ def make_test_models(base: str) -> None:
     with open(os.path.join(base, "lidit", "corrupt.safetensors"), "wb") as f:
         f.write(b"\x00\x01 this is not a safetensors file" * 10)
     make_broken_model_files(base)
+    make_overflowing_llm(os.path.join(base, "LLM", OVERFLOWING_LLM))
     pickled = os.path.join(base, "LLM", "pickled-llm")
     os.makedirs(pickled)
     with open(os.path.join(pickled, "config.json"), "w") as f:
@@ -48,6 +49,28 @@ def make_test_models(base: str) -> None:
 
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+OVERFLOWING_LLM = "overflowing-half-llama"
+
+
+def make_overflowing_llm(folder: str) -> None:
+    """A tiny llama (SmolLM2's tokenizer and chat template, random weights) with one norm scaled so far that its
+    block's MLP input overflows half precision (largest value 65504) while every weight stays representable:
+    loaded in fp16 it gives NaN or inf, in float32 finite states."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from adapters.llm_encoder import gguf_metadata_reader
+
+    with gguf_metadata_reader():
+        tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, ".comfyui", "models", "LLM"), gguf_file=SMOLLM2)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight.mul_(3e4)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
 HOST_MODELS = {"unet": "tiny-sd15.safetensors", "mmdit": "tiny-sd3.safetensors",
                "lidit": "lidit-shapes-smollm2.safetensors"}  # family -> base model (the last one ships)
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 
 import comfy_client
 from adapters import shapes_world
-from conftest import WORKFLOW_DIR
+from conftest import OVERFLOWING_LLM, WORKFLOW_DIR
 
 PACK_NODES = {
     "LLMLoader": {"llm_name", "dtype", "device"},
@@ -313,3 +314,21 @@ def test_the_llm_loader_removes_the_converted_gguf_copies_that_nothing_reads(com
             assert not os.path.exists(ours)
     assert executed
 
+
+def test_a_half_precision_overflow_never_reaches_the_model(comfy_server):
+    """An LLM whose activations overflow fp16 (conftest.make_overflowing_llm), loaded in fp16: LLM Prompt Encode
+    encodes again in float32, warns naming the LLM and the dtype, and passes on a finite encoding."""
+    prompt = {"1": {"class_type": "LLMLoader", "inputs": {"llm_name": OVERFLOWING_LLM, "dtype": "fp16",
+                                                          "device": "cpu"}},
+              "2": {"class_type": "LLMPromptEncode", "inputs": {"llm": ["1", 0], "text": "a red circle",
+                                                                "instruction": "li-dit", "custom_instruction": "",
+                                                                "chat_template": True, "layers": "all",
+                                                                "max_tokens": 256}},
+              "3": {"class_type": "TestSaveConditioning", "inputs": {"conditioning": ["2", 0],
+                                                                     "filename": "overflowing-llm"}}}
+    entry = comfy_server.run(prompt)
+    (path,) = entry["outputs"]["3"]["text"]
+    context = load_file(path)["context"]
+    assert context.numel() and torch.isfinite(context).all()
+    log = comfy_server.log_tail(200_000)
+    assert f"LLM '{OVERFLOWING_LLM}' gave NaN or inf hidden states in float16" in log and "encoding again in float32" in log

@@ -675,3 +675,34 @@ def test_progress_and_interrupts_with_a_cached_prefix(arch_specs, llm_loader):
     assert_equal_up_to_rounding(encode_prompts(model, tok, [PROMPT], prefix_cache=prefix_cache).hidden_states,
                                 encode_prompts(model, tok, [PROMPT]).hidden_states)
 
+
+def overflowing_half_llm(folder: str):
+    """The tiny llama in float16 with one norm scaled so far that its block's MLP input overflows half precision
+    (largest value 65504) while every weight stays representable: float32 encodes it finitely."""
+    model, tok = load_llm(folder, torch.float16)
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight.mul_(3e4)
+    return model, tok
+
+
+def test_a_half_precision_overflow_is_encoded_again_in_float32_with_a_warning(tiny_llm_dirs, caplog):
+    model, tok = overflowing_half_llm(tiny_llm_dirs["llama"])
+    options = dict(instruction=LI_DIT_INSTRUCTION, layers="all")
+    once = llm_encoder.encode_one_pass(model, tok, [PROMPT], **options).hidden_states
+    assert not torch.isfinite(once).all()  # what LLM Prompt Encode would have passed on
+    before = {name: (p.dtype, p.data_ptr()) for name, p in model.named_parameters()}
+    with caplog.at_level("WARNING"):
+        enc = encode_prompts(model, tok, [PROMPT], name="tiny-llama.gguf", **options)
+    assert torch.isfinite(enc.hidden_states).all() and enc.hidden_states.dtype == torch.float32
+    assert "tiny-llama.gguf" in caplog.text and "float16" in caplog.text and "float32" in caplog.text
+    reference = copy.deepcopy(model).float()  # the same (half-precision) weights, computed in float32
+    assert torch.equal(enc.hidden_states, llm_encoder.encode_one_pass(reference, tok, [PROMPT], **options).hidden_states)
+    assert {name: (p.dtype, p.data_ptr()) for name, p in model.named_parameters()} == before  # the very tensors back
+
+
+def test_an_llm_that_is_not_finite_even_in_float32_is_refused(tiny_llm_dirs):
+    model, tok = load_llm(tiny_llm_dirs["llama"], torch.float16)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(LLMError, match="NaN or inf hidden states even in float32: its weights are broken"):
+        encode_prompts(model, tok, [PROMPT], name="broken.gguf")

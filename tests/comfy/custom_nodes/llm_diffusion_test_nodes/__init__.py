@@ -2,9 +2,14 @@
 
 SD3 models need a pooled text embedding beside the token conditioning, which only SD3's CLIP text encoders give;
 no CLIP weights exist here, so this node adds a fixed random one to an LLM Prompt Encode output. Everything else
-in the SD3 graph is ComfyUI's and the pack's own.
+in the SD3 graph is ComfyUI's and the pack's own. TestSaveConditioning writes a conditioning's tensor to the output
+folder, so that a test can read what an encode node passed on.
 """
+import os
+
+import folder_paths
 import torch
+from safetensors.torch import save_file
 
 
 class TestSetPooledOutput:
@@ -22,4 +27,20 @@ class TestSetPooledOutput:
         return ([[c, {**extra, "pooled_output": pooled}] for c, extra in conditioning],)
 
 
-NODE_CLASS_MAPPINGS = {"TestSetPooledOutput": TestSetPooledOutput}
+class TestSaveConditioning:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",), "filename": ("STRING", {"default": "conditioning"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def save(self, conditioning, filename):
+        path = os.path.join(folder_paths.get_output_directory(), f"{filename}.safetensors")
+        save_file({"context": conditioning[0][0].contiguous()}, path)
+        return {"ui": {"text": [path]}}
+
+
+NODE_CLASS_MAPPINGS = {"TestSetPooledOutput": TestSetPooledOutput, "TestSaveConditioning": TestSaveConditioning}
