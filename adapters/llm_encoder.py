@@ -165,6 +165,27 @@ def parse_layers(spec: str, num_states: int) -> list[int]:
     return out
 
 
+def render_chat(tokenizer, instruction: str | None, prompt: str, add_generation_prompt: bool) -> str:
+    """The chat template around one user prompt, the instruction as the system turn (or at the head of the user's turn
+    where the template has no system role, as Gemma 2's), with a fixed date."""
+    # transformers 5 turns template arguments into plain data, so the date is written into the template itself
+    template = _STRFTIME_NOW.sub(lambda m: repr(TEMPLATE_DATE.strftime(m.group(2))), tokenizer.get_chat_template())
+    pinned = {"chat_template": template, "date_string": TEMPLATE_DATE.strftime("%d %b %Y"),
+              "add_generation_prompt": add_generation_prompt}
+    if not instruction:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, **pinned)
+    try:
+        return tokenizer.apply_chat_template([{"role": "system", "content": instruction},
+                                              {"role": "user", "content": prompt}], tokenize=False, **pinned)
+    except Exception:  # templates without a system role raise
+        return tokenizer.apply_chat_template([{"role": "user", "content": f"{instruction}\n{prompt}"}],
+                                             tokenize=False, **pinned)
+
+
+def has_chat_template(tokenizer, use_chat_template: bool) -> bool:
+    return bool(use_chat_template and getattr(tokenizer, "chat_template", None))
+
+
 def prompt_prefix(tokenizer, instruction: str | None, use_chat_template: bool) -> tuple[str, bool]:
     """Text that precedes the prompt, and whether it already holds the special tokens (BOS).
 
@@ -172,27 +193,18 @@ def prompt_prefix(tokenizer, instruction: str | None, use_chat_template: bool) -
     no marker string, so nothing typed into the instruction can be taken for the prompt's place. What follows the
     prompt never reaches the prompt's tokens through causal attention, so it is left out of the forward pass.
     """
-    if not (use_chat_template and getattr(tokenizer, "chat_template", None)):
+    if not has_chat_template(tokenizer, use_chat_template):
         return (f"{instruction}\n" if instruction else ""), False
+    return os.path.commonprefix([render_chat(tokenizer, instruction, p, False) for p in ("A", "B")]), True
 
-    # transformers 5 turns template arguments into plain data, so the date is written into the template itself
-    template = _STRFTIME_NOW.sub(lambda m: repr(TEMPLATE_DATE.strftime(m.group(2))), tokenizer.get_chat_template())
-    pinned = {"chat_template": template, "date_string": TEMPLATE_DATE.strftime("%d %b %Y")}
 
-    def render(prompt: str) -> str:
-        if not instruction:
-            messages = [{"role": "user", "content": prompt}]
-        else:
-            messages = [{"role": "system", "content": instruction}, {"role": "user", "content": prompt}]
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **pinned)
-        except Exception:  # templates without a system role (Gemma 2) take the instruction in the user turn
-            if not instruction:
-                raise
-            messages = [{"role": "user", "content": f"{instruction}\n{prompt}"}]
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **pinned)
-
-    return os.path.commonprefix([render("A"), render("B")]), True
+def prompt_suffix(tokenizer, instruction: str | None, use_chat_template: bool) -> str:
+    """Text that follows the prompt up to where the model's answer starts (the end of the user's turn and the
+    opening of the assistant's): where the template rendered around two different prompts agrees again."""
+    if not has_chat_template(tokenizer, use_chat_template):
+        return "\n"
+    rendered = [render_chat(tokenizer, instruction, p, True)[::-1] for p in ("A", "B")]
+    return os.path.commonprefix(rendered)[::-1]
 
 
 # Stands for the instruction while the template is rendered, to find where the instruction's own text lies: a

@@ -12,9 +12,9 @@ import comfy.model_patcher
 import comfy.ops
 import comfy.utils
 import folder_paths
-from comfy_api.v0_0_2 import io
+from comfy_api.v0_0_2 import io, ui
 
-from ..adapters import gguf_weights, llm_encoder
+from ..adapters import gguf_weights, llm_encoder, llm_generate
 from ..adapters.checkpoint import load_adapter, trained_on_contributions
 from ..adapters.conditioning import hidden_states_to_context
 from . import model_folders
@@ -150,6 +150,9 @@ class LoadedLLM:
         self.encodings: OrderedDict = OrderedDict()
         # The instruction and template's keys and values, computed once for the prompts after them.
         self.prefix_cache = llm_encoder.PrefixCache()
+        head = hf_model.get_output_embeddings()
+        if head is not None:  # only text generation runs it; outside the patcher, it is cast to each call's device
+            on_comfy_ops(head).comfy_cast_weights = True
 
     @property
     def num_hidden_states(self) -> int:
@@ -176,6 +179,11 @@ class LoadedLLM:
             mm.load_models_gpu([self.patcher], minimum_memory_required=mm.get_free_memory(device), **extra)
         else:
             mm.load_models_gpu([self.patcher], **extra)
+
+    def generate(self, prompt: str, on_token, **options) -> str:
+        self.load()
+        return llm_generate.generate_text(self.hf_model, self.tokenizer, prompt, device=self.patcher.load_device,
+                                          on_token=on_token, **options)
 
     def encode(self, prompts: list[str], on_block, **options) -> llm_encoder.PromptEncoding:
         self.load()
@@ -293,17 +301,10 @@ class LLMPromptEncode(io.ComfyNode):
     @classmethod
     def execute(cls, llm: LoadedLLM, text: str, instruction: str, custom_instruction: str, chat_template: bool,
                 layers: str, max_tokens: int, adapter=None, block_contributions: bool = False) -> io.NodeOutput:
-        if instruction == "custom" and not custom_instruction.strip():
-            raise llm_encoder.LLMError("instruction is 'custom' but custom_instruction is empty: write the "
-                                       "instruction, or pick 'li-dit' or 'none'.")
-        if instruction != "custom" and instruction not in llm_encoder.INSTRUCTION_PRESETS:
-            raise llm_encoder.LLMError(f"Unknown instruction preset '{instruction}': pick one of "
-                                       f"{sorted(llm_encoder.INSTRUCTION_PRESETS)} or 'custom'.")
+        chosen = pick_instruction(instruction, custom_instruction, llm_encoder.INSTRUCTION_PRESETS)
         if adapter is not None:
             check_adapter(adapter, llm, layers, block_contributions)
-        options = dict(instruction=custom_instruction.strip() if instruction == "custom"
-                       else llm_encoder.INSTRUCTION_PRESETS[instruction],
-                       use_chat_template=chat_template, layers=layers, max_tokens=max_tokens,
+        options = dict(instruction=chosen, use_chat_template=chat_template, layers=layers, max_tokens=max_tokens,
                        contributions=block_contributions)
         key = (id(adapter), text, tuple(sorted(options.items())))
         if key in llm.encodings:
@@ -331,6 +332,69 @@ class LLMPromptEncode(io.ComfyNode):
         return io.NodeOutput(cond)
 
 
+def pick_instruction(instruction: str, custom_instruction: str, presets: dict[str, str | None]) -> str | None:
+    if instruction == "custom":
+        if not custom_instruction.strip():
+            raise llm_encoder.LLMError("instruction is 'custom' but custom_instruction is empty: write the "
+                                       f"instruction, or pick one of {sorted(presets)}.")
+        return custom_instruction.strip()
+    if instruction not in presets:
+        raise llm_encoder.LLMError(f"Unknown instruction preset '{instruction}': pick one of {sorted(presets)} or "
+                                   "'custom'.")
+    return presets[instruction]
+
+
+class LLMGenerateText(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LLMGenerateText",
+            display_name="LLM Generate Text",
+            category="llm_diffusion",
+            description="Writes text with the LLM that LLM Loader loaded (the same weights in memory, no second "
+                        "copy): for example a short prompt expanded into a detailed description, for LLM Prompt "
+                        "Encode.",
+            inputs=[
+                LLM.Input("llm"),
+                io.String.Input("text", multiline=True, default="",
+                                tooltip="What the LLM answers: the short prompt to expand, or any request."),
+                io.Combo.Input("instruction", options=[*llm_generate.GENERATE_PRESETS, "custom"], default="expand",
+                               tooltip="expand: rewrite the prompt as one detailed description of the picture. "
+                                       "li-dit: LI-DiT's describe-the-image instruction. none: the text alone."),
+                io.String.Input("custom_instruction", multiline=True, default="",
+                                tooltip="Used when instruction is 'custom': the system turn of the chat."),
+                io.Boolean.Input("chat_template", default=True,
+                                 tooltip="Wrap the text in the model's chat template when it has one (instruction "
+                                         "as the system turn; the answer ends at the end of the model's turn)."),
+                io.Int.Input("max_new_tokens", default=128, min=1, max=4096,
+                             tooltip="The answer stops here at the latest."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The same seed and settings give the same text."),
+                io.Float.Input("temperature", default=0.7, min=0.0, max=2.0, step=0.05,
+                               tooltip="0: greedy (always the most likely token, the seed does not matter); higher "
+                                       "is more varied."),
+                io.Float.Input("top_p", default=0.9, min=0.01, max=1.0, step=0.01,
+                               tooltip="Sample only from the most likely tokens that together have this "
+                                       "probability (ignored when greedy)."),
+            ],
+            outputs=[io.String.Output(tooltip="The LLM's answer, without the prompt or control tokens.")],
+        )
+
+    @classmethod
+    def execute(cls, llm: LoadedLLM, text: str, instruction: str, custom_instruction: str, chat_template: bool,
+                max_new_tokens: int, seed: int, temperature: float, top_p: float) -> io.NodeOutput:
+        chosen = pick_instruction(instruction, custom_instruction, llm_generate.GENERATE_PRESETS)
+        pbar = comfy.utils.ProgressBar(max_new_tokens)
+
+        def on_token(n: int) -> None:
+            mm.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(n, max_new_tokens)
+
+        answer = llm.generate(text, on_token, instruction=chosen, use_chat_template=chat_template,
+                              max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_p=top_p)
+        return io.NodeOutput(answer, ui=ui.PreviewText(answer))
+
+
 def check_adapter(adapter, llm: LoadedLLM, layers: str, contributions: bool) -> None:
     want = (adapter.num_hidden_states, adapter.llm_hidden_size)
     have = (llm.num_hidden_states, llm.hidden_size)
@@ -349,4 +413,4 @@ def check_adapter(adapter, llm: LoadedLLM, layers: str, contributions: bool) -> 
 
 
 
-NODES = [LLMLoader, LLMAdapterLoader, LLMPromptEncode]
+NODES = [LLMLoader, LLMAdapterLoader, LLMPromptEncode, LLMGenerateText]

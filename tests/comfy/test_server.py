@@ -6,6 +6,7 @@ import os
 import threading
 import time
 
+import psutil
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,8 @@ PACK_NODES = {
     "ApplyLLMDiffAdapter": {"model", "adapter_name", "strength"},
     "LLMConditioningAttach": {"conditioning", "llm_encoding"},
     "LIDiTWordEncode": {"encoder_name", "text"},
+    "LLMGenerateText": {"llm", "text", "instruction", "custom_instruction", "chat_template", "max_new_tokens", "seed",
+                        "temperature", "top_p"},
 }
 
 
@@ -293,6 +296,58 @@ def test_shared_workflows_are_in_the_template_browser(comfy_server):
     assert set(templates["llm_diffusion"]) == names
     served = comfy_server.get("/api/workflow_templates/llm_diffusion/lidit_shapes_default.json")
     assert served == comfy_client.load_workflow(os.path.join(WORKFLOW_DIR, "lidit_shapes_default.json"))
+
+
+EXPAND_WORKFLOW = os.path.join(WORKFLOW_DIR, "llm_expand_prompt.json")
+
+
+def generated_text(prompt: dict, entry: dict) -> str:
+    return "".join(entry["outputs"][node_id(prompt, "LLMGenerateText")]["text"])
+
+
+def server_rss(comfy_server) -> int:
+    return psutil.Process(comfy_server.proc.pid).memory_info().rss
+
+
+def test_the_llm_writes_the_prompt_it_then_encodes_on_the_same_weights(comfy_server, object_info, default_prompt):
+    """workflows/llm_expand_prompt.json: LLM Generate Text expands the short prompt with the LLM that LLM Loader
+    loaded, and its answer is the positive LLM Prompt Encode's text. A seed gives the same answer every time and
+    another seed another one; greedy decoding ignores the seed. Writing costs no second copy of the LLM: the
+    server's memory grows by far less than a dequantized copy of its weights."""
+    comfy_server.run(default_prompt)  # the LLM is loaded
+    before = server_rss(comfy_server)
+    prompt = comfy_client.ui_to_api(comfy_client.load_workflow(EXPAND_WORKFLOW), object_info)
+    gen = node_id(prompt, "LLMGenerateText")
+    assert prompt[positive_encode_id(prompt)]["inputs"]["text"] == [gen, 0]
+    assert prompt[gen]["inputs"]["text"] == DEFAULT_SCENE.caption and prompt[gen]["inputs"]["instruction"] == "expand"
+    prompt[gen]["inputs"]["max_new_tokens"] = 24  # what is tested needs no more, and each token runs the LLM once
+    prompt[node_id(prompt, "LIDiTSampler")]["inputs"]["steps"] = 4
+    texts = []
+    for seed in (1, 2, 1):
+        prompt[gen]["inputs"]["seed"] = seed
+        entry = comfy_server.run(prompt)
+        assert comfy_server.output_images(entry)
+        texts.append(generated_text(prompt, entry))
+    assert texts[0] == texts[2] != texts[1]
+    assert all(len(t.split()) >= 5 for t in texts), texts
+    # A copy of the weights, dequantized as another pack would load them, adds 540 MB; the transients of writing
+    # (the tied LM head dequantized for each token, 113 MB, the key/value cache) leave tens of MB to the allocator.
+    grown = server_rss(comfy_server) - before
+    assert grown < 200e6, f"the server grew by {grown / 1e6:.0f} MB while writing: the LLM's weights were copied"
+    prompt[gen]["inputs"]["temperature"] = 0.0
+    greedy = []
+    for seed in (1, 2):
+        prompt[gen]["inputs"]["seed"] = seed
+        greedy.append(generated_text(prompt, comfy_server.run(prompt)))
+    assert greedy[0] == greedy[1]
+
+
+def test_writing_text_is_interruptible(comfy_server, object_info):
+    prompt = comfy_client.ui_to_api(comfy_client.load_workflow(EXPAND_WORKFLOW), object_info)
+    gen = node_id(prompt, "LLMGenerateText")
+    prompt[gen]["inputs"].update(instruction="custom", text="Start.", max_new_tokens=4096, temperature=0.0,
+                                 custom_instruction="Count from 1 to 5000, one number per line, and never stop.")
+    assert seconds_until_interrupted(comfy_server, prompt, after=4.0) < 20
 
 
 def test_the_llm_loader_removes_the_converted_gguf_copies_that_nothing_reads(comfy_server, default_prompt):
