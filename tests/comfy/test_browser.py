@@ -198,7 +198,7 @@ def test_help_page_opens_from_the_node(page, comfy_server, tmp_path):
     panel = page.get_by_text(first_sentence)
     panel.wait_for(timeout=30_000)
     assert panel.is_visible()
-    assert "Converting a .gguf file takes a while" in page.inner_text("body")
+    assert "is read as it is, with nothing converted or written" in page.inner_text("body")
     shot = str(tmp_path / "help-LLMLoader.png")
     page.screenshot(path=shot)
     print(f"\nhelp page screenshot {shot}")
