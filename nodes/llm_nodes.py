@@ -145,6 +145,11 @@ class LoadedLLM:
         self.patcher = comfy.model_patcher.ModelPatcher(LLMModule(hf_model), load_device=load_device,
                                                         offload_device=mm.text_encoder_offload_device())
         self.device_policy = device_policy
+        # a GGUF layer's weight exists dequantized (float32, then the compute dtype) for its call, beside the blocks
+        self.dequantized_layer_bytes = max((m.in_features * m.out_features * (4 + m.compute_dtype.itemsize)
+                                            for m in self.patcher.model.modules()
+                                            if isinstance(m, gguf_weights.GGUFLayer)
+                                            and isinstance(m, torch.nn.Linear)), default=0)
         # Identical (text, options, adapter) are not encoded twice, also across workflows that differ elsewhere;
         # the cache lives and dies with this LLM.
         self.encodings: OrderedDict = OrderedDict()
@@ -167,11 +172,7 @@ class LoadedLLM:
         many as it allows, the rest cast layer by layer; it pushes them back when the diffusion model needs the
         room."""
         device = self.patcher.load_device
-        # a GGUF layer's weight exists dequantized (float32, then the compute dtype) for its call, beside the blocks
-        extra = {"memory_required": max((m.in_features * m.out_features * (4 + m.compute_dtype.itemsize)
-                                         for m in self.patcher.model.modules()
-                                         if isinstance(m, gguf_weights.GGUFLayer) and isinstance(m, torch.nn.Linear)),
-                                        default=0)}
+        extra = {"memory_required": self.dequantized_layer_bytes}
         if self.device_policy == "gpu":
             mm.load_models_gpu([self.patcher], force_full_load=True, **extra)
         elif self.device_policy == "stream" and device.type != "cpu":
