@@ -23,7 +23,7 @@ import transformers
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from . import gguf_weights
+from . import gguf_weights, prompt_weights
 
 log = logging.getLogger(__name__)
 
@@ -255,20 +255,50 @@ class PromptEncoding:
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str], *, instruction: str | None, use_chat_template: bool,
-                     max_tokens: int) -> tuple[list[int], list[list[int]], list[int]]:
-    """(ids of the prefix, ids of each prompt cut to max_tokens, how many tokens each lost). Typed text is text: a
-    "<|im_end|>" in a prompt or in the instruction is never a control token."""
+                     max_tokens: int, weighted: bool = False
+                     ) -> tuple[list[int], list[list[int]], list[int], list[list[float]]]:
+    """(ids of the prefix, ids of each prompt cut to max_tokens, how many tokens each lost, each token's weight).
+    Typed text is text: a "<|im_end|>" in a prompt or in the instruction is never a control token. weighted: read
+    ComfyUI's weight syntax (prompt_weights) and tokenize the text without it; else every weight is 1."""
     if instruction:
         check_text(instruction, "instruction")
     for b, p in enumerate(prompts):
         check_text(p, f"prompt {b + 1}" if len(prompts) > 1 else "prompt")
-    prompt_ids, truncated = [], []
+    prompt_ids, truncated, weights = [], [], []
     for p in prompts:
-        ids = tokenizer(p.strip(), add_special_tokens=False, split_special_tokens=True)["input_ids"] \
-            if p.strip() else []
+        pieces = prompt_weights.parse_weights(p) if weighted else [(p, 1.0)]
+        text = "".join(t for t, _ in pieces)
+        stripped = text.strip()
+        has_weights = any(w != 1.0 for _, w in pieces)
+        if has_weights and not getattr(tokenizer, "is_fast", False):
+            raise LLMError("Prompt weights need to know which characters each token covers, which this LLM's "
+                           "tokenizer (a slow, Python one) cannot tell. Remove the weights, or load the LLM from a "
+                           "folder with tokenizer.json or from a GGUF file.")
+        ids, token_weights = [], []
+        if stripped:
+            tokens = tokenizer(stripped, add_special_tokens=False, split_special_tokens=True,
+                               return_offsets_mapping=has_weights)
+            ids = tokens["input_ids"]
+            token_weights = prompt_weights.token_weights(pieces, tokens["offset_mapping"],
+                                                         shift=len(text) - len(text.lstrip())) \
+                if has_weights else [1.0] * len(ids)
         truncated.append(max(0, len(ids) - max_tokens))
         prompt_ids.append(ids[:max_tokens])
-    return tokenize_prefix(tokenizer, instruction, use_chat_template), prompt_ids, truncated
+        weights.append(token_weights[:max_tokens])
+    return tokenize_prefix(tokenizer, instruction, use_chat_template), prompt_ids, truncated, weights
+
+
+def filler_token(tokenizer) -> int:
+    """The token that blanks a weighted word (prompt_weights): a lone space where the tokenizer has one, else its
+    padding or end token."""
+    ids = tokenizer(" ", add_special_tokens=False)["input_ids"]
+    if len(ids) == 1:
+        return ids[0]
+    for token in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token is not None:
+            return token
+    raise LLMError("This LLM's tokenizer has no token for a space, no padding and no end token, so a weighted "
+                   "word cannot be blanked. Remove the weights (the brackets) from the prompt.")
 
 
 class PrefixCache:
@@ -380,7 +410,7 @@ def computing_in(model, dtype: torch.dtype):
 @torch.no_grad()
 def encode_one_pass(model, tokenizer, prompts: Sequence[str], *, instruction: str | None = None,
                     use_chat_template: bool = True, layers: str = "all", max_tokens: int = 256,
-                    device: torch.device | None = None, contributions: bool = False,
+                    device: torch.device | None = None, contributions: bool = False, weighted: bool = False,
                     on_block: Callable[[int, int], None] | None = None,
                     prefix_cache: PrefixCache | None = None, weights_key=None) -> PromptEncoding:
     """One forward pass of [prefix + prompt] per prompt (right-padded batch); returns the prompt tokens only.
@@ -389,43 +419,64 @@ def encode_one_pass(model, tokenizer, prompts: Sequence[str], *, instruction: st
     contributions: every hidden state minus the same token's hidden state in a one-token prompt (the same prefix,
     then that token alone): what the prompt's other tokens add at each block; 0 for the embeddings, and for a
     prompt's first token up to rounding (a batch and a one-token prompt round differently).
+    weighted: prompt weights in ComfyUI's syntax (prompt_weights); a prompt with a weight other than 1 runs as
+    1 + G rows in the same batch, G its distinct weights. Without any, the encoding is the unweighted one.
     prefix_cache: runs the prefix once and then only the prompts' tokens after its keys and values (the states equal
     the full forward's up to rounding); weights_key names the weights' version in its key (ComfyUI's patches).
     """
     if not prompts:
         raise LLMError("No prompt given.")
     device = device or next(model.parameters()).device
-    prefix_ids, prompt_ids, truncated = tokenize_prompts(tokenizer, prompts, instruction=instruction,
-                                                         use_chat_template=use_chat_template, max_tokens=max_tokens)
+    prefix_ids, prompt_ids, truncated, weights = tokenize_prompts(
+        tokenizer, prompts, instruction=instruction, use_chat_template=use_chat_template, max_tokens=max_tokens,
+        weighted=weighted)
     for p, cut in zip(prompts, truncated):
         if cut:
             log.warning("Prompt is %d tokens over the %d-token limit; the end was cut off: '...%s'. Raise "
                         "max_tokens or shorten the prompt.", cut, max_tokens, p.strip()[-40:])
     picked = parse_layers(layers, num_hidden_states(model))
 
-    lengths = [len(ids) for ids in prompt_ids]
-    tokens = max(1, max(lengths))
-    out = torch.zeros(len(prompts), len(picked), tokens, hidden_size(model), dtype=model.dtype)  # [B, S, T, D]
-    mask = torch.zeros(len(prompts), tokens, dtype=torch.long)
-    if max(lengths) > 0:
-        past = None
-        if prefix_cache is not None and prefix_ids and reuses_prefix(model, len(prefix_ids) + max(lengths)):
-            past = prefix_cache.get(model, prefix_ids, device, weights_key)
-        with report_blocks(model, on_block):
-            states = forward_prompts(model, prefix_ids, prompt_ids, device, past)
-        selected = torch.stack([states[i] for i in picked], dim=1).to(out.device)  # [B, S, T, D]
-        for b, n in enumerate(lengths):
-            out[b, :, :n] = selected[b, :, :n]
-            mask[b, :n] = 1
-        if contributions:  # max(lengths) > 0 here: some prompt has a token
-            alone = token_alone_states(model, prefix_ids, prompt_ids, picked, device, past)
-            for b, ids in enumerate(prompt_ids):
-                if ids:
-                    out[b, :, :len(ids)] -= torch.stack([alone[i] for i in ids], dim=1).to(out.dtype)
-    for b, n in enumerate(lengths):
-        if n == 0:
-            mask[b, 0] = 1
+    rows, spans, groups = [], [], []  # spans[b]: prompt b's rows; groups[b]: its distinct weights
+    filler = filler_token(tokenizer) if any(w != 1.0 for ws in weights for w in ws) else None
+    for ids, ws in zip(prompt_ids, weights):
+        prompt_rows, prompt_groups = prompt_weights.weighted_rows(ids, ws, filler) \
+            if any(w != 1.0 for w in ws) else ([ids], [])
+        spans.append(slice(len(rows), len(rows) + len(prompt_rows)))
+        rows += prompt_rows
+        groups.append(prompt_groups)
+    states = prompt_states(model, prefix_ids, rows, picked, device, contributions, on_block, prefix_cache,
+                           weights_key)                                          # [rows, S, T, D]
+    out = torch.stack([prompt_weights.blend(states[span], g).to(states.dtype) if g else states[span][0]
+                       for span, g in zip(spans, groups)])                       # [B, S, T, D]
+    mask = torch.zeros(len(prompts), out.shape[2], dtype=torch.long)
+    for b, ids in enumerate(prompt_ids):
+        mask[b, :max(1, len(ids))] = 1
     return PromptEncoding(out, mask, picked, truncated)
+
+
+def prompt_states(model, prefix_ids: list[int], prompt_ids: list[list[int]], picked: list[int], device,
+                  contributions: bool, on_block: Callable[[int, int], None] | None,
+                  prefix_cache: PrefixCache | None, weights_key) -> torch.Tensor:
+    """[N, S, T, D] in the model's dtype: the picked hidden states of each prompt's tokens after the prefix, 0 past a
+    prompt's end (an empty prompt: one all-zero token)."""
+    lengths = [len(ids) for ids in prompt_ids]
+    out = torch.zeros(len(prompt_ids), len(picked), max(1, max(lengths)), hidden_size(model), dtype=model.dtype)
+    if max(lengths) == 0:
+        return out
+    past = None
+    if prefix_cache is not None and prefix_ids and reuses_prefix(model, len(prefix_ids) + max(lengths)):
+        past = prefix_cache.get(model, prefix_ids, device, weights_key)
+    with report_blocks(model, on_block):
+        states = forward_prompts(model, prefix_ids, prompt_ids, device, past)
+    selected = torch.stack([states[i] for i in picked], dim=1).to(out.device)  # [N, S, T, D]
+    for b, n in enumerate(lengths):
+        out[b, :, :n] = selected[b, :, :n]
+    if contributions:
+        alone = token_alone_states(model, prefix_ids, prompt_ids, picked, device, past)
+        for b, ids in enumerate(prompt_ids):
+            if ids:
+                out[b, :, :len(ids)] -= torch.stack([alone[i] for i in ids], dim=1).to(out.dtype)
+    return out
 
 
 def token_alone_states(model, prefix_ids: list[int], prompt_ids: list[list[int]], picked: list[int], device,

@@ -274,7 +274,10 @@ class LLMPromptEncode(io.ComfyNode):
                         "returns CONDITIONING: fused by the adapter when one is connected, else the chosen layers.",
             inputs=[
                 LLM.Input("llm"),
-                io.String.Input("text", multiline=True, default=""),
+                io.String.Input("text", multiline=True, default="",
+                                tooltip="The prompt. Weights as in CLIP Text Encode: (red:1.4), (red) = 1.1, "
+                                        "[red] = 1/1.1, 0 removes a word's meaning; \\( \\) \\[ \\] are the "
+                                        "brackets themselves."),
                 io.Combo.Input("instruction", options=["li-dit", "none", "custom"], default="li-dit",
                                tooltip="Text put before the prompt (LI-DiT: helps instruction-tuned LLMs describe "
                                        "rather than continue); its tokens are removed from the output."),
@@ -306,7 +309,7 @@ class LLMPromptEncode(io.ComfyNode):
         if adapter is not None:
             check_adapter(adapter, llm, layers, block_contributions)
         options = dict(instruction=chosen, use_chat_template=chat_template, layers=layers, max_tokens=max_tokens,
-                       contributions=block_contributions)
+                       contributions=block_contributions, weighted=True)
         key = (id(adapter), text, tuple(sorted(options.items())))
         if key in llm.encodings:
             llm.encodings.move_to_end(key)

@@ -63,14 +63,16 @@ def caption_features(llm_path: str, captions: list[str], settings: dict, cache_d
 
 def encode_captions(model, tokenizer, captions: list[str], settings: dict, batch_size: int = 16,
                     device=None) -> list[torch.Tensor]:
-    """One [L+1, T_i, D] fp16 tensor per caption: every hidden state of the prompt tokens, on the CPU."""
+    """One [L+1, T_i, D] fp16 tensor per caption: every hidden state of the prompt tokens, on the CPU. settings
+    "weighted": read ComfyUI's prompt weights in the captions (adapters.prompt_weights)."""
     out = []
     for start in tqdm(range(0, len(captions), batch_size), desc=f"LLM features ({settings['llm']})"):
         batch = captions[start:start + batch_size]
         enc = encode_prompts(model, tokenizer, batch, instruction=INSTRUCTION_PRESETS[settings["instruction"]],
                              use_chat_template=settings["chat_template"], layers="all",
                              max_tokens=settings["max_tokens"], device=device,
-                             contributions=settings.get("contributions", False))
+                             contributions=settings.get("contributions", False),
+                             weighted=settings.get("weighted", False))
         for b in range(len(batch)):
             n = int(enc.attention_mask[b].sum())
             out.append(enc.hidden_states[b, :, :n].to(torch.float16).cpu().clone())

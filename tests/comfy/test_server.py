@@ -387,3 +387,33 @@ def test_a_half_precision_overflow_never_reaches_the_model(comfy_server):
     assert context.numel() and torch.isfinite(context).all()
     log = comfy_server.log_tail(200_000)
     assert f"LLM '{OVERFLOWING_LLM}' gave NaN or inf hidden states in float16" in log and "encoding again in float32" in log
+
+
+def saved_conditionings(comfy_server, default_prompt, texts: dict[str, str]) -> dict[str, torch.Tensor]:
+    """name -> the CONDITIONING tensor LLM Prompt Encode gives for that text, with the default workflow's LLM,
+    adapter and settings, all in one run."""
+    enc = positive_encode_id(default_prompt)
+    llm, adapter = default_prompt[enc]["inputs"]["llm"], default_prompt[enc]["inputs"]["adapter"]
+    prompt = {llm[0]: default_prompt[llm[0]], adapter[0]: default_prompt[adapter[0]]}
+    for i, (name, text) in enumerate(texts.items()):
+        prompt[f"e{i}"] = {"class_type": "LLMPromptEncode", "inputs": {**default_prompt[enc]["inputs"], "text": text}}
+        prompt[f"s{i}"] = {"class_type": "TestSaveConditioning",
+                           "inputs": {"conditioning": [f"e{i}", 0], "filename": f"weights-{name}"}}
+    entry = comfy_server.run(prompt)
+    return {name: load_file(entry["outputs"][f"s{i}"]["text"][0])["context"] for i, name in enumerate(texts)}
+
+
+def test_prompt_weights_move_the_encoding_as_written(comfy_server, default_prompt):
+    """ComfyUI's weight syntax in LLM Prompt Encode: weight 1 is the prompt without the syntax, bit for bit; weight
+    0 is the prompt with the word blanked by a space (SmolLM2 tokenizes "a  circle" as a, a lone space, circle);
+    any other weight is neither."""
+    got = saved_conditionings(comfy_server, default_prompt, {
+        "plain": "a red circle on the left", "one": "a (red:1) circle on the left",
+        "zero": "a (red:0) circle on the left", "blanked": "a  circle on the left",
+        "strong": "a (red:1.5) circle on the left", "escaped": "a \\(red\\) circle on the left",
+        "parenthesised": "a (red) circle on the left"})
+    assert torch.equal(got["one"], got["plain"])
+    torch.testing.assert_close(got["zero"], got["blanked"], rtol=1e-4, atol=1e-4)
+    for name in ("zero", "strong", "parenthesised"):
+        assert (got[name] - got["plain"]).abs().amax() > 1e-2, name
+    assert got["escaped"].shape[1] > got["plain"].shape[1]  # "(" and ")" are read as text
