@@ -419,8 +419,9 @@ def encode_one_pass(model, tokenizer, prompts: Sequence[str], *, instruction: st
     contributions: every hidden state minus the same token's hidden state in a one-token prompt (the same prefix,
     then that token alone): what the prompt's other tokens add at each block; 0 for the embeddings, and for a
     prompt's first token up to rounding (a batch and a one-token prompt round differently).
-    weighted: prompt weights in ComfyUI's syntax (prompt_weights); a prompt with a weight other than 1 runs as
-    1 + G rows in the same batch, G its distinct weights. Without any, the encoding is the unweighted one.
+    weighted: prompt weights in ComfyUI's syntax (prompt_weights); a prompt with a weight other than 1 runs as up to
+    G + 2 rows in the same batch, G its distinct weights, and loses the tokens of weight 0. Without any weight, the
+    encoding is the unweighted one.
     prefix_cache: runs the prefix once and then only the prompts' tokens after its keys and values (the states equal
     the full forward's up to rounding); weights_key names the weights' version in its key (ComfyUI's patches).
     """
@@ -436,21 +437,24 @@ def encode_one_pass(model, tokenizer, prompts: Sequence[str], *, instruction: st
                         "max_tokens or shorten the prompt.", cut, max_tokens, p.strip()[-40:])
     picked = parse_layers(layers, num_hidden_states(model))
 
-    rows, spans, groups = [], [], []  # spans[b]: prompt b's rows; groups[b]: its distinct weights
-    filler = filler_token(tokenizer) if any(w != 1.0 for ws in weights for w in ws) else None
+    rows, spans, plans = [], [], []  # spans[b]: prompt b's rows; plans[b]: its weights' plan, None without any
+    filler = filler_token(tokenizer) if any(w not in (0.0, 1.0) for ws in weights for w in ws) else None
     for ids, ws in zip(prompt_ids, weights):
-        prompt_rows, prompt_groups = prompt_weights.weighted_rows(ids, ws, filler) \
-            if any(w != 1.0 for w in ws) else ([ids], [])
-        spans.append(slice(len(rows), len(rows) + len(prompt_rows)))
-        rows += prompt_rows
-        groups.append(prompt_groups)
+        plan = prompt_weights.plan_weights(ids, ws, filler) if any(w != 1.0 for w in ws) else None
+        spans.append(slice(len(rows), len(rows) + (len(plan.rows) if plan else 1)))
+        rows += plan.rows if plan else [ids]
+        plans.append(plan)
     states = prompt_states(model, prefix_ids, rows, picked, device, contributions, on_block, prefix_cache,
                            weights_key)                                          # [rows, S, T, D]
-    out = torch.stack([prompt_weights.blend(states[span], g).to(states.dtype) if g else states[span][0]
-                       for span, g in zip(spans, groups)])                       # [B, S, T, D]
-    mask = torch.zeros(len(prompts), out.shape[2], dtype=torch.long)
-    for b, ids in enumerate(prompt_ids):
-        mask[b, :max(1, len(ids))] = 1
+    encoded = [prompt_weights.blend(states[span], plan).to(states.dtype) if plan
+               else states[span][0, :, :max(1, len(ids))]
+               for span, plan, ids in zip(spans, plans, prompt_ids)]         # each [S, T_b, D]
+    lengths = [e.shape[1] for e in encoded]
+    out = torch.zeros(len(prompts), len(picked), max(lengths), states.shape[3], dtype=states.dtype)
+    mask = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    for b, e in enumerate(encoded):
+        out[b, :, :lengths[b]] = e
+        mask[b, :lengths[b]] = 1
     return PromptEncoding(out, mask, picked, truncated)
 
 

@@ -8,17 +8,20 @@ and a bracket without its partner is text.
 How a weight acts on a causal LLM's hidden states (every block). ComfyUI weights a CLIP token by moving its state
 from the state an empty prompt has at that position: z' = z_empty + w (z - z_empty). A causal LLM also writes each
 word into every later token (" circle" after "red" is a red circle), so scaling the word's own states alone would
-leave its meaning in the rest of the prompt. Here the reference is the whole prompt with the weighted tokens
-blanked (each replaced by a filler token, a lone space, so every position keeps its place), and every token moves
-along the difference the weighted words make:
+leave its meaning in the rest of the prompt. Here every token moves along the difference the weighted words make:
 
-    out = R + sum_g w_g (F_g - R)      R: weighted tokens blanked, F_g: only the tokens of weight w_g written
+    other tokens        out = R + sum_g w_g (F_g - R)     R: the prompt with the weighted words deleted
+    weighted tokens     out = B + w_g (F_g - B)           B: the prompt with them blanked (a lone space each)
+                                                         F_g: the prompt with only the words of weight w_g kept
 
-At w = 0 the prompt encodes as if the words were blanked; at w > 1 what they add, to their own tokens and to every
-later one, is extrapolated. The per-block LayerNorm of the adapter would undo a plain rescaling of a state; a move
+A weight of 0 deletes the words: the encoding is the prompt without them, which the model has read in training,
+whereas blanks in their place are text it never saw. Above 1, what the words add, to their own tokens and to every
+later one, is extrapolated. The per-block LayerNorm of an adapter would undo a plain rescaling of a state; a move
 between two states changes its direction and survives it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -80,7 +83,11 @@ def _parse(text: str, weight: float) -> list[tuple[str, float]]:
 
 def parse_weights(text: str) -> list[tuple[str, float]]:
     """The prompt as (text, weight) pieces; the pieces' texts joined are the prompt the LLM reads."""
-    pieces = [(_unescape(t), w) for t, w in _parse(_escape(text), 1.0)]
+    return merge_pieces([(_unescape(t), w) for t, w in _parse(_escape(text), 1.0)])
+
+
+def merge_pieces(pieces: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Neighbouring pieces of one weight joined, empty pieces dropped."""
     merged: list[tuple[str, float]] = []
     for t, w in pieces:
         if merged and merged[-1][1] == w:
@@ -107,19 +114,47 @@ def token_weights(pieces: list[tuple[str, float]], offsets: list[tuple[int, int]
     return out
 
 
-def weighted_rows(ids: list[int], weights: list[float], filler: int) -> tuple[list[list[int]], list[float]]:
-    """The rows to encode for one prompt: first R (every weighted token replaced by the filler), then F_g for each
-    distinct weight w_g (only that weight's tokens written); and the w_g."""
+@dataclass
+class WeightPlan:
+    """The rows to encode for one weighted prompt, and where each of its tokens sits in them."""
+    rows: list[list[int]]                # token ids: deleted (R), then blanked (B) if used, then F_g for each group
+    index: list[list[int | None]]        # per row: prompt position -> position in that row (None: not in it)
+    weights: list[float]                 # per prompt token
+    groups: list[float]                  # the distinct weights other than 1
+    blank: int | None                    # B's row, None when every weight is 0
+
+
+def plan_weights(ids: list[int], weights: list[float], filler: int) -> WeightPlan:
     groups = sorted({w for w in weights if w != 1.0})
-    blank = [filler if w != 1.0 else i for i, w in zip(ids, weights)]
-    rows = [blank] + [[i if w in (1.0, g) else filler for i, w in zip(ids, weights)] for g in groups]
-    return rows, groups
+
+    def row(keep) -> tuple[list[int], list[int | None]]:
+        kept = [p for p in range(len(ids)) if keep(weights[p])]
+        where = {p: i for i, p in enumerate(kept)}
+        return [ids[p] for p in kept], [where.get(p) for p in range(len(ids))]
+
+    rows, index = map(list, zip(row(lambda w: w == 1.0), *[row(lambda w, g=g: w in (1.0, g)) for g in groups]))
+    blank = None
+    if any(g != 0.0 for g in groups):
+        blank = len(rows)
+        rows.append([i if w == 1.0 else filler for i, w in zip(ids, weights)])
+        index.append(list(range(len(ids))))
+    return WeightPlan(rows, index, weights, groups, blank)
 
 
-def blend(states: torch.Tensor, groups: list[float]) -> torch.Tensor:
-    """states: [1 + G, S, T, D], the rows of weighted_rows -> [S, T, D] = R + sum_g w_g (F_g - R), in float32."""
-    reference = states[0].float()
-    out = reference.clone()
-    for g, weight in enumerate(groups):
-        out += weight * (states[1 + g].float() - reference)
-    return out
+def blend(states: torch.Tensor, plan: WeightPlan) -> torch.Tensor:
+    """states: [rows, S, T, D], the plan's rows encoded -> [S, T', D] in float32, T' the tokens of weight other than
+    0 (one all-zero token, the unconditional encoding, when there are none)."""
+    def at(row: int, p: int) -> torch.Tensor:  # [S, D]
+        return states[row, :, plan.index[row][p]].float()
+
+    out = []
+    for p, w in enumerate(plan.weights):
+        if w == 1.0:
+            reference = at(0, p)
+            out.append(reference + sum(g * (at(1 + k, p) - reference) for k, g in enumerate(plan.groups)))
+        elif w != 0.0:
+            blank = at(plan.blank, p)
+            out.append(blank + w * (at(1 + plan.groups.index(w), p) - blank))
+    if not out:
+        return torch.zeros(states.shape[1], 1, states.shape[3])
+    return torch.stack(out, dim=1)

@@ -3,15 +3,16 @@
     python -m evaluation.prompt_weights                    # the default model, 4 images per prompt
     python -m evaluation.prompt_weights --json out/weights.json --images-per-prompt 2
 
-Two experiments, on captions of the canonical language (every word one the model was trained on), image k of
-every prompt from the same noise in every condition:
+Two experiments, image k of every prompt from the same noise in every condition:
 
-  colour   "a (red:w) circle in the center": one object of each colour and shape. Colour right = an object of the
+  colour   "a (red:w) circle in the center": one object of each colour and shape, in the canonical caption
+           language (the words the model knows best). Colour right = an object of the
            asked colour is drawn. At w = 0 it should fall to chance (1 / the number of colours); at w = 1 it is
            the unweighted prompt.
-  objects  "a red circle at the top and a (blue square:w) on the left": two-object prompts, the weight on the
-           first or the second object's words. Each object is checked on its own (colour, outline, place); a
-           weight above 1 should raise the weighted object's share of correct images.
+  objects  "a scarlet circle at the top and a (cobalt block:w) on the left": the two-object validation prompts of
+           the unseen-wording columns, where the model misses more often, the weight on the first or the second
+           object's colour and outline words. Each object is checked on its own (colour, outline, place); a weight
+           above 1 should raise the weighted object's share of correct images.
 
 The prompts are encoded by LLM Prompt Encode's code path (adapters.llm_encoder.encode_prompts, weighted=True).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 
 import torch
@@ -30,27 +32,31 @@ from adapters.checkpoint import load_adapter, load_lidit
 from adapters.conditioning import hidden_states_to_context
 from adapters.lidit import sample_euler
 from adapters.shapes_world import Scene
-from evaluation.evaluate import DEFAULT_LLM_DIRS, DEFAULT_MODEL, alone, encode_captions, find_adapter, find_llm
+from evaluation.evaluate import (DEFAULT_LLM_DIRS, DEFAULT_MODEL, alone, encode_captions, find_adapter, find_llm,
+                                 prompt_sets)
 from training import features
 from training.features import collate
 
-COLOUR_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0)
-OBJECT_WEIGHTS = (0.5, 1.0, 1.5, 2.0)
+COLOUR_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
+OBJECT_WEIGHTS = (1.5, 2.0)  # and the unweighted prompt
 
 
-def phrase(mention) -> str:
-    """The canonical words of a mention: colour and outline ("red circle")."""
-    colour = caption_language.COLOR_WORDS[mention.color][0]
-    singular, plural = caption_language.SHAPE_WORDS[mention.shape][0]
-    return f"{colour} {singular if mention.count == 1 else plural}"
+def mention_span(caption: str, mention, after: int = 0) -> tuple[int, int]:
+    """(start, end) of the first words at or after `after` that say the mention's colour and outline, in any
+    wording of the caption language ("crimson discs", "grass green round shape")."""
+    colours = sorted(caption_language.COLOR_WORDS[mention.color], key=len, reverse=True)
+    shapes = sorted((w for pair in caption_language.SHAPE_WORDS[mention.shape] for w in pair), key=len, reverse=True)
+    pattern = rf"\b({'|'.join(map(re.escape, colours))}) ({'|'.join(map(re.escape, shapes))})\b"
+    found = re.compile(pattern).search(caption, after)
+    if found is None:
+        raise ValueError(f"no words for {mention} in {caption!r}")
+    return found.span()
 
 
-def weigh(caption: str, words: str, weight: float, after: int = 0) -> tuple[str, int]:
-    """The caption with its first `words` at or after character `after` written as (words:weight); and where the
-    words end in the new caption."""
-    start = caption.index(words, after)
-    marked = f"({words}:{weight:g})"
-    return caption[:start] + marked + caption[start + len(words):], start + len(marked)
+def weigh(caption: str, span: tuple[int, int], weight: float) -> str:
+    """The caption with the characters of `span` written as (words:weight)."""
+    start, end = span
+    return f"{caption[:start]}({caption[start:end]}:{weight:g}){caption[end:]}"
 
 
 def colour_prompts(seed: int) -> list[tuple[Scene, str]]:
@@ -62,25 +68,23 @@ def colour_prompts(seed: int) -> list[tuple[Scene, str]]:
                 scene = caption_language.generate(rng, "single", language="canonical")
                 m = scene.mentions[0]
                 if (m.color, m.shape) == (color, shape):
-                    out.append((scene, caption_language.COLOR_WORDS[color][0]))
+                    out.append((scene, caption_language.COLOR_WORDS[color][0]))  # canonical: one word each
                     break
     return out
 
 
-def pair_prompts(count: int, seed: int) -> list[Scene]:
-    """Two-object scenes (canonical 'pair' captions) whose objects differ in their words."""
-    rng, out, seen = random.Random(seed + 1), [], set()
-    while len(out) < count:
-        scene = caption_language.generate(rng, "pair", language="canonical")
-        if scene.caption not in seen and phrase(scene.mentions[0]) != phrase(scene.mentions[1]):
-            seen.add(scene.caption)
-            out.append(scene)
-    return out
+def pair_prompts(per_kind: int, seed: int) -> list[Scene]:
+    """The two-object validation prompts (pair and relation kinds) of the unseen-wording columns, where the default
+    model misses often enough for a weight to have room."""
+    sets = prompt_sets(per_kind, seed, "validation")
+    return [s for column in ("unseen wording", "both unseen") for s in sets[column]
+            if s.kind in ("pair", "relation") and len(s.mentions) == 2]
 
 
 def weighted_pair(scene: Scene, which: int, weight: float) -> str:
-    first_end = scene.caption.index(phrase(scene.mentions[0])) + len(phrase(scene.mentions[0]))
-    return weigh(scene.caption, phrase(scene.mentions[which]), weight, 0 if which == 0 else first_end)[0]
+    first = mention_span(scene.caption, scene.mentions[0])
+    span = first if which == 0 else mention_span(scene.caption, scene.mentions[1], first[1])
+    return weigh(scene.caption, span, weight)
 
 
 class Sampler:
@@ -129,7 +133,7 @@ def share(values: list[bool]) -> float:
     return sum(values) / len(values)
 
 
-def run(model_path: str = DEFAULT_MODEL, *, images: int = 4, pairs: int = 24, steps: int = 20, cfg: float = 3.0,
+def run(model_path: str = DEFAULT_MODEL, *, images: int = 4, pairs: int = 12, steps: int = 20, cfg: float = 3.0,
         seed: int = 0, device: str | None = None, batch_size: int = 64, llm_dirs: list[str] | None = None,
         log=None) -> dict:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -140,7 +144,8 @@ def run(model_path: str = DEFAULT_MODEL, *, images: int = 4, pairs: int = 24, st
 
     singles = colour_prompts(seed)
     for w in COLOUR_WEIGHTS:
-        captions = [weigh(s.caption, word, w)[0] if w != 1.0 else s.caption for s, word in singles]
+        captions = [weigh(s.caption, re.search(rf"\b{word}\b", s.caption).span(), w) if w != 1.0 else s.caption
+                    for s, word in singles]
         imgs = sampler.sample(captions, images, steps, cfg, seed, batch_size)
         checks = [shapes_world.check(img, s) for (s, _), img in zip([x for x in singles for _ in range(images)],
                                                                     imgs)]
@@ -150,18 +155,20 @@ def run(model_path: str = DEFAULT_MODEL, *, images: int = 4, pairs: int = 24, st
         log(f"colour weight {w:g}: colour right {result['colour'][f'{w:g}']['colour right']:.3f}")
 
     scenes = pair_prompts(pairs, seed)
-    for which in (0, 1):
-        for w in OBJECT_WEIGHTS:
-            captions = [weighted_pair(s, which, w) if w != 1.0 else s.caption for s in scenes]
-            imgs = sampler.sample(captions, images, steps, cfg, seed, batch_size)
-            repeated = [s for s in scenes for _ in range(images)]
-            first = [shapes_world.check(img, alone(s, 0))["overall"] for s, img in zip(repeated, imgs)]
-            second = [shapes_world.check(img, alone(s, 1))["overall"] for s, img in zip(repeated, imgs)]
-            both = [shapes_world.check(img, s)["overall"] for s, img in zip(repeated, imgs)]
-            row = {"first right": share(first), "second right": share(second), "both right": share(both),
-                   "images": len(imgs), "example": captions[0]}
-            result["objects"][f"{'first' if which == 0 else 'second'} x{w:g}"] = row
-            log(f"object {which + 1} weight {w:g}: first {row['first right']:.3f}, second {row['second right']:.3f}")
+    repeated = [s for s in scenes for _ in range(images)]
+    conditions = [("none", None, 1.0)] + [(f"{name} x{w:g}", which, w) for which, name in enumerate(("first",
+                                                                                                   "second"))
+                                          for w in OBJECT_WEIGHTS]
+    for label, which, w in conditions:
+        captions = [s.caption if which is None else weighted_pair(s, which, w) for s in scenes]
+        imgs = sampler.sample(captions, images, steps, cfg, seed, batch_size)
+        first = [shapes_world.check(img, alone(s, 0))["overall"] for s, img in zip(repeated, imgs)]
+        second = [shapes_world.check(img, alone(s, 1))["overall"] for s, img in zip(repeated, imgs)]
+        both = [shapes_world.check(img, s)["overall"] for s, img in zip(repeated, imgs)]
+        row = {"first right": share(first), "second right": share(second), "both right": share(both),
+               "images": len(imgs), "example": captions[0]}
+        result["objects"][label] = row
+        log(f"weighted object {label}: first {row['first right']:.3f}, second {row['second right']:.3f}")
     return result
 
 
@@ -181,7 +188,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="LI-DiT .safetensors conditioned on one LLM")
     p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--pairs", type=int, default=24, help="two-object prompts")
+    p.add_argument("--pairs", type=int, default=12,
+                   help="two-object prompts of each kind (pair, relation) in each unseen-wording column")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)

@@ -405,15 +405,15 @@ def saved_conditionings(comfy_server, default_prompt, texts: dict[str, str]) -> 
 
 def test_prompt_weights_move_the_encoding_as_written(comfy_server, default_prompt):
     """ComfyUI's weight syntax in LLM Prompt Encode: weight 1 is the prompt without the syntax, bit for bit; weight
-    0 is the prompt with the word blanked by a space (SmolLM2 tokenizes "a  circle" as a, a lone space, circle);
-    any other weight is neither."""
+    0 is the prompt without the word; any other weight is neither."""
     got = saved_conditionings(comfy_server, default_prompt, {
         "plain": "a red circle on the left", "one": "a (red:1) circle on the left",
-        "zero": "a (red:0) circle on the left", "blanked": "a  circle on the left",
+        "zero": "a (red:0) circle on the left", "deleted": "a circle on the left",
         "strong": "a (red:1.5) circle on the left", "escaped": "a \\(red\\) circle on the left",
         "parenthesised": "a (red) circle on the left"})
     assert torch.equal(got["one"], got["plain"])
-    torch.testing.assert_close(got["zero"], got["blanked"], rtol=1e-4, atol=1e-4)
-    for name in ("zero", "strong", "parenthesised"):
+    torch.testing.assert_close(got["zero"], got["deleted"], rtol=1e-4, atol=1e-4)
+    assert got["zero"].shape[1] == got["plain"].shape[1] - 1  # the word's token is gone
+    for name in ("strong", "parenthesised"):
         assert (got[name] - got["plain"]).abs().amax() > 1e-2, name
     assert got["escaped"].shape[1] > got["plain"].shape[1]  # "(" and ")" are read as text
