@@ -76,7 +76,7 @@ def load_lidit(path: str) -> tuple[LIDiT, dict]:
 def save_adapter(path: str, adapter: LLMDiffAdapter, llm_name: str, extra: dict | None = None) -> None:
     meta = {"format": "llm-diff-adapter", "llm": llm_name,
             "llm_hidden_size": str(adapter.llm_hidden_size), "num_hidden_states": str(adapter.num_hidden_states),
-            "context_dim": str(adapter.context_dim)}
+            "context_dim": str(adapter.context_dim), "refiner_depth": str(adapter.refiner_depth)}
     meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     _atomic_save(adapter.state_dict(), path, meta)
 
@@ -84,11 +84,25 @@ def save_adapter(path: str, adapter: LLMDiffAdapter, llm_name: str, extra: dict 
 ADAPTER_SIZES = ("llm_hidden_size", "num_hidden_states", "context_dim")
 
 
+def _refiner_depth(meta: dict, shapes: dict, prefix: str, name: str) -> int:
+    # files written before adapters had a refiner carry no such key: they have none
+    depth = _int_field(meta, "refiner_depth", name, minimum=0) if "refiner_depth" in meta else 0
+    have = _count(shapes, prefix + "refiner.blocks.")
+    if depth != have:  # before building: a skeleton of a huge depth alone takes minutes
+        raise CheckpointError(f"'{name}' does not match its own config (refiner_depth says {depth} but the file "
+                              f"holds {have}); the file was edited or is damaged. Export it again.")
+    return depth
+
+
 def load_adapter(path: str) -> tuple[LLMDiffAdapter, dict]:
     meta = read_metadata(path, "llm-diff-adapter")
-    sizes = [_positive_int(meta, k, os.path.basename(path)) for k in ADAPTER_SIZES]
-    check_shapes(path, tensor_shapes(path), lambda: LLMDiffAdapter(*sizes))
-    adapter = LLMDiffAdapter(*sizes)
+    name = os.path.basename(path)
+    sizes = [_int_field(meta, k, name) for k in ADAPTER_SIZES]
+    shapes = tensor_shapes(path)
+    depth = _refiner_depth(meta, shapes, "", name)
+    build = lambda: LLMDiffAdapter(*sizes, refiner_depth=depth)  # noqa: E731
+    check_shapes(path, shapes, build)
+    adapter = build()
     module_load(adapter, load_weights(path))
     return adapter, meta
 
@@ -104,7 +118,7 @@ def save_host_adapter(path: str, host: HostAdapter, family: str, llm_name: str, 
     a = host.adapter
     meta = {"format": "llm-host-adapter", "family": family, "llm": llm_name, "kind": host.kind,
             "llm_hidden_size": str(a.llm_hidden_size), "num_hidden_states": str(a.num_hidden_states),
-            "context_dim": str(a.context_dim), "sites": json.dumps(host.sites)}
+            "context_dim": str(a.context_dim), "refiner_depth": str(a.refiner_depth), "sites": json.dumps(host.sites)}
     meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     _atomic_save(host.state_dict(), path, meta)
 
@@ -112,15 +126,17 @@ def save_host_adapter(path: str, host: HostAdapter, family: str, llm_name: str, 
 def load_host_adapter(path: str) -> tuple[HostAdapter, dict]:
     meta = read_metadata(path, "llm-host-adapter")
     name = os.path.basename(path)
-    sizes = [_positive_int(meta, k, name) for k in ADAPTER_SIZES]
+    sizes = [_int_field(meta, k, name) for k in ADAPTER_SIZES]
     sites = _json_field(meta, "sites", name)
     if not (isinstance(sites, list) and all(isinstance(s, list) and len(s) == 3 for s in sites)) \
             or meta.get("family") not in HOST_FAMILIES or meta.get("kind") not in ("decoupled", "gated"):
         raise CheckpointError(f"'{name}' has broken host metadata (family {meta.get('family')!r}, kind "
                               f"{meta.get('kind')!r}, sites); the file was edited or is damaged. Train or export it "
                               "again.")
-    build = lambda: HostAdapter(*sizes, sites, meta["kind"])  # noqa: E731
-    check_shapes(path, tensor_shapes(path), build)
+    shapes = tensor_shapes(path)
+    depth = _refiner_depth(meta, shapes, "adapter.", name)
+    build = lambda: HostAdapter(*sizes, sites, meta["kind"], refiner_depth=depth)  # noqa: E731
+    check_shapes(path, shapes, build)
     host = build()
     module_load(host, load_weights(path))
     info = {k: v for k, v in meta.items() if k != "sites"}
@@ -151,7 +167,7 @@ def load_word_encoder(path: str) -> tuple[WordEncoder, dict]:
     vocabulary = _json_field(meta, "vocabulary", name)
     if not (isinstance(vocabulary, list) and all(isinstance(w, str) for w in vocabulary)):
         raise CheckpointError(f"'{name}' has no word list in its 'vocabulary' metadata; export it again.")
-    dim, max_tokens = (_positive_int(meta, k, name) for k in ("dim", "max_tokens"))
+    dim, max_tokens = (_int_field(meta, k, name) for k in ("dim", "max_tokens"))
     check_shapes(path, tensor_shapes(path), lambda: WordEncoder(vocabulary, dim, max_tokens))
     encoder = WordEncoder(vocabulary, dim, max_tokens)
     module_load(encoder, load_weights(path))
@@ -249,13 +265,13 @@ def _count(shapes: dict, prefix: str) -> int:
     return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
 
 
-def _positive_int(meta: dict, key: str, name: str) -> int:
+def _int_field(meta: dict, key: str, name: str, minimum: int = 1) -> int:
     try:
         value = int(meta[key])
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"'{name}' has no integer '{key}' in its metadata (found {meta.get(key)!r}); the "
                               "file was edited or is damaged. Export it again.") from e
-    if value <= 0:
-        raise CheckpointError(f"'{name}' has {key}={value} in its metadata; it must be positive. Export it "
-                              "again.")
+    if value < minimum:
+        raise CheckpointError(f"'{name}' has {key}={value} in its metadata; it must be at least {minimum}. Export "
+                              "it again.")
     return value

@@ -2,7 +2,8 @@
 
 The blocks of a decoder-only LLM act like denoising steps over the text representation, so every block's output
 carries information. The adapter weighs all of them with learned per-block weights, normalises and aligns the
-result to the diffusion model's context dimension. An existing diffusion model keeps its own text path and gains a
+result to the diffusion model's context dimension, optionally followed by LI-DiT's bidirectional token refiner. An
+existing diffusion model keeps its own text path and gains a
 second cross-attention on that encoding, mixed with its own by gates a*exp(b) per branch (or, where the host has no
 separable text branch, added by one such gate); a fresh branch adds nothing, by a closed gate (the paper) or an open
 one with a zero value projection (`HostAdapter`: the adapter and one such branch per cross-attention site of the
@@ -16,13 +17,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lidit import TokenRefiner
+
+REFINER_HEAD_DIM = 32
+
 
 class LLMDiffAdapter(nn.Module):
-    def __init__(self, llm_hidden_size: int, num_hidden_states: int, context_dim: int, feature_noise: float = 0.0):
+    """refiner_depth > 0 adds LI-DiT's linguistic token refiner (bidirectional self-attention blocks, conditioned on
+    the mean of the prompt's tokens) after the projection: a causal LLM's token knows nothing of the words after
+    it ("a red circle on the left": "circle" does not know "left"), and a host model's frozen cross-attention cannot
+    gather that itself, while a jointly trained LI-DiT learns to through its own refiner."""
+
+    def __init__(self, llm_hidden_size: int, num_hidden_states: int, context_dim: int, feature_noise: float = 0.0,
+                 refiner_depth: int = 0):
         super().__init__()
         self.llm_hidden_size = llm_hidden_size
         self.num_hidden_states = num_hidden_states
         self.context_dim = context_dim
+        self.refiner_depth = refiner_depth
         # Training only: the std of Gaussian noise on the fused states. Noise on the input of a linear map is ridge
         # regression on it in every direction, also those that no training caption's states span and that unseen
         # words' states fall into, which would otherwise keep their random initial projection.
@@ -30,12 +42,18 @@ class LLMDiffAdapter(nn.Module):
         self.block_logits = nn.Parameter(torch.zeros(num_hidden_states))  # uniform over blocks at start
         self.norm = nn.LayerNorm(llm_hidden_size)
         self.proj = nn.Linear(llm_hidden_size, context_dim)
+        self.refiner = None
+        if refiner_depth:
+            if context_dim % REFINER_HEAD_DIM:
+                raise ValueError(f"a refiner needs context_dim divisible by {REFINER_HEAD_DIM}, not {context_dim}")
+            self.refiner = TokenRefiner(context_dim, context_dim, context_dim // REFINER_HEAD_DIM, refiner_depth,
+                                        mlp_ratio=4.0, causal=False)
 
     def block_weights(self) -> torch.Tensor:
         return self.block_logits.softmax(dim=0)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # hidden_states: [B, S, T, D], S = embeddings + every block
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # hidden_states: [B, S, T, D], S = embeddings + every block; mask: [B, T] (1 = token), for the refiner
         if hidden_states.shape[1:2] != (self.num_hidden_states,) or hidden_states.shape[-1] != self.llm_hidden_size:
             raise ValueError(
                 f"Adapter expects {self.num_hidden_states} hidden states of size {self.llm_hidden_size}, got "
@@ -47,7 +65,15 @@ class LLMDiffAdapter(nn.Module):
         fused = torch.einsum("s,bstd->btd", self.block_weights(), per_block)  # [B, T, D]
         if self.training and self.feature_noise:
             fused = fused + self.feature_noise * torch.randn_like(fused)
-        return self.proj(self.norm(fused.to(self.proj.weight.dtype)))       # [B, T, context_dim]
+        context = self.proj(self.norm(fused.to(self.proj.weight.dtype)))    # [B, T, context_dim]
+        if self.refiner is None:
+            return context
+        B, T = context.shape[:2]
+        mask = torch.ones(B, T, dtype=torch.bool, device=context.device) if mask is None else mask.bool()
+        # a prompt without tokens keeps one key, so its softmax is defined; the branches give it zeros (attend)
+        mask = mask.clone()
+        mask[~mask.any(-1), 0] = True
+        return self.refiner(context, mask, None)
 
 
 # (q, k, v, key_mask) -> out: q [B, N, inner], k and v [B, T, inner], key_mask [B, T] (1 = token) or None; the
@@ -154,16 +180,18 @@ class HostAdapter(nn.Module):
     """What an existing diffusion model gains: the LLM Diff Adapter (every LLM block -> context tokens) and one
     second cross-attention per cross-attention site of the host. sites: (name, width, heads) in the host's
     order; kind "decoupled" shares the host's query (DecoupledCrossAttention), "gated" has its own
-    (GatedCrossAttention); llm_gate: the new branches' gate at the start (their docstrings)."""
+    (GatedCrossAttention); llm_gate: the new branches' gate at the start (their docstrings); refiner_depth: the
+    adapter's token refiner (LLMDiffAdapter)."""
 
     def __init__(self, llm_hidden_size: int, num_hidden_states: int, context_dim: int,
-                 sites: list[tuple[str, int, int]], kind: str, feature_noise: float = 0.0, llm_gate: float = 0.0):
+                 sites: list[tuple[str, int, int]], kind: str, feature_noise: float = 0.0, llm_gate: float = 0.0,
+                 refiner_depth: int = 0):
         super().__init__()
         if kind not in ("decoupled", "gated"):
             raise ValueError(f"kind must be 'decoupled' or 'gated', not '{kind}'")
         self.kind = kind
         self.sites = [(str(n), int(w), int(h)) for n, w, h in sites]
-        self.adapter = LLMDiffAdapter(llm_hidden_size, num_hidden_states, context_dim, feature_noise)
+        self.adapter = LLMDiffAdapter(llm_hidden_size, num_hidden_states, context_dim, feature_noise, refiner_depth)
         self.branches = nn.ModuleList([
             DecoupledCrossAttention(w, context_dim, llm_gate) if kind == "decoupled"
             else GatedCrossAttention(w, context_dim, h, llm_gate)

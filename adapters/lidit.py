@@ -204,10 +204,13 @@ class TokenRefiner(nn.Module):
         self.pooled_proj = pooled_mlp(dim, ops)
         self.blocks = nn.ModuleList([RefinerBlock(dim, num_heads, mlp_ratio, ops) for _ in range(depth)])
 
-    def forward(self, tokens, mask, t_emb):
-        # tokens: [B, T, context_dim] -> [B, T, dim]
+    def forward(self, tokens, mask, t_emb=None):
+        # tokens: [B, T, context_dim] -> [B, T, dim]; t_emb: [B, dim], or None where no timestep reaches the refiner
+        # (the LLM Diff Adapter of an existing model)
         x = self.in_proj(tokens)
-        c = t_emb + self.pooled_proj(masked_mean(x, mask))
+        c = self.pooled_proj(masked_mean(x, mask))
+        if t_emb is not None:
+            c = t_emb + c
         for block in self.blocks:
             x = block(x, c, mask, causal=self.causal)
         return x

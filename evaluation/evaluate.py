@@ -266,7 +266,7 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
                     ctx.append(encoder(ids.to(device)))
                 else:
                     hidden, mask = collate([feats[c] for c in batch_captions])
-                    ctx.append(hidden_states_to_context(hidden.to(device), encoder))
+                    ctx.append(hidden_states_to_context(hidden.to(device), encoder, mask))
             masks.append(mask.to(device))
         return ctx, masks
 

@@ -112,7 +112,8 @@ class Sampler:
 
         def context(batch):
             hidden, mask = collate([feats[c] for c in batch])
-            return [hidden_states_to_context(hidden.to(self.device), self.adapter)], [mask.to(self.device)]
+            mask = mask.to(self.device)
+            return [hidden_states_to_context(hidden.to(self.device), self.adapter, mask)], [mask]
 
         noise = [torch.randn(3, self.resolution, self.resolution, generator=torch.Generator().manual_seed(seed + k))
                  for k in range(images)]

@@ -35,6 +35,7 @@ from comfy_api.v0_0_2 import io
 
 from ..adapters.checkpoint import CheckpointError, load_host_adapter, read_metadata, trained_on_contributions
 from ..adapters.diff_adapter import HostAdapter, heads_attention, lidit_cross_attention_replace, lidit_sites
+from ..adapters.lidit import set_attention_kernel
 from .lidit_model import LIDiTNet, comfy_attention
 
 COND_KEY = "llm_diff_adapter_tokens"   # model_conds entry: [B, T, S * D + 2]: hidden states, token mask, and 1
@@ -167,7 +168,7 @@ def fuse_tokens(host: HostAdapter, tokens: torch.Tensor, name: str, llm: str, co
     weight = a.proj.weight
     hidden = tokens[..., :-2].to(weight.device, torch.float32).view(B, T, a.num_hidden_states, a.llm_hidden_size)
     mask = tokens[..., -2].to(weight.device) > 0.5
-    return a(hidden.permute(0, 2, 1, 3).to(weight.dtype)), mask
+    return a(hidden.permute(0, 2, 1, 3).to(weight.dtype), mask), mask
 
 
 def check_llm_encodings(conds: list) -> None:
@@ -258,6 +259,7 @@ def adapter_patcher(host: HostAdapter) -> comfy.model_patcher.ModelPatcher:
 def _load(path: str, mtime: float):
     host, info = load_host_adapter(path)
     host.eval().requires_grad_(False)
+    set_attention_kernel(host, comfy_attention)  # the adapter's refiner, if it has one
     return host, info, adapter_patcher(host)
 
 

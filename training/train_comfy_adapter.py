@@ -39,8 +39,9 @@ from adapters.checkpoint import save_host_adapter  # noqa: E402
 from adapters.conditioning import hidden_states_to_context  # noqa: E402
 from adapters.diff_adapter import HostAdapter  # noqa: E402
 from training.features import caption_features, encoder_settings  # noqa: E402
-from training.train_lidit import (HOST_TEXT_DROPOUT, LLM_GATE, STREAM_STRIDE, DivergedError,  # noqa: E402
-                                  FolderData, LossLog, check_gradients, diverged, load_optimizer_state,
+from training.train_lidit import (ADAPTER_REFINER_DEPTH, HOST_TEXT_DROPOUT, LLM_GATE, STREAM_STRIDE,  # noqa: E402
+                                  DivergedError, FolderData, LossLog, adapter_refiner_error, check_gradients,
+                                  diverged, load_optimizer_state,
                                   load_training_state, lr_at, recover_checkpoint, refuse_existing_run,
                                   save_training_state)
 
@@ -76,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--llm-gate", type=float, default=LLM_GATE,
                    help="the new branches' gate at the start: 0 closed (the paper), > 0 open with the value projection "
                         "at zero (adapters.diff_adapter.DecoupledCrossAttention)")
+    p.add_argument("--adapter-refiner-depth", type=int, default=ADAPTER_REFINER_DEPTH,
+                   help="bidirectional token refiner blocks after the adapter's projection "
+                        "(adapters.diff_adapter.LLMDiffAdapter)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--export-weights", default="ema", choices=["ema", "raw"])
     p.add_argument("--weight-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -96,6 +100,8 @@ def parse_args(argv=None):
                 "loaded (pickled .ckpt/.pt files can run arbitrary code). Convert it to safetensors first.")
     if not 0 <= args.host_text_dropout <= 1:
         p.error("--host-text-dropout is a share of images, from 0 to 1")
+    if adapter_refiner_error(args.adapter_refiner_depth, args.context_dim):
+        p.error(adapter_refiner_error(args.adapter_refiner_depth, args.context_dim))
     for flag, path in (("--checkpoint", args.checkpoint), ("--llm", args.llm), ("--data", args.data)):
         if not os.path.exists(path):
             p.error(f"{flag} '{path}' does not exist.")
@@ -307,7 +313,8 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)  # the adapter's initial weights
     host = HostAdapter(llm_hidden_size, num_states, args.context_dim, sites,
-                       "decoupled" if family in ("unet", "lidit") else "gated", llm_gate=args.llm_gate)
+                       "decoupled" if family in ("unet", "lidit") else "gated", llm_gate=args.llm_gate,
+                       refiner_depth=args.adapter_refiner_depth)
     ema = copy.deepcopy(host).requires_grad_(False)
     info = {"family": family, "llm": settings["llm"]}
     patched = dan.apply_host_adapter(model, host, info, args.name, 1.0)

@@ -35,7 +35,8 @@ from adapters import captions, shapes_world  # noqa: E402
 from adapters.checkpoint import (load_adapter, load_lidit, load_word_encoder, save_adapter,  # noqa: E402
                                  save_host_adapter, save_lidit, save_word_encoder)
 from adapters.conditioning import hidden_states_to_context  # noqa: E402
-from adapters.diff_adapter import AdaptedLIDiT, HostAdapter, LLMDiffAdapter, lidit_sites  # noqa: E402
+from adapters.diff_adapter import (REFINER_HEAD_DIM, AdaptedLIDiT, HostAdapter, LLMDiffAdapter,  # noqa: E402
+                                   lidit_sites)
 from adapters.lidit import (PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler,  # noqa: E402
                             scores_attention, set_attention_kernel)
 from adapters.word_encoder import WordEncoder, build_vocabulary  # noqa: E402
@@ -47,6 +48,7 @@ log = logging.getLogger("train_lidit")
 # on an existing model", has the runs that chose it.
 HOST_TEXT_DROPOUT = 0.5
 LLM_GATE = 1.0
+ADAPTER_REFINER_DEPTH = 2
 
 
 def parse_args(argv=None):
@@ -67,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--llm-gate", type=float, default=None,
                    help="--base: the new branches' gate a at the start: 0 closed (the paper), > 0 open with the value "
                         f"projection at zero (adapters.diff_adapter.DecoupledCrossAttention; default {LLM_GATE})")
+    p.add_argument("--adapter-refiner-depth", type=int, default=None,
+                   help="--base: bidirectional token refiner blocks after the adapter's projection "
+                        f"(adapters.diff_adapter.LLMDiffAdapter; default {ADAPTER_REFINER_DEPTH})")
     p.add_argument("--data", default="shapes", help="'shapes' or a folder of images + .txt captions")
     p.add_argument("--out", required=True)
     p.add_argument("--name", default="lidit")
@@ -135,14 +140,28 @@ def parse_args(argv=None):
                 "--layers all")
     if args.base and (len(args.llm) != 1 or args.layers != "all"):
         p.error("--base trains one LLM Diff Adapter: give exactly one --llm and --layers all")
-    if not args.base and (args.host_text_dropout is not None or args.llm_gate is not None):
-        p.error("--host-text-dropout and --llm-gate shape adapter-only training: they need --base")
+    adapter_only = (args.host_text_dropout, args.llm_gate, args.adapter_refiner_depth)
+    if not args.base and any(a is not None for a in adapter_only):
+        p.error("--host-text-dropout, --llm-gate and --adapter-refiner-depth shape adapter-only training: they "
+                "need --base")
     if args.base:
         args.host_text_dropout = HOST_TEXT_DROPOUT if args.host_text_dropout is None else args.host_text_dropout
         args.llm_gate = LLM_GATE if args.llm_gate is None else args.llm_gate
+        args.adapter_refiner_depth = ADAPTER_REFINER_DEPTH if args.adapter_refiner_depth is None \
+            else args.adapter_refiner_depth
         if not 0 <= args.host_text_dropout <= 1:
             p.error("--host-text-dropout is a share of samples, from 0 to 1")
+        if adapter_refiner_error(args.adapter_refiner_depth, args.context_dim):
+            p.error(adapter_refiner_error(args.adapter_refiner_depth, args.context_dim))
     return args
+
+
+def adapter_refiner_error(depth: int, context_dim: int) -> str | None:
+    """What is wrong with --adapter-refiner-depth for this --context-dim (both trainers), or None."""
+    if depth < 0 or (depth and context_dim % REFINER_HEAD_DIM):
+        return (f"--adapter-refiner-depth is a number of blocks (>= 0), and a refiner needs --context-dim divisible "
+                f"by {REFINER_HEAD_DIM} (got depth {depth}, context dim {context_dim})")
+    return None
 
 
 class ShapesData:
@@ -235,14 +254,14 @@ class Trainable(torch.nn.Module):
         self.adapters = torch.nn.ModuleList([a if a is not None else torch.nn.Identity() for a in adapters])
         self.has_adapter = [a is not None for a in adapters]
 
-    def contexts(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """inputs[i]: LLM hidden states [B, S, T, D], or token ids [B, T] for a WordEncoder."""
-        return [a(x) if isinstance(a, WordEncoder) else hidden_states_to_context(x, a if use else None)
-                for x, a, use in zip(inputs, self.adapters, self.has_adapter)]
+    def contexts(self, inputs: list[torch.Tensor], masks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """inputs[i]: LLM hidden states [B, S, T, D], or token ids [B, T] for a WordEncoder; masks[i]: [B, T]."""
+        return [a(x) if isinstance(a, WordEncoder) else hidden_states_to_context(x, a if use else None, m)
+                for x, m, a, use in zip(inputs, masks, self.adapters, self.has_adapter)]
 
     def forward(self, x0, inputs, masks, noise=None, t=None) -> torch.Tensor:
         """The flow-matching loss; called through the prepared (DDP) model so that gradients sync across ranks."""
-        return flow_matching_loss(self.lidit, x0, self.contexts(inputs), masks, noise=noise, t=t)
+        return flow_matching_loss(self.lidit, x0, self.contexts(inputs, masks), masks, noise=noise, t=t)
 
 
 def text_streams(args, all_captions: list[str], train_captions: list[str], accelerator):
@@ -292,7 +311,7 @@ def host_adapter_of(trainable: Trainable) -> HostAdapter:
     HostAdapter, ready to save."""
     adapter, lidit = trainable.adapters[-1], trainable.lidit
     host = HostAdapter(adapter.llm_hidden_size, adapter.num_hidden_states, adapter.context_dim,
-                       lidit_sites(lidit.base.config), "decoupled")
+                       lidit_sites(lidit.base.config), "decoupled", refiner_depth=adapter.refiner_depth)
     host.adapter.load_state_dict(adapter.state_dict())
     host.branches.load_state_dict(lidit.branches.state_dict())
     return host
@@ -515,10 +534,10 @@ def evaluate(model: Trainable, batch_inputs, args, device, num: int) -> float:
     uncond = batch_inputs([""] * len(scenes))
     g = torch.Generator().manual_seed(1234)
     noise = torch.randn(len(scenes), 3, args.resolution, args.resolution, generator=g).to(device)
-    ctx = model.contexts([h.to(device) for h, _ in hidden])
-    uctx = model.contexts([h.to(device) for h, _ in uncond])
-    x = sample_euler(model.lidit, noise, ctx, [m.to(device) for _, m in hidden], steps=20, cfg=3.0,
-                     uncond_contexts=uctx, uncond_masks=[m.to(device) for _, m in uncond])
+    masks, umasks = [m.to(device) for _, m in hidden], [m.to(device) for _, m in uncond]
+    ctx = model.contexts([h.to(device) for h, _ in hidden], masks)
+    uctx = model.contexts([h.to(device) for h, _ in uncond], umasks)
+    x = sample_euler(model.lidit, noise, ctx, masks, steps=20, cfg=3.0, uncond_contexts=uctx, uncond_masks=umasks)
     imgs = ((x.float().cpu() + 1) / 2).clamp(0, 1)
     return sum(shapes_world.check(img, s)["overall"] for img, s in zip(imgs, scenes)) / len(scenes)
 
@@ -554,7 +573,8 @@ def main(argv=None):
                 for i, (to_input, _, _, _) in enumerate(streams)]
     if args.base:
         host = HostAdapter(adapters[-1].llm_hidden_size, adapters[-1].num_hidden_states, args.context_dim,
-                           lidit_sites(base.config), "decoupled", args.feature_noise, args.llm_gate)
+                           lidit_sites(base.config), "decoupled", args.feature_noise, args.llm_gate,
+                           args.adapter_refiner_depth)
         if args.host_gate == "fixed":
             for branch in host.branches:
                 branch.host_gate_a.requires_grad_(False)

@@ -268,7 +268,7 @@ def test_extra_tensor_is_reported(tmp_path, wake):
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.pop("context_dim"), "no integer 'context_dim' in its metadata \\(found None\\)"),
     (lambda m: m.update(num_hidden_states="four"), "no integer 'num_hidden_states' in its metadata \\(found 'four'\\)"),
-    (lambda m: m.update(llm_hidden_size="-24"), "llm_hidden_size=-24 .* must be positive"),
+    (lambda m: m.update(llm_hidden_size="-24"), "llm_hidden_size=-24 .* must be at least 1"),
     (lambda m: m.update(llm_hidden_size=str(2 ** 30)), "does not match its own config"),
 ], ids=["missing", "not-an-integer", "negative", "huge"])
 def test_broken_adapter_metadata_is_a_checkpoint_error(tmp_path, edit, message):

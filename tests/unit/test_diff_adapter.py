@@ -1,14 +1,17 @@
 """adapters.diff_adapter (LLM Diff Adapter, gated cross-attention) and adapters.conditioning."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from adapters.conditioning import hidden_states_to_context
-from adapters.diff_adapter import GatedCrossAttention, LLMDiffAdapter
+from adapters.diff_adapter import REFINER_HEAD_DIM, GatedCrossAttention, LLMDiffAdapter
 
 D, S, C = 24, 4, 16
+RC = 2 * REFINER_HEAD_DIM  # a context size that a refiner takes
 
 
 def hidden(B=2, T=5, seed=0):
@@ -325,3 +328,84 @@ def _unseen_direction_response(feature_noise: float) -> float:
 def test_feature_noise_shrinks_the_response_to_unseen_directions():
     # the reason for the noise: without it, what training never spanned keeps its random projection
     assert _unseen_direction_response(0.5) < 0.5 * _unseen_direction_response(0.0)
+
+
+def refined_adapter(depth: int = 2) -> LLMDiffAdapter:
+    torch.manual_seed(0)
+    adapter = LLMDiffAdapter(D, S, RC, refiner_depth=depth).eval()
+    with torch.no_grad():  # a fresh refiner's residual gates are zero: open them, as training does
+        for block in adapter.refiner.blocks:
+            block.adaLN_gates[1].bias.fill_(0.5)
+    return adapter
+
+
+def test_the_refiner_lets_each_token_read_the_words_after_it():
+    """Without a refiner each context token is its own LLM state, which a causal LLM computed without the words
+    after it; with one, the first token's context changes when the last word does."""
+    h = hidden(B=1, T=5)
+    later = h.clone()
+    later[:, :, -1] = torch.randn(S, D)
+    plain = LLMDiffAdapter(D, S, RC)
+    assert torch.equal(plain(h)[:, 0], plain(later)[:, 0])
+    adapter = refined_adapter()
+    assert (adapter(h)[:, 0] - adapter(later)[:, 0]).abs().max() > 1e-3
+
+
+def test_the_refiner_ignores_padding_and_survives_a_prompt_without_tokens():
+    adapter = refined_adapter()
+    h = hidden(B=1, T=5)
+    padded = torch.cat([h, 100 * torch.randn(1, S, 3, D)], dim=2)
+    mask = torch.tensor([[1] * 5 + [0] * 3])
+    torch.testing.assert_close(adapter(padded, mask)[:, :5], adapter(h), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(adapter(padded, torch.zeros_like(mask))).all()
+
+
+def test_hidden_states_to_context_passes_the_mask_to_the_refiner():
+    adapter = refined_adapter()
+    h = torch.cat([hidden(B=1, T=4), hidden(B=1, T=4, seed=1)], dim=2)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0]])
+    torch.testing.assert_close(hidden_states_to_context(h, adapter, mask), adapter(h, mask))
+    assert not torch.allclose(hidden_states_to_context(h, adapter, mask), adapter(h))
+
+
+def test_a_refiner_needs_a_context_size_of_whole_heads():
+    with pytest.raises(ValueError, match=f"divisible by {REFINER_HEAD_DIM}"):
+        LLMDiffAdapter(D, S, REFINER_HEAD_DIM + 8, refiner_depth=1)
+
+
+def test_host_adapter_with_a_refiner_round_trips_and_a_fresh_one_leaves_the_base_bit_for_bit(tmp_path):
+    base = tiny_lidit().requires_grad_(False)
+    host = HostAdapter(D, S, RC, [(f"block{i}", 32, 4) for i in range(2)], "decoupled", llm_gate=1.0,
+                       refiner_depth=2)
+    model = AdaptedLIDiT(base, host.branches)
+    x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    ctx, masks = [torch.randn(2, 5, 16)], [torch.ones(2, 5, dtype=torch.long)]
+    llm_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    llm = host.adapter(hidden(T=6), llm_mask)
+    assert torch.equal(model(x, t, ctx + [llm], masks + [llm_mask]), base(x, t, ctx, masks))
+
+    path = str(tmp_path / "refined.safetensors")
+    save_host_adapter(path, host, "lidit", "tiny-llm")
+    loaded, info = load_host_adapter(path)
+    assert loaded.adapter.refiner_depth == 2 and info["refiner_depth"] == "2"
+    for (n, a), b in zip(host.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), n
+
+    from safetensors.torch import load_file, save_file
+    save_file(load_file(path), path, metadata={**{k: str(v) for k, v in info.items() if k != "sites"},
+                                               "format": "llm-host-adapter", "sites": json.dumps(host.sites),
+                                               "refiner_depth": "3"})
+    with pytest.raises(CheckpointError, match="refiner_depth says 3 but the file holds 2"):
+        load_host_adapter(path)
+
+
+def test_an_adapter_file_from_before_refiners_loads_without_one(tmp_path):
+    """Files written before the refiner existed carry no refiner_depth: they load as they always did."""
+    from safetensors.torch import load_file, save_file
+    from adapters.checkpoint import load_adapter, read_metadata
+    path = _plain_adapter(tmp_path)
+    meta = read_metadata(path, "llm-diff-adapter")
+    del meta["refiner_depth"]
+    save_file(load_file(path), path, metadata=meta)
+    adapter, _ = load_adapter(path)
+    assert adapter.refiner is None

@@ -363,11 +363,23 @@ def test_feature_noise_reaches_the_adapter_of_an_adapter_only_run(monkeypatch, t
     train(tmp_path / "adapter", [tiny_llm_dirs["llama"]], 1, "--base", os.path.join(base, "lidit.safetensors"),
           "--feature-noise", "0.2", "--eval-samples", "0")
     adapter = built[0].adapter  # the trained one (an export builds another)
-    assert adapter.training
+    assert adapter.training and adapter.refiner is None  # no refiner unless asked for
     states = torch.randn(1, adapter.num_hidden_states, 3, adapter.llm_hidden_size)
     with torch.no_grad():
         assert not torch.equal(adapter(states), adapter(states)), "no noise on the trained adapter's input"
         assert torch.equal(adapter.eval()(states), adapter(states))  # and none outside training
+
+
+def test_an_adapter_only_run_with_a_refiner_exports_it(tmp_path, tiny_llm_dirs):
+    from adapters.checkpoint import load_host_adapter
+    # adaLN-Zero: a base trained for fewer steps passes no gradient through its blocks to the adapter yet
+    base = train(tmp_path / "base", [], 3, "--text-encoder", "learned", "--eval-samples", "0")
+    out = train(tmp_path / "adapter", [tiny_llm_dirs["llama"]], 3, "--base", os.path.join(base, "lidit.safetensors"),
+                "--adapter-refiner-depth", "1", "--context-dim", "32", "--eval-samples", "0")
+    host, _ = load_host_adapter(os.path.join(out, "lidit.safetensors"))
+    assert host.adapter.refiner_depth == 1
+    # the refiner trained: its residual gates start at zero and moved
+    assert host.adapter.refiner.blocks[0].adaLN_gates[1].weight.abs().sum() > 0
 
 
 @pytest.mark.parametrize("share", [0.0, 1.0])
@@ -396,10 +408,16 @@ def test_host_text_dropout_gives_the_base_the_empty_prompt_and_the_llm_the_capti
 
 
 def test_adapter_recipe_flags_need_base(capsys):
-    from training.train_lidit import HOST_TEXT_DROPOUT, LLM_GATE, parse_args
-    for flag in ("--host-text-dropout", "--llm-gate"):
+    from training.train_lidit import ADAPTER_REFINER_DEPTH, HOST_TEXT_DROPOUT, LLM_GATE, parse_args
+    for flag, value in (("--host-text-dropout", "0.5"), ("--llm-gate", "0.5"), ("--adapter-refiner-depth", "1")):
         with pytest.raises(SystemExit):
-            parse_args(["--out", "x", "--text-encoder", "learned", flag, "0.5"])
+            parse_args(["--out", "x", "--text-encoder", "learned", flag, value])
         assert "they need --base" in capsys.readouterr().err
     args = parse_args(["--out", "x", "--llm", "m.gguf", "--base", "b.safetensors"])
-    assert (args.host_text_dropout, args.llm_gate) == (HOST_TEXT_DROPOUT, LLM_GATE)  # the adapter recipe's
+    assert (args.host_text_dropout, args.llm_gate, args.adapter_refiner_depth) == (
+        HOST_TEXT_DROPOUT, LLM_GATE, ADAPTER_REFINER_DEPTH)  # the adapter recipe's
+    for depth, context in (("-1", "128"), ("2", "48")):
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "x", "--llm", "m.gguf", "--base", "b.safetensors", "--adapter-refiner-depth", depth,
+                        "--context-dim", context])
+        assert f"got depth {depth}, context dim {context}" in capsys.readouterr().err
