@@ -72,7 +72,7 @@ class LLMDiffAdapter(nn.Module):
         mask = torch.ones(B, T, dtype=torch.bool, device=context.device) if mask is None else mask.bool()
         # a prompt without tokens keeps one key, so its softmax is defined; the branches give it zeros (attend)
         mask = mask.clone()
-        mask[~mask.any(-1), 0] = True
+        mask[:, 0] |= ~mask.any(-1)
         return self.refiner(context, mask, None)
 
 

@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from training.train_comfy_adapter import comfyui_folder, import_comfyui  # noqa: E402
+from training.train_lidit import ADAPTER_REFINER_DEPTH  # noqa: E402
 
 # ComfyUI 0.3.75's own UNet configs of the two families (comfy/model_detection.py, unet_config_from_diffusers_unet)
 UNETS = {
@@ -85,7 +86,8 @@ def main(argv=None) -> None:
         for name, config in UNETS.items():
             net = UNetModel(**config, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
             _, sites = dan.host_family(net)
-            adapter = count(HostAdapter(hidden, states, args.context_dim, sites, "decoupled"))
+            adapter = count(HostAdapter(hidden, states, args.context_dim, sites, "decoupled",
+                                        refiner_depth=ADAPTER_REFINER_DEPTH))
             unet = count(net)
             encoding = (4 * llm_params + 2 * text[name] + 4 * vae) / GiB
             training = (2 * unet + ADAPTER_BYTES * adapter) / GiB

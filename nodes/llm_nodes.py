@@ -17,9 +17,7 @@ from comfy_api.v0_0_2 import io, ui
 from ..adapters import gguf_weights, llm_encoder, llm_generate
 from ..adapters.checkpoint import load_adapter, trained_on_contributions
 from ..adapters.conditioning import hidden_states_to_context
-from ..adapters.lidit import set_attention_kernel
 from . import model_folders
-from .lidit_model import comfy_attention
 from .types import DTYPES, LLM, LLM_ADAPTER
 
 log = logging.getLogger(__name__)
@@ -259,7 +257,6 @@ class LLMAdapterLoader(io.ComfyNode):
         adapter, meta = load_adapter(folder_paths.get_full_path_or_raise("llm_adapters", adapter_name))
         adapter.name = adapter_name
         adapter.meta = meta
-        set_attention_kernel(adapter, comfy_attention)  # its refiner, if it has one
         return io.NodeOutput(adapter.eval().requires_grad_(False))
 
 

@@ -468,7 +468,12 @@ def recover_checkpoint(path: str) -> int | None:
 
 def load_training_state(path: str, trainable, ema, opt=None) -> int:
     """The checkpoint's weights and EMA, and its optimizer state where opt is given; returns its step."""
-    trainable.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    try:
+        trainable.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    except RuntimeError as e:
+        raise SystemExit(f"The checkpoint in '{path}' holds another model than these flags build "
+                         f"({' '.join(str(e).split())[:300]}). Resume with the flags the run was started with: "
+                         f"they are under 'args' in {os.path.join(path, 'state.json')}.") from e
     ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
     if opt is not None:
         load_optimizer_state(path, opt)

@@ -18,6 +18,7 @@ from training.train_lidit import main
 
 TINY = ["--batch-size", "4", "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--context-dim", "16",
         "--pool-size", "25", "--save-every", "3", "--eval-samples", "2", "--resolution", "16", "--threads", "1"]
+ADAPTER = ["--context-dim", "32"]  # adapter-only runs: the default token refiner needs whole heads of 32
 
 
 def train(out, llms, steps: int, *extra: str) -> str:
@@ -245,7 +246,7 @@ def test_adapter_only_training_freezes_the_base_and_saves_one_file(tmp_path, tin
     base_dir = train(tmp_path / "base", [], 3, "--text-encoder", "learned", "--eval-samples", "0")
     base_path = os.path.join(base_dir, "lidit.safetensors")
     out = train(tmp_path / "adapter", [tiny_llm_dirs["llama"]], 4, "--base", base_path, "--name", "host",
-                "--export-weights", "raw", "--lr", "1e-2", "--warmup", "1")
+                "--export-weights", "raw", "--lr", "1e-2", "--warmup", "1", *ADAPTER)
     host, info = load_host_adapter(os.path.join(out, "host.safetensors"))
     base, _ = load_lidit(base_path)
     assert info["family"] == "lidit" and info["llm"] == os.path.basename(tiny_llm_dirs["llama"])
@@ -269,11 +270,24 @@ def test_adapter_only_training_freezes_the_base_and_saves_one_file(tmp_path, tin
     assert torch.isfinite(img).all()
 
 
-def test_adapter_only_training_takes_one_llm_and_every_layer(tmp_path, tiny_llm_dirs):
+def test_adapter_only_training_takes_one_llm_and_every_layer(tmp_path, tiny_llm_dirs, capsys):
     with pytest.raises(SystemExit):
-        train(tmp_path / "out", [tiny_llm_dirs["llama"]] * 2, 1, "--base", "base.safetensors")
+        train(tmp_path / "out", [tiny_llm_dirs["llama"]] * 2, 1, "--base", "base.safetensors", *ADAPTER)
+    assert "exactly one --llm and --layers all" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        train(tmp_path / "out", [tiny_llm_dirs["llama"]], 1, "--base", "base.safetensors", "--layers", "last")
+        train(tmp_path / "out", [tiny_llm_dirs["llama"]], 1, "--base", "base.safetensors", "--layers", "last",
+              *ADAPTER)
+    assert "exactly one --llm and --layers all" in capsys.readouterr().err
+
+
+def test_resuming_with_other_model_flags_names_where_the_run_s_flags_are(tmp_path, tiny_llm_dirs):
+    base = train(tmp_path / "base", [], 1, "--text-encoder", "learned", "--eval-samples", "0")
+    base_file = os.path.join(base, "lidit.safetensors")
+    out = train(tmp_path / "adapter", [tiny_llm_dirs["llama"]], 3, "--base", base_file, "--eval-samples", "0",
+                *ADAPTER)
+    with pytest.raises(SystemExit, match=r"holds another model than these flags build .*refiner.*state\.json"):
+        train(out, [tiny_llm_dirs["llama"]], 4, "--base", base_file, "--eval-samples", "0", "--resume",
+              "--adapter-refiner-depth", "0", *ADAPTER)
 
 
 def test_preset_takes_the_papers_sizes():
@@ -361,9 +375,9 @@ def test_feature_noise_reaches_the_adapter_of_an_adapter_only_run(monkeypatch, t
     monkeypatch.setattr(trainer, "HostAdapter", lambda *a, **k: built.append(HostAdapter(*a, **k)) or built[-1])
     base = train(tmp_path / "base", [], 1, "--text-encoder", "learned", "--eval-samples", "0")
     train(tmp_path / "adapter", [tiny_llm_dirs["llama"]], 1, "--base", os.path.join(base, "lidit.safetensors"),
-          "--feature-noise", "0.2", "--eval-samples", "0")
+          "--feature-noise", "0.2", "--eval-samples", "0", *ADAPTER)
     adapter = built[0].adapter  # the trained one (an export builds another)
-    assert adapter.training and adapter.refiner is None  # no refiner unless asked for
+    assert adapter.training and adapter.refiner_depth == 2  # the recipe's refiner
     states = torch.randn(1, adapter.num_hidden_states, 3, adapter.llm_hidden_size)
     with torch.no_grad():
         assert not torch.equal(adapter(states), adapter(states)), "no noise on the trained adapter's input"
@@ -375,7 +389,7 @@ def test_an_adapter_only_run_with_a_refiner_exports_it(tmp_path, tiny_llm_dirs):
     # adaLN-Zero: a base trained for fewer steps passes no gradient through its blocks to the adapter yet
     base = train(tmp_path / "base", [], 3, "--text-encoder", "learned", "--eval-samples", "0")
     out = train(tmp_path / "adapter", [tiny_llm_dirs["llama"]], 3, "--base", os.path.join(base, "lidit.safetensors"),
-                "--adapter-refiner-depth", "1", "--context-dim", "32", "--eval-samples", "0")
+                "--adapter-refiner-depth", "1", "--eval-samples", "0", *ADAPTER)
     host, _ = load_host_adapter(os.path.join(out, "lidit.safetensors"))
     assert host.adapter.refiner_depth == 1
     # the refiner trained: its residual gates start at zero and moved
@@ -400,7 +414,7 @@ def test_host_text_dropout_gives_the_base_the_empty_prompt_and_the_llm_the_capti
     base = train(tmp_path / "base", [], 1, "--text-encoder", "learned", "--eval-samples", "0")
     seen["base"].clear(), seen["llm"].clear()
     train(tmp_path / "adapter", [tiny_llm_dirs["llama"]], 2, "--base", os.path.join(base, "lidit.safetensors"),
-          "--host-text-dropout", str(share), "--caption-dropout", "0", "--eval-samples", "0")
+          "--host-text-dropout", str(share), "--caption-dropout", "0", "--eval-samples", "0", *ADAPTER)
     assert len(seen["base"]) == len(seen["llm"]) == 2  # one call per training step
     for host, llm in zip(seen["base"], seen["llm"]):
         assert all(llm)
