@@ -269,19 +269,19 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], *, instruction: str | No
         pieces = prompt_weights.parse_weights(p) if weighted else [(p, 1.0)]
         text = "".join(t for t, _ in pieces)
         stripped = text.strip()
-        has_weights = any(w != 1.0 for _, w in pieces)
-        if has_weights and not getattr(tokenizer, "is_fast", False):
+        weighted_prompt = prompt_weights.has_weights(w for _, w in pieces)
+        if weighted_prompt and not getattr(tokenizer, "is_fast", False):
             raise LLMError("Prompt weights need to know which characters each token covers, which this LLM's "
                            "tokenizer (a slow, Python one) cannot tell. Remove the weights, or load the LLM from a "
                            "folder with tokenizer.json or from a GGUF file.")
         ids, token_weights = [], []
         if stripped:
             tokens = tokenizer(stripped, add_special_tokens=False, split_special_tokens=True,
-                               return_offsets_mapping=has_weights)
+                               return_offsets_mapping=weighted_prompt)
             ids = tokens["input_ids"]
             token_weights = prompt_weights.token_weights(pieces, tokens["offset_mapping"],
                                                          shift=len(text) - len(text.lstrip())) \
-                if has_weights else [1.0] * len(ids)
+                if weighted_prompt else [1.0] * len(ids)
         truncated.append(max(0, len(ids) - max_tokens))
         prompt_ids.append(ids[:max_tokens])
         weights.append(token_weights[:max_tokens])
@@ -440,7 +440,7 @@ def encode_one_pass(model, tokenizer, prompts: Sequence[str], *, instruction: st
     rows, spans, plans = [], [], []  # spans[b]: prompt b's rows; plans[b]: its weights' plan, None without any
     filler = filler_token(tokenizer) if any(w not in (0.0, 1.0) for ws in weights for w in ws) else None
     for ids, ws in zip(prompt_ids, weights):
-        plan = prompt_weights.plan_weights(ids, ws, filler) if any(w != 1.0 for w in ws) else None
+        plan = prompt_weights.plan_weights(ids, ws, filler) if prompt_weights.has_weights(ws) else None
         spans.append(slice(len(rows), len(rows) + (len(plan.rows) if plan else 1)))
         rows += plan.rows if plan else [ids]
         plans.append(plan)

@@ -97,8 +97,9 @@ def merge_pieces(pieces: list[tuple[str, float]]) -> list[tuple[str, float]]:
     return merged
 
 
-def has_weights(text: str) -> bool:
-    return any(w != 1.0 for _, w in parse_weights(text))
+def has_weights(weights) -> bool:
+    """Whether any of the weights differs from 1: a prompt whose weights are all 1 encodes as it always did."""
+    return any(w != 1.0 for w in weights)
 
 
 def token_weights(pieces: list[tuple[str, float]], offsets: list[tuple[int, int]], shift: int = 0) -> list[float]:

@@ -26,8 +26,9 @@ def test_the_syntax_parses_as_comfyui_reads_it(text, pieces):
 
 
 def test_only_a_weight_other_than_one_counts():
-    assert not has_weights("a (red:1.0) circle") and not has_weights("a \\(red\\) circle")
-    assert has_weights("a (red) circle") and has_weights("a [red] circle")
+    weights = lambda text: [w for _, w in parse_weights(text)]  # noqa: E731
+    assert not has_weights(weights("a (red:1.0) circle")) and not has_weights(weights("a \\(red\\) circle"))
+    assert has_weights(weights("a (red) circle")) and has_weights(weights("a [red] circle"))
 
 
 def weighted(model, tok, text, **options):
