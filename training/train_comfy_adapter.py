@@ -100,8 +100,8 @@ def parse_args(argv=None):
                 "loaded (pickled .ckpt/.pt files can run arbitrary code). Convert it to safetensors first.")
     if not 0 <= args.host_text_dropout <= 1:
         p.error("--host-text-dropout is a share of images, from 0 to 1")
-    if adapter_refiner_error(args.adapter_refiner_depth, args.context_dim):
-        p.error(adapter_refiner_error(args.adapter_refiner_depth, args.context_dim))
+    if error := adapter_refiner_error(args.adapter_refiner_depth, args.context_dim):
+        p.error(error)
     for flag, path in (("--checkpoint", args.checkpoint), ("--llm", args.llm), ("--data", args.data)):
         if not os.path.exists(path):
             p.error(f"{flag} '{path}' does not exist.")

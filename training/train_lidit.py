@@ -151,8 +151,8 @@ def parse_args(argv=None):
             else args.adapter_refiner_depth
         if not 0 <= args.host_text_dropout <= 1:
             p.error("--host-text-dropout is a share of samples, from 0 to 1")
-        if adapter_refiner_error(args.adapter_refiner_depth, args.context_dim):
-            p.error(adapter_refiner_error(args.adapter_refiner_depth, args.context_dim))
+        if error := adapter_refiner_error(args.adapter_refiner_depth, args.context_dim):
+            p.error(error)
     return args
 
 
