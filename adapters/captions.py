@@ -11,6 +11,10 @@ Two splits keep things out of training:
   combination  shapes_world.states_held_out / shows_held_out: colour-shape-position triples, pairs of objects
                and counts that no training caption asks for and no training image shows.
 
+Colours beyond the seven (OPEN_COLORS below): a colour name of the xkcd survey ("a dusty rose circle") or a thing
+whose colour everyone knows ("a circle the color of the sky"), keyed as shapes_world.PALETTE keys them. A third
+split keeps a fifth of them, spread over the hues, out of every training caption (HELD_OUT_COLORS).
+
 The trainer draws its captions from training_pool (a fixed list, so that their LLM features are computed once)
 and a fresh layout for each sample (relayout): the captions are finite, the (image, caption) pairs are not.
 """
@@ -19,9 +23,13 @@ from __future__ import annotations
 import random
 import re
 import string
+from dataclasses import dataclass
 
-from .shapes_world import (COLORS, POSITIONS, RELATIONS, SHAPES, Mention, Relation, Scene, ShapeObject,
-                           shows_held_out, states_held_out, verdict)
+import torch
+
+from . import colour_names
+from .shapes_world import (BACKGROUND, COLORS, MIN_BACKGROUND_DE, PALETTE, POSITIONS, RELATIONS, SHAPES, Mention,
+                           Relation, Scene, ShapeObject, shows_held_out, states_held_out, verdict)
 
 # Kept out of training, here and nowhere else: a caption with any of these words is an unseen wording. Every
 # colour, shape, position and relation keeps at least two seen phrasings.
@@ -97,6 +105,102 @@ TEMPLATES = {
 CELLS = list(POSITIONS)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Colours beyond the seven
+
+
+def _lab(key: str) -> torch.Tensor:
+    return colour_names.srgb_to_lab(torch.tensor(PALETTE[key]))
+
+
+def _open_names() -> tuple[str, ...]:
+    """The survey's names a caption can say: plain words, none crude (colour_names.usable_names); none that the
+    seven colours' words already give another colour ("red", "lemon", "snow white") and none with a held-out word
+    ("cobalt blue"), so that the other splits stay what they are; at most three words ("blue with a hint of purple"
+    is a sentence); and visible on the background."""
+    taken = {w for phrases in COLOR_WORDS.values() for p in phrases for w in [p, *p.split()]}
+    background = colour_names.srgb_to_lab(torch.tensor(BACKGROUND))
+    return tuple(c.name for c in colour_names.usable_names(colour_names.read_colour_list(), taken)
+                 if len(c.name.split()) <= 3 and not HELD_OUT_WORDS.intersection(c.name.split())
+                 and (_lab(c.name) - background).norm() >= MIN_BACKGROUND_DE)
+
+
+OPEN_NAMES = _open_names()
+# a thing's word (its PALETTE key) -> the noun phrase a description says ("the sky"), for things visible on the
+# background
+THINGS = {t.colour.name: t.phrase for t in colour_names.read_things()
+          if (_lab(t.colour.name) - colour_names.srgb_to_lab(torch.tensor(BACKGROUND))).norm() >= MIN_BACKGROUND_DE}
+DESCRIPTION = "the color of {}"
+# Never in a training caption, named or described: every fifth name and every fourth thing in hue order (a
+# held-out thing's word is held out as a name too, or training pictures would teach it).
+HELD_OUT_COLORS = frozenset(
+    colour_names.held_out_names([colour_names.NamedColour(n, PALETTE[n]) for n in OPEN_NAMES])
+    | colour_names.held_out_things([colour_names.ColouredThing(p, colour_names.NamedColour(w, PALETTE[w]))
+                                    for w, p in THINGS.items()]))
+MIN_MENTION_DE = 30.0  # the colours of one scene are this far apart (CIE76), so that a checker tells them apart
+
+
+@dataclass(frozen=True)
+class OpenColors:
+    """Which colours beyond the seven a scene's objects may take, and how its caption says them. share: of the
+    scene's groups of objects (at least one), or None for exactly one; described_share: of the open colours of
+    single objects, said as a description when the key is a thing (`things`) and by name otherwise."""
+    names: tuple[str, ...] = ()
+    things: tuple[str, ...] = ()
+    share: float | None = 0.5
+    described_share: float = 0.25
+
+
+
+
+def _says_held_out(key: str) -> bool:
+    """The key is a held-out colour or has one inside its name ("leaf green" when "leaf" is held out): training
+    captions never say a held-out colour's words, not even as part of another name."""
+    return any(f" {held} " in f" {key} " for held in HELD_OUT_COLORS)
+
+
+SEEN_OPEN_COLORS = OpenColors(tuple(n for n in OPEN_NAMES if not _says_held_out(n)),
+                              tuple(w for w in THINGS if not _says_held_out(w)))
+# The evaluation's colour columns: one object of an open colour per prompt, its other objects of the seven.
+COLOR_COLUMNS = {
+    "seen names": OpenColors(SEEN_OPEN_COLORS.names, share=None),
+    "held-out names": OpenColors(tuple(n for n in OPEN_NAMES if n in HELD_OUT_COLORS), share=None),
+    "held-out descriptions": OpenColors(things=tuple(w for w in THINGS if w in HELD_OUT_COLORS), share=None,
+                                        described_share=1.0),
+}
+
+
+def color_split(scene: Scene) -> str:
+    """'base' (the seven colours only), 'held-out' (a colour of HELD_OUT_COLORS) or 'seen'."""
+    colors = {m.color for m in scene.mentions}
+    if colors <= set(COLORS):
+        return "base"
+    return "held-out" if colors & HELD_OUT_COLORS else "seen"
+
+
+def _scene_colors(rng: random.Random, sizes: list[int], open_colors: OpenColors | None):
+    """A colour per group (distinct, and at least MIN_MENTION_DE apart) and the set of those said as a description;
+    None when this draw does not work out (the caller draws again)."""
+    colors = rng.sample(list(COLORS), len(sizes))
+    described = set()
+    if open_colors is None:
+        return colors, frozenset()
+    opened = ({rng.randrange(len(sizes))} if open_colors.share is None else
+              {i for i in range(len(sizes)) if rng.random() < open_colors.share} or {rng.randrange(len(sizes))})
+    for i in opened:
+        describe_it = bool(open_colors.things) and sizes[i] == 1 and (
+            not open_colors.names or rng.random() < open_colors.described_share)
+        if not describe_it and not open_colors.names:
+            return None
+        colors[i] = rng.choice(open_colors.things if describe_it else open_colors.names)
+        if describe_it:
+            described.add(colors[i])
+    lab = torch.stack([_lab(c) for c in colors])
+    if len(set(colors)) < len(colors) or (len(colors) > 1 and torch.pdist(lab).min() < MIN_MENTION_DE):
+        return None
+    return colors, frozenset(described)
+
+
 def words(text: str) -> list[str]:
     """Lower-case words, digits and punctuation marks: the units of the wording split and of the no-LLM
     baseline's vocabulary."""
@@ -129,21 +233,27 @@ def _apart(objects) -> bool:
         for i, a in enumerate(objects) for b in objects[i + 1:])
 
 
-def _random_groups(rng: random.Random, sizes: list[int]) -> list[list[ShapeObject]] | None:
-    """One group of same-coloured, same-shaped objects per size, each group its own colour; None if they touch."""
+def _random_groups(rng: random.Random, sizes: list[int], open_colors: OpenColors | None = None
+                   ) -> tuple[list[list[ShapeObject]], frozenset[str]] | None:
+    """One group of same-coloured, same-shaped objects per size, each group its own colour (_scene_colors), and
+    the colours said as a description; None if the draw fails or the objects touch."""
     cells = rng.sample(CELLS, sum(sizes))
+    colors = _scene_colors(rng, sizes, open_colors)
+    if colors is None:
+        return None
     groups = []
-    for color, n in zip(rng.sample(list(COLORS), len(sizes)), sizes):
+    for color, n in zip(colors[0], sizes):
         shape = rng.choice(SHAPES)
         groups.append([ShapeObject(color, shape, cells.pop()) for _ in range(n)])
-    return groups if _apart([o for g in groups for o in g]) else None
+    return (groups, colors[1]) if _apart([o for g in groups for o in g]) else None
 
 
 def describe(groups: list[list[ShapeObject]], template_set: str, rng: random.Random, wording: str = "seen",
-             kind: str | None = None, language: str = "full") -> Scene:
+             kind: str | None = None, language: str = "full", described: frozenset[str] = frozenset()) -> Scene:
     """A caption of the layout (groups as _random_groups makes them) from TEMPLATES[template_set], with the
     claims it makes. wording='seen' uses no held-out word; 'unseen' may (it need not). language (LANGUAGES):
-    'canonical' says every scene one way only."""
+    'canonical' says every scene one way only. A colour beyond the seven is said by its name, or as
+    DESCRIPTION of its thing when its key is in `described` (single objects only)."""
     if language not in LANGUAGES:
         raise ValueError(f"caption language must be one of {LANGUAGES}, not {language!r}")
     pick = lambda options: _pick(rng, options, wording, language)  # noqa: E731
@@ -152,11 +262,13 @@ def describe(groups: list[list[ShapeObject]], template_set: str, rng: random.Ran
     values, mentions = {}, {}
     for x, group in zip("abc", groups):
         o = group[0]
-        color = pick(COLOR_WORDS[o.color])
+        color = pick(COLOR_WORDS[o.color]) if o.color in COLORS else o.color
         singular, plural = pick(SHAPE_WORDS[o.shape])
         if len(group) == 1:
             q = pick(QUANTIFIERS)
-            values[x] = f"{'an' if q == 'a' and color[0] in 'aeiou' else q} {color} {singular}"
+            phrase = (f"{singular} {DESCRIPTION.format(THINGS[o.color])}" if o.color in described
+                      else f"{color} {singular}")
+            values[x] = f"{'an' if q == 'a' and phrase[0] in 'aeiou' else q} {phrase}"
             values[f"pos_{x}"] = pick(POSITION_WORDS[o.cell])
         else:
             values.update({f"n_{x}": pick(COUNT_WORDS[len(group)]), f"color_{x}": color,
@@ -190,26 +302,29 @@ def split_of(scene: Scene) -> tuple[str, str | None]:
 
 
 def generate(rng: random.Random, kind: str, wording: str = "seen", combination: str = "seen",
-             tries: int = 10_000, language: str = "full") -> Scene:
-    """A random scene of `kind` (KINDS) and a caption of it in the asked split (and caption language)."""
+             tries: int = 10_000, language: str = "full", open_colors: OpenColors | None = None) -> Scene:
+    """A random scene of `kind` (KINDS) and a caption of it in the asked split (and caption language), in the
+    seven colours or, with open_colors, with colours beyond them."""
     for _ in range(tries):
         template_set, sizes = kind, {"single": [1], "pair": [1, 1], "relation": [1, 1],
                                      "count": [rng.choice((2, 3))], "triple": [1, 1, 1]}[kind]
         if kind == "triple" and rng.random() < 0.5:
             template_set, sizes = "count and one", [2, 1]
-        groups = _random_groups(rng, sizes)
-        if groups is None:
+        drawn = _random_groups(rng, sizes, open_colors)
+        if drawn is None:
             continue
-        scene = describe(groups, template_set, rng, wording, kind, language)
+        scene = describe(drawn[0], template_set, rng, wording, kind, language, drawn[1])
         if split_of(scene) == (wording, combination):
             return scene
     raise RuntimeError(f"no {kind} scene with {wording} wording and {combination} combination in {tries} tries")
 
 
-def training_pool(size: int, seed: int = 0, language: str = "full") -> list[Scene]:
+def training_pool(size: int, seed: int = 0, language: str = "full", open_colors: OpenColors | None = None
+                  ) -> list[Scene]:
     """`size` training scenes with distinct captions (seen wording, seen combination), the same number of each
     kind; deterministic for a seed. The canonical language has fewer distinct captions of some kinds than a large
-    `size` asks for: the pool then holds all that 50 tries per missing caption find."""
+    `size` asks for: the pool then holds all that 50 tries per missing caption find. open_colors: scenes with
+    colours beyond the seven (SEEN_OPEN_COLORS: never a held-out one)."""
     rng = random.Random(seed)
     pool, seen = [], set()
     for k, kind in enumerate(KINDS):
@@ -217,7 +332,7 @@ def training_pool(size: int, seed: int = 0, language: str = "full") -> list[Scen
         for _ in range(50 * quota):
             if quota == 0:
                 break
-            scene = generate(rng, kind, language=language)
+            scene = generate(rng, kind, language=language, open_colors=open_colors)
             if scene.caption not in seen:
                 seen.add(scene.caption)
                 pool.append(scene)

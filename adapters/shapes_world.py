@@ -2,6 +2,9 @@
 scores an image against those claims (GenEval-style: colour, shape, exact count, position, relation). The words
 of the captions are adapters/captions.py's business; this module knows layouts and claims.
 
+Colours: the seven of COLORS, told apart in sRGB, and any colour of PALETTE (a name of the xkcd survey
+or a thing's colour, adapters/colour_names.py), judged by CIE76 distance in CIELAB.
+
 Everything is drawn with torch, so the data set costs nothing to store and every test can make its own.
 """
 from __future__ import annotations
@@ -12,12 +15,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import colour_names
+
 COLORS = {
     "red": (0.86, 0.16, 0.16), "green": (0.16, 0.71, 0.24), "blue": (0.2, 0.31, 0.9),
     "yellow": (0.92, 0.84, 0.16), "purple": (0.6, 0.24, 0.8), "orange": (0.96, 0.55, 0.12),
     "white": (0.94, 0.94, 0.94),
 }
 BACKGROUND = (0.08, 0.08, 0.1)
+# Colours beyond the seven, keyed by name (the xkcd survey's) or by a thing's word (a colour described, "the color
+# of the sky"): what a caption may ask for. The seven keep the world's own values where a name is the same word.
+OPEN_COLORS = {**{c.name: c.rgb for c in colour_names.read_colour_list()},
+               **{t.colour.name: t.colour.rgb for t in colour_names.read_things()}}
+PALETTE = {**OPEN_COLORS, **COLORS}
+# The background is dark, so that the seven colours' images and checker stay comparable across models; a colour
+# nearer to it than this reads as background, so no caption asks for one (black, charcoal, dark brown, ...).
+MIN_BACKGROUND_DE = 25.0
 SHAPES = ("circle", "square", "triangle")
 # 3x3 grid cells: (row, col) -> canonical phrase
 POSITIONS = {
@@ -32,7 +45,7 @@ RADIUS = 0.12  # of the image side
 
 @dataclass(frozen=True)
 class ShapeObject:
-    color: str
+    color: str  # a key of PALETTE
     shape: str
     cell: tuple[int, int]
 
@@ -105,19 +118,26 @@ def count_scene(color: str, shape: str, cells: list[tuple[int, int]]) -> Scene:
 
 def is_held_out(color: str, shape: str, cell: tuple[int, int]) -> bool:
     """About one in eight colour-shape-position triples never appears in training, as a single object or in a
-    pair, so evaluation can test composition rather than memory."""
+    pair, so evaluation can test composition rather than memory. Only the seven colours have held-out triples."""
+    if color not in COLORS:
+        return False
     c, s = list(COLORS).index(color), SHAPES.index(shape)
     return (c * 5 + s * 3 + cell[0] * 3 + cell[1]) % 8 == 0
 
 
 def is_held_out_pair(a: tuple[str, str], b: tuple[str, str]) -> bool:
-    """About one in nine pairs of (colour, shape) never appear together in a training caption."""
+    """About one in nine pairs of (colour, shape) of the seven colours never appear together in a training caption."""
+    if a[0] not in COLORS or b[0] not in COLORS:
+        return False
     i, j = sorted(list(COLORS).index(c) * len(SHAPES) + SHAPES.index(s) for c, s in (a, b))
     return (i * 7 + j * 3) % 9 == 4
 
 
 def is_held_out_count(color: str, shape: str, count: int) -> bool:
-    """About one in seven (colour, shape, number) never appear as a count in a training caption."""
+    """About one in seven (colour, shape, number) of the seven colours never appear as a count in a training
+    caption."""
+    if color not in COLORS:
+        return False
     return (list(COLORS).index(color) * 3 + SHAPES.index(shape) * 2 + count) % 7 == 0
 
 
@@ -163,7 +183,7 @@ def render(scene: Scene, size: int = 32, rng: random.Random | None = None) -> to
             r *= rng.uniform(0.9, 1.1)
         cx, cy = CELL_CENTERS[obj.cell[1]] + jx, CELL_CENTERS[obj.cell[0]] + jy
         m = shape_mask(obj.shape, cx, cy, r, size)
-        color = torch.tensor(COLORS[obj.color]).view(3, 1, 1)
+        color = torch.tensor(PALETTE[obj.color]).view(3, 1, 1)
         img = img * (1 - m) + color * m
     return img
 
@@ -173,12 +193,28 @@ def render(scene: Scene, size: int = 32, rng: random.Random | None = None) -> to
 
 
 def color_map(img: torch.Tensor, color: str, tol: float = 0.28) -> torch.Tensor:
-    """Boolean [H, W]: pixels nearer to `color` than `tol` and nearer to it than to any other colour."""
+    """Boolean [H, W]: pixels nearer to `color` (one of the seven) than `tol` and nearer to it than to any other of
+    the seven colours or the background."""
     pix = img.permute(1, 2, 0).float()                                        # [H, W, 3]
     palette = torch.tensor([BACKGROUND] + list(COLORS.values()))               # [K, 3]
     dist = (pix[:, :, None, :] - palette).norm(dim=-1)                         # [H, W, K]
     k = 1 + list(COLORS).index(color)
     return (dist.argmin(-1) == k) & (dist[..., k] < tol)
+
+
+# Any colour (OPEN_COLORS) is judged in CIELAB: dE 10 reads as the same colour, 25 as a near hue.
+FOREGROUND_DE = 12.0      # a pixel this far from the background is part of something drawn
+OPEN_COLOR_TOL_DE = 25.0  # a drawn pixel within this of an asked colour (and nearest to it) is that colour
+
+
+def open_color_maps(img: torch.Tensor, colors: list[str]) -> list[torch.Tensor]:
+    """Boolean [H, W] per colour: pixels within OPEN_COLOR_TOL_DE of it and nearer to it than to the background
+    or to any other of the given colours (the mentions of one scene, which captions keep far apart)."""
+    lab = colour_names.srgb_to_lab(img.permute(1, 2, 0))                      # [H, W, 3]
+    palette = colour_names.srgb_to_lab(torch.tensor([BACKGROUND] + [PALETTE[c] for c in colors]))  # [K, 3]
+    dist = (lab[:, :, None, :] - palette).norm(dim=-1)                         # [H, W, K]
+    nearest = dist.argmin(-1)
+    return [(nearest == k) & (dist[..., k] < OPEN_COLOR_TOL_DE) for k in range(1, len(colors) + 1)]
 
 
 def components(mask: torch.Tensor, min_pixels: int) -> list[list[tuple[int, int]]]:
@@ -233,13 +269,59 @@ def _shape_of(comp, size: int) -> str:
     return best
 
 
+def _min_pixels(size: int) -> int:
+    return max(4, int(0.25 * 3.1416 * (RADIUS * size) ** 2))  # a quarter of a circle's area: no stray pixels
+
+
+def _inner(blob: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The pixels of a blob whose four neighbours are in it too: its fill without the rim."""
+    pixels = set(blob)
+    return [(a, b) for a, b in blob if {(a + 1, b), (a - 1, b), (a, b + 1), (a, b - 1)} <= pixels]
+
+
+MIN_INNER_PIXELS = 3  # an open colour's blob has a fill: the anti-aliased rim of a brighter shape of its hue has none
+
+
 def detect(img: torch.Tensor, colors) -> list[ShapeObject]:
     """The objects of the given colours in an image [3, H, W] in [0, 1]: one per connected blob of the colour
-    big enough to be a shape, with the cell of its centre and its best-matching outline."""
-    size = img.shape[-1]
-    min_pixels = max(4, int(0.25 * 3.1416 * (RADIUS * size) ** 2))
-    return [ShapeObject(color, _shape_of(comp, size), _cell_of(comp, size))
-            for color in dict.fromkeys(colors) for comp in components(color_map(img, color), min_pixels)]
+    big enough to be a shape, with the cell of its centre and its best-matching outline. The seven colours are
+    told apart in sRGB; any other colour by CIELAB distance (open_color_maps), as blobs with
+    a fill."""
+    size, colors = img.shape[-1], list(dict.fromkeys(colors))
+    if all(c in COLORS for c in colors):
+        blobs = [(c, components(color_map(img, c), _min_pixels(size))) for c in colors]
+    else:
+        blobs = [(c, [b for b in components(mask, _min_pixels(size)) if len(_inner(b)) >= MIN_INNER_PIXELS])
+                 for c, mask in zip(colors, open_color_maps(img, colors))]
+    return [ShapeObject(color, _shape_of(comp, size), _cell_of(comp, size)) for color, comps in blobs for comp in comps]
+
+
+def color_errors(img: torch.Tensor, scene: Scene) -> list[float | None]:
+    """Per mention, the CIE76 dE between its asked colour and the colour drawn for it; None when nothing is drawn.
+
+    What is drawn: the blobs of pixels at least FOREGROUND_DE from the background, big enough to be a shape, and
+    their inner pixels (the fill). Touching objects make one blob, so its inner pixels are split by the mention
+    whose colour each is nearest to; a mention's colour is the per-channel median of its part (at least
+    MIN_INNER_PIXELS) in the blob where that is nearest to the asked colour, else the median of the whole blob
+    nearest to it in colour."""
+    lab = colour_names.srgb_to_lab(img.permute(1, 2, 0))
+    background = colour_names.srgb_to_lab(torch.tensor(BACKGROUND))
+    blobs = components((lab - background).norm(dim=-1) > FOREGROUND_DE, _min_pixels(img.shape[-1]))
+    if not blobs:
+        return [None] * len(scene.mentions)
+    asked = colour_names.srgb_to_lab(torch.tensor([PALETTE[m.color] for m in scene.mentions]))   # [M, 3]
+    errors = torch.full((len(asked),), float("inf"))
+    whole = torch.full((len(asked),), float("inf"))
+    for blob in blobs:
+        inner = _inner(blob) or blob
+        pixels = lab[[a for a, _ in inner], [b for _, b in inner]]                                 # [P, 3]
+        whole = torch.minimum(whole, (asked - pixels.median(0).values).norm(dim=-1))
+        nearest = (pixels[:, None] - asked[None]).norm(dim=-1).argmin(1)
+        for m in range(len(asked)):
+            part = pixels[nearest == m]
+            if len(part) >= MIN_INNER_PIXELS:
+                errors[m] = min(errors[m], (asked[m] - part.median(0).values).norm())
+    return torch.where(errors.isinf(), whole, errors).tolist()
 
 
 def verdict(objects, scene: Scene) -> dict[str, bool]:

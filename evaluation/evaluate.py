@@ -37,6 +37,13 @@ loss with and without the caption (text gain) is given per column. Relation dire
 relation prompts of the split, whether the caption's loss is lower on a render of its scene than on the render
 mirrored left-right (the relation reversed); 50 % means the model ignores the relation word.
 
+Colour columns (issue 27): prompts of seen wording and combination with one object in a colour beyond the seven
+(captions.COLOR_COLUMNS): a seen colour name, a held-out name, or a held-out thing described ("a circle the color of
+the sky"). Held-out colours alternate in hue order between the test and the validation prompts. Each is scored by
+the CIE76 dE between the asked colour and the colour drawn for it (shapes_world.color_errors): median, share within
+10 and 25, share of images that draw anything, and the checker's overall verdict (its colour rule for these colours
+is a dE tolerance of 25).
+
 Table 3, LI-DiT's positional-bias test: in each image of a two-object prompt, the first-mentioned and the
 second-mentioned object are checked on their own (colour, shape, count, position if placed). A causal LLM encodes
 the second object with the first in its context but not the other way round; a model that inherits that bias
@@ -48,10 +55,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import random
+import statistics
 import sys
 import time
+from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -61,6 +71,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from adapters import captions as caption_language  # noqa: E402
+from adapters import colour_names  # noqa: E402
 from adapters import shapes_world  # noqa: E402
 from adapters.checkpoint import load_adapter, load_host_adapter, load_lidit, load_word_encoder  # noqa: E402
 from adapters.conditioning import hidden_states_to_context  # noqa: E402
@@ -113,6 +124,46 @@ def prompt_sets(per_kind: int = 8, seed: int = 0, prompt_split: str = "test") ->
                     seen.add(scene.caption)
                     scenes.append(scene)
         sets[split] = scenes
+    return sets
+
+
+COLOR_SPLITS = tuple(caption_language.COLOR_COLUMNS)  # the colour columns: seen names, held-out names, descriptions
+COLOR_KINDS = {"seen names": ("single", "pair", "relation", "count"),
+               "held-out names": ("single", "pair", "relation", "count"),
+               "held-out descriptions": ("single", "pair", "relation")}  # a count is never described
+
+
+def held_out_half(open_colors: caption_language.OpenColors, prompt_split: str) -> caption_language.OpenColors:
+    """The prompt split's half of held-out colours: alternate ones in hue order are test and validation colours."""
+    keys = [c.name for c in colour_names.hue_order(
+        [colour_names.NamedColour(k, shapes_world.PALETTE[k]) for k in open_colors.names + open_colors.things])]
+    keys = set(keys[PROMPT_SPLITS.index(prompt_split)::2])
+    return replace(open_colors, names=tuple(k for k in open_colors.names if k in keys),
+                   things=tuple(k for k in open_colors.things if k in keys))
+
+
+def color_prompt_sets(per_kind: int = 8, seed: int = 0, prompt_split: str = "test") -> dict[str, list[Scene]]:
+    """Colour column -> per_kind distinct captions of each of its kinds (COLOR_KINDS), seen wording and
+    combination, one object in a colour beyond the seven. The held-out colours are split too: alternate ones in
+    hue order are test colours and validation colours, so that a choice made on validation prompts never saw the
+    colours that are reported."""
+    if prompt_split not in PROMPT_SPLITS:
+        raise ValueError(f"prompt_split must be one of {PROMPT_SPLITS}, not '{prompt_split}'")
+    rng = random.Random(seed + 5 + (VALIDATION_SEED_OFFSET if prompt_split == "validation" else 0))
+    sets = {}
+    for column, open_colors in caption_language.COLOR_COLUMNS.items():
+        if column != "seen names":
+            open_colors = held_out_half(open_colors, prompt_split)
+        scenes, seen = [], set()
+        for kind in COLOR_KINDS[column]:
+            for _ in range(100 * per_kind):
+                if sum(s.kind == kind for s in scenes) >= per_kind:
+                    break
+                scene = caption_language.generate(rng, kind, open_colors=open_colors)
+                if scene.caption not in seen:
+                    seen.add(scene.caption)
+                    scenes.append(scene)
+        sets[column] = scenes
     return sets
 
 
@@ -183,12 +234,14 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
              device: str | torch.device | None = None, batch_size: int = 64, cache_dir: str | None = None,
              feature_cache: dict | None = None, save_grid: str | None = None, json_path: str | None = None,
              oracle: bool = False, loss_draws: int = 4, diff_adapter: str | None = None, prompt_split: str = "test",
-             log=None) -> dict:
+             color_per_kind: int | None = None, log=None) -> dict:
     """Samples and scores the prompts of every column; returns (and optionally writes as JSON) the results dict:
     splits[column]{prompts, images, criterion...}, kinds[kind][column] (overall accuracy), heldout_loss[column]
     {conditional, unconditional, text_gain}, relation_direction{prompts, own, mirrored, prefers_own},
     positional_bias[set]{first, second, gap, both}, overall (all
-    images), overall_mean (mean of the columns), per-image records and timings.
+    images), overall_mean (mean of the columns), per-image records and timings; and colours[column] (the colour
+    columns, color_per_kind prompts of each of their kinds, default per_kind; see color_summary) with their own
+    per-image color_records.
 
     oracle=True scores renders of the scenes themselves (with the training data's jitter) instead of samples: the
     checker's ceiling, no text encoder and no model weights needed (model_path may then be None).
@@ -215,7 +268,9 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
                              "models.")
     resolution = int(info.get("resolution", 32))
     sets = prompt_sets(per_kind, seed, prompt_split)
-    prompts = [(split, s) for split in SPLITS for s in sets[split]]
+    color_sets = color_prompt_sets(per_kind if color_per_kind is None else color_per_kind, seed, prompt_split)
+    prompts = [(split, s) for split in SPLITS for s in sets[split]] + [
+        (column, s) for column in COLOR_SPLITS for s in color_sets[column]]
     scenes = [s for _, s in prompts]
     probe = [] if oracle else relation_probe_scenes(seed, prompt_split)
     captions = list(dict.fromkeys([s.caption for s in scenes + probe] + [""]))
@@ -310,11 +365,16 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
         split, scene = prompts[i]
         rec = {"split": split, "kind": scene.kind, "caption": scene.caption, "image": k,
                "result": shapes_world.check(img, scene)}
+        if split in COLOR_SPLITS:  # the dE of the colours beyond the seven
+            rec["color_errors"] = [e for m, e in zip(scene.mentions, shapes_world.color_errors(img, scene))
+                                   if m.color not in shapes_world.COLORS]
         if len(scene.mentions) == 2 and all(m.count == 1 for m in scene.mentions):
             for which, m in zip(("first", "second"), range(2)):
                 rec[which] = shapes_world.check(img, alone(scene, m))["overall"]
         records.append(rec)
     timings["score_s"] = time.perf_counter() - t0
+    color_records = [r for r in records if r["split"] in COLOR_SPLITS]
+    records = [r for r in records if r["split"] not in COLOR_SPLITS]
 
     def share(recs, crit="overall"):
         vals = [r["result"][crit] for r in recs if crit in r["result"]]
@@ -327,7 +387,10 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
               "settings": {"per_kind": per_kind, "images_per_prompt": images_per_prompt, "steps": steps, "cfg": cfg,
                            "seed": seed, "resolution": resolution, "device": str(device), "oracle": oracle,
                            "prompt_split": prompt_split},
-              "splits": {}, "kinds": {}, "positional_bias": {}, "timings": timings, "records": records}
+              "splits": {}, "kinds": {}, "positional_bias": {}, "timings": timings, "records": records,
+              "colors": {column: color_summary([r for r in color_records if r["split"] == column], len(color_sets[column]))
+                         for column in COLOR_SPLITS},
+              "color_records": color_records}
     for split in SPLITS:
         recs = [r for r in records if r["split"] == split]
         row = {"prompts": len(sets[split]), "images": len(recs)}
@@ -433,6 +496,32 @@ def grid_cell(grid, index: int, images_per_prompt: int):
     return grid.crop((x, y, x + GRID_CELL, y + GRID_CELL))
 
 
+def color_summary(records: list[dict], prompts: int) -> dict:
+    """A colour column's scores: over its images, the share that draws anything (non_empty) and that passes the
+    checker (overall: shapes_world.check, whose colour rule for these colours is OPEN_COLOR_TOL_DE); over the asked
+    colours beyond the seven, the median dE to the nearest drawn colour (nothing drawn counts as infinitely far)
+    and the shares within 10 (the same colour) and 25 (a near hue)."""
+    errors = [math.inf if e is None else e for r in records for e in r["color_errors"]]
+    return {"prompts": prompts, "images": len(records),
+            "non_empty": _share_of(records, lambda r: r["color_errors"][0] is not None),
+            "overall": _share_of(records, lambda r: r["result"]["overall"]),
+            "median_de": statistics.median(errors) if errors else None,
+            "within_10": _share_of(errors, lambda e: e <= 10), "within_25": _share_of(errors, lambda e: e <= 25)}
+
+
+def format_color_table(result: dict) -> str:
+    lines = ["Colours beyond the seven (one object per prompt named or described; dE = CIE76 between the asked colour "
+             "and the nearest drawn one):", "", f"| | {' | '.join(COLOR_SPLITS)} |", "|---|" + "---:|" * len(COLOR_SPLITS)]
+    colors = result["colors"]
+    de = lambda v: "-" if v is None else ("inf" if math.isinf(v) else f"{v:.1f}")  # noqa: E731
+    rows = (("prompts / images", lambda c: f"{c['prompts']} / {c['images']}"), ("median dE", lambda c: de(c["median_de"])),
+            ("within dE 10, %", lambda c: _pct(c["within_10"])), ("within dE 25, %", lambda c: _pct(c["within_25"])),
+            ("non-empty, %", lambda c: _pct(c["non_empty"])), ("overall (checker), %", lambda c: _pct(c["overall"])))
+    for name, cell in rows:
+        lines.append(f"| {name} | " + " | ".join(cell(colors[c]) for c in COLOR_SPLITS) + " |")
+    return "\n".join(lines)
+
+
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
@@ -528,6 +617,8 @@ def format_tables(result: dict) -> str:
         for name, row in result["positional_bias"].items():
             lines.append(f"| {name} | {row['prompts']} | {row['images']} | {_pct(row['first'])} | "
                          f"{_pct(row['second'])} | {100 * row['gap']:+.1f} | {_pct(row['both'])} |")
+    if result.get("colors"):
+        lines += ["", format_color_table(result)]
     t = result["timings"]
     lines += ["", f"encode {t['encode_s']:.1f}s, sample {t['sample_s']:.1f}s, score {t['score_s']:.1f}s"]
     return "\n".join(lines)
@@ -537,6 +628,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="LI-DiT .safetensors")
     p.add_argument("--per-kind", type=int, default=8, help="prompts of each kind in each of the four columns")
+    p.add_argument("--color-per-kind", type=int, default=None,
+                   help="prompts of each kind in each colour column (default: --per-kind)")
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=3.0)
@@ -572,7 +665,8 @@ def main(argv=None) -> dict:
                       steps=args.steps, cfg=args.cfg, seed=args.seed, llm_dirs=args.llm_dir, device=args.device,
                       batch_size=args.batch_size, cache_dir=args.cache_dir, save_grid=args.save_grid,
                       json_path=args.json, oracle=args.oracle, loss_draws=args.loss_draws,
-                      diff_adapter=args.diff_adapter, prompt_split=args.prompt_split)
+                      diff_adapter=args.diff_adapter, prompt_split=args.prompt_split,
+                      color_per_kind=args.color_per_kind)
     print(format_tables(result))
     baseline = None
     if args.baseline:

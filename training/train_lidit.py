@@ -97,6 +97,11 @@ def parse_args(argv=None):
                    help="shapes world: the training pool's caption language (adapters.captions.LANGUAGES): every "
                         "seen phrasing, or the canonical one alone (one word per colour, shape, position and "
                         "relation, one template per kind, no frame) for a base model with a narrow text encoder")
+    p.add_argument("--open-color-pool", type=float, default=0.0,
+                   help="shapes world: training captions with colours beyond the seven (named, or described as 'the "
+                        "color of ...'; adapters.captions.SEEN_OPEN_COLORS), per caption of --pool-size")
+    p.add_argument("--open-color-share", type=float, default=0.4,
+                   help="shapes world: share of the samples drawn from the --open-color-pool captions")
     p.add_argument("--refiner-depth", type=int, default=2)
     p.add_argument("--refiner-causal", action="store_true", help="ablation: keep the causal mask in the refiner")
     p.add_argument("--fusion", default="collaborative", choices=["collaborative", "concat"])
@@ -138,6 +143,9 @@ def parse_args(argv=None):
     if args.feature_noise < 0 or (args.feature_noise and (args.text_encoder != "llm" or args.layers != "all")):
         p.error("--feature-noise is a standard deviation (>= 0) for the LLM Diff Adapter's input: it needs --llm and "
                 "--layers all")
+    if args.open_color_pool < 0 or not 0 <= args.open_color_share <= 1:
+        p.error("--open-color-pool is a number of captions per --pool-size caption (>= 0); --open-color-share a "
+                "share of samples, from 0 to 1")
     if args.base and (len(args.llm) != 1 or args.layers != "all"):
         p.error("--base trains one LLM Diff Adapter: give exactly one --llm and --layers all")
     adapter_only = (args.host_text_dropout, args.llm_gate, args.adapter_refiner_depth)
@@ -166,22 +174,31 @@ def adapter_refiner_error(depth: int, context_dim: int) -> str | None:
 
 class ShapesData:
     """The training pool of adapters/captions.py (fixed captions: seen wordings, seen combinations), each sample
-    drawn in a fresh layout that its caption is true of."""
+    drawn in a fresh layout that its caption is true of. open_color_pool: captions with colours beyond the seven
+    (captions.SEEN_OPEN_COLORS), per caption of the seven-colour pool; open_color_share: of the samples drawn from
+    them."""
 
     def __init__(self, pool_size: int, seed: int, resolution: int, mix: str = "0.3,0.2,0.2,0.15,0.15",
-                 language: str = "full"):
+                 language: str = "full", open_color_pool: float = 0.0, open_color_share: float = 0.0):
         self.scenes = captions.training_pool(pool_size, seed=0, language=language)
-        self.captions = [s.caption for s in self.scenes] + [""]
+        open_scenes = captions.training_pool(round(open_color_pool * pool_size), seed=0, language=language,
+                                             open_colors=captions.SEEN_OPEN_COLORS) if open_color_pool else []
+        self.captions = [s.caption for s in self.scenes + open_scenes] + [""]
         self.rng = random.Random(seed)
         self.resolution = resolution
         self.by_kind = {k: [i for i, s in enumerate(self.scenes) if s.kind == k] for k in captions.KINDS}
+        self.open_by_kind = {k: [len(self.scenes) + i for i, s in enumerate(open_scenes) if s.kind == k]
+                             for k in captions.KINDS}
+        self.scenes += open_scenes
+        self.open_share = open_color_share if open_scenes else 0.0
         self.mix = [float(w) for w in mix.split(",")]
         if len(self.mix) != len(captions.KINDS):
             raise SystemExit(f"--mix takes {len(captions.KINDS)} shares ({', '.join(captions.KINDS)}).")
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, list[int]]:
         kinds = self.rng.choices(captions.KINDS, weights=self.mix, k=batch_size)
-        idx = [self.rng.choice(self.by_kind[k]) for k in kinds]
+        idx = [self.rng.choice((self.open_by_kind if self.open_share and self.rng.random() < self.open_share
+                                else self.by_kind)[k]) for k in kinds]
         imgs = [shapes_world.render(captions.relayout(self.scenes[i], self.rng), self.resolution, self.rng)
                 for i in idx]
         return torch.stack(imgs) * 2 - 1, idx  # pixel space in [-1, 1], as ComfyUI's pixel_space VAE expects
@@ -558,7 +575,8 @@ def main(argv=None):
     random.seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
 
-    data = ShapesData(args.pool_size, args.seed, args.resolution, args.mix, args.captions) \
+    data = ShapesData(args.pool_size, args.seed, args.resolution, args.mix, args.captions, args.open_color_pool,
+                      args.open_color_share) \
         if args.data == "shapes" else FolderData(args.data, args.seed, args.resolution)
     eval_captions = [s.caption for s in heldout_scenes(args.eval_samples)] if args.data == "shapes" else []
     all_captions = list(dict.fromkeys(data.captions + eval_captions))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
-from adapters import captions
+from adapters import captions, colour_names
 from adapters.captions import (
     COLOR_WORDS,
     COUNT_WORDS,
@@ -21,7 +22,8 @@ from adapters.captions import (
     training_pool,
     words,
 )
-from adapters.shapes_world import RELATIONS, check, is_held_out, render, shows_held_out, states_held_out, verdict
+from adapters.shapes_world import (BACKGROUND, MIN_BACKGROUND_DE, PALETTE, RELATIONS, ShapeObject, check, is_held_out,
+                                   render, shows_held_out, states_held_out, verdict)
 
 POOL_SEEDS = (0, 1, 2)
 
@@ -217,10 +219,62 @@ def test_canonical_language_says_each_scene_one_way_in_the_first_phrasings():
     rng = random.Random(3)
     sizes = {"single": [1], "pair": [1, 1], "relation": [1, 1], "count": [2], "triple": [1, 1, 1]}
     for kind in KINDS:
-        groups = None
-        while groups is None:
-            groups = captions._random_groups(rng, sizes[kind])
+        drawn = None
+        while drawn is None:
+            drawn = captions._random_groups(rng, sizes[kind])
+        groups = drawn[0]
         said = {captions.describe(groups, kind, random.Random(seed), language="canonical") for seed in range(8)}
         assert len({(s.caption, s.relations) for s in said}) == len({s.relations for s in said}), said
     with pytest.raises(ValueError, match="canonical"):
         generate(rng, "single", language="terse")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Colours beyond the seven
+
+
+@pytest.fixture(scope="module")
+def open_pool() -> list:
+    return training_pool(3000, 0, open_colors=captions.SEEN_OPEN_COLORS)
+
+
+def test_open_colour_captions_are_true_and_tell_their_colours_apart(open_pool):
+    background = colour_names.srgb_to_lab(torch.tensor(BACKGROUND))
+    for scene in open_pool:
+        assert verdict(scene.objects, scene)["overall"], scene
+        assert split_of(scene) == ("seen", "seen") and captions.color_split(scene) == "seen"
+        lab = torch.stack([colour_names.srgb_to_lab(torch.tensor(PALETTE[m.color])) for m in scene.mentions])
+        if len(lab) > 1:
+            assert torch.pdist(lab).min() >= captions.MIN_MENTION_DE, scene.caption
+        assert ((lab - background).norm(dim=-1) >= MIN_BACKGROUND_DE).all()
+    for scene in open_pool[::50]:
+        assert check(render(scene, 32, random.Random(0)), scene)["color"], scene.caption
+
+
+def test_held_out_colours_never_reach_training(open_pool):
+    assert not any(m.color in captions.HELD_OUT_COLORS for s in open_pool for m in s.mentions)
+    held = captions.HELD_OUT_COLORS
+    names, things = set(captions.OPEN_NAMES), set(captions.THINGS)
+    assert 0.15 < len(held & names) / len(names) < 0.25 and 0.25 < len(held & things) / len(things) < 0.5
+    # nor said in any other way: a held-out thing by name, a held-out name inside another name ("leaf green")
+    said = f" {' | '.join(s.caption for s in open_pool)} ".replace(",", " ")
+    for key in held:
+        assert f" {key} " not in said, key
+
+
+def test_open_colours_are_named_and_described_and_most_seen_names_are_used(open_pool):
+    described = [s for s in open_pool if "the color of" in s.caption]
+    assert 0.05 < len(described) / len(open_pool) < 0.3
+    assert {m.color for s in described for m in s.mentions} & set(captions.THINGS)
+    used = {m.color for s in open_pool for m in s.mentions} & set(captions.SEEN_OPEN_COLORS.names)
+    assert len(used) > 0.95 * len(captions.SEEN_OPEN_COLORS.names)
+    scene = captions.describe([[ShapeObject("sky", "circle", (1, 1))]], "single", random.Random(1),
+                              described=frozenset({"sky"}))
+    assert "the color of the sky" in scene.caption and scene.mentions[0].color == "sky"
+    scene = captions.describe([[ShapeObject("navy", "circle", (1, 1))]], "single", random.Random(1))
+    assert "navy" in scene.caption and "color of" not in scene.caption
+
+
+def test_open_colours_leave_the_seven_colour_pools_as_they_were(pools):
+    assert all(captions.color_split(s) == "base" for s in pools[0])
+    assert not {w for s in pools[0] for w in words(s.caption)} & {"navy", "maroon", "color"}

@@ -14,6 +14,7 @@ from torchvision.utils import save_image
 from adapters import captions as caption_language
 from adapters import shapes_world
 from adapters.lidit import LIDiT, LIDiTConfig
+from adapters.shapes_world import COLORS
 from evaluation import ablations
 from evaluation import evaluate as ev
 from training.train_lidit import main as train_main
@@ -36,6 +37,31 @@ def test_the_checker_accepts_ground_truth_renders():
     assert all(row["prompts"] == 3 * len(ev.KINDS) for row in result["splits"].values())
     assert all(result["splits"][s]["overall"] >= 0.9 for s in ev.SPLITS)
     assert "heldout_loss" not in result
+
+
+def test_the_colour_checker_accepts_ground_truth_renders():
+    colors = ev.evaluate(None, oracle=True, per_kind=1, color_per_kind=4, images_per_prompt=1)["colors"]
+    assert {c: row["prompts"] for c, row in colors.items()} == {
+        "seen names": 16, "held-out names": 16, "held-out descriptions": 12}
+    for row in colors.values():
+        assert row["median_de"] < 1 and row["within_10"] == 1 and row["non_empty"] == 1 and row["overall"] >= 0.9
+
+
+def test_colour_prompts_ask_for_their_columns_colours_and_validation_never_sees_test_colours():
+    test, val = ev.color_prompt_sets(per_kind=8), ev.color_prompt_sets(per_kind=8, prompt_split="validation")
+    opened = lambda scenes: {m.color for s in scenes for m in s.mentions if m.color not in COLORS}  # noqa: E731
+    for sets in (test, val):
+        assert all(sum(m.color not in COLORS for m in s.mentions) == 1 for v in sets.values() for s in v)
+        assert all(caption_language.split_of(s) == ("seen", "seen") for v in sets.values() for s in v)
+        assert opened(sets["seen names"]).isdisjoint(caption_language.HELD_OUT_COLORS)
+        assert opened(sets["held-out names"]) <= caption_language.HELD_OUT_COLORS
+        assert opened(sets["held-out descriptions"]) <= caption_language.HELD_OUT_COLORS
+        assert all("the color of" in s.caption for s in sets["held-out descriptions"])
+        assert [s.kind for s in sets["held-out descriptions"]] == [k for k in ev.COLOR_KINDS["held-out descriptions"]
+                                                                   for _ in range(8)]
+    for column in ("held-out names", "held-out descriptions"):
+        assert opened(test[column]).isdisjoint(opened(val[column]))
+    assert ev.color_prompt_sets(per_kind=8) == test  # fixed by the seed
 
 
 def test_validation_prompts_are_in_their_columns_and_never_test_prompts():
@@ -74,9 +100,13 @@ def test_evaluate_a_trained_model(trained, tmp_path):
     assert json.loads(scores.read_text())["heldout_loss"] == result["heldout_loss"]
     table = ev.format_tables(result)
     assert "| criterion | seen | unseen combination | unseen wording | both unseen |" in table
-    # 20 prompts x 2 images, 8 per row
-    assert Image.open(grid).size == (2 + 8 * 66, 2 + 5 * 66)
-    assert len((tmp_path / "grid.txt").read_text().splitlines()) == 20
+    # 20 prompts of the four columns and 4 + 4 + 3 of the colour columns, x 2 images, 8 per row
+    assert Image.open(grid).size == (2 + 8 * 66, 2 + 8 * 66)
+    assert len((tmp_path / "grid.txt").read_text().splitlines()) == 31
+    assert {c: r["images"] for c, r in result["colors"].items()} == {
+        "seen names": 8, "held-out names": 8, "held-out descriptions": 6}
+    assert len(result["color_records"]) == 22 and all(r["split"] in ev.COLOR_SPLITS for r in result["color_records"])
+    assert "| median dE |" in table
     rd = result["relation_direction"]
     assert rd["prompts"] == len(ev.relation_probe_scenes()) and 0 < rd["own"] < 10 and 0 < rd["mirrored"] < 10
     assert "Relation direction (" in table

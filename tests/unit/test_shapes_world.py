@@ -6,9 +6,12 @@ import random
 import pytest
 import torch
 
-from adapters import captions
+from adapters import captions, colour_names
 from adapters.shapes_world import (
+    BACKGROUND,
     COLORS,
+    MIN_BACKGROUND_DE,
+    PALETTE,
     POSITIONS,
     SHAPES,
     Mention,
@@ -16,6 +19,7 @@ from adapters.shapes_world import (
     Scene,
     ShapeObject,
     check,
+    color_errors,
     count_scene,
     is_held_out,
     is_held_out_count,
@@ -237,3 +241,57 @@ def test_a_caption_states_a_held_out_combination_only_when_it_says_it():
     a, b = next((a, b) for a in [(c, sh) for c in COLORS for sh in SHAPES]
                 for b in [(c, sh) for c in COLORS for sh in SHAPES] if a[0] != b[0] and is_held_out_pair(a, b))
     assert states_held_out(Scene((), "", "relation", (Mention(*a), Mention(*b)), (Relation(0, "above", 1),)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Colours beyond the seven
+
+
+def open_scene(objects):
+    """One object per (colour, shape, cell), each a mention that places it."""
+    return Scene(tuple(ShapeObject(*o) for o in objects), "", "pair", tuple(Mention(c, s, 1, p) for c, s, p in objects))
+
+
+def test_every_open_colour_a_caption_can_ask_for_is_drawn_visible_and_found_in_its_colour():
+    """The background stays dark; every colour a caption may ask for (named or described) is at least
+    MIN_BACKGROUND_DE from it, dark and light ones included, and the checker finds its render in its own colour."""
+    asked = set(captions.OPEN_NAMES) | set(captions.THINGS)
+    for key in ("navy", "maroon", "beige", "snow", "midnight blue", "chocolate"):
+        assert key in asked
+    assert not asked & {"black", "almost black", "charcoal", "dark"}  # these would read as the background
+    background = colour_names.srgb_to_lab(torch.tensor(BACKGROUND))
+    rng = random.Random(0)
+    for i, key in enumerate(sorted(asked)):
+        assert (colour_names.srgb_to_lab(torch.tensor(PALETTE[key])) - background).norm() >= MIN_BACKGROUND_DE
+        cell = CELLS[i % 9]
+        scene = open_scene([(key, SHAPES[i % 3], cell)])
+        img = render(scene, 32, rng)
+        result = check(img, scene)
+        assert result["color"] and result["count"] and result["position"], (key, result)
+        assert color_errors(img, scene)[0] < 1, key
+
+
+def test_open_colour_checker_tells_a_wrong_colour_and_an_empty_image():
+    asked = open_scene([("navy", "circle", (1, 1))])
+    drawn = open_scene([("maroon", "circle", (1, 1))])
+    img = render(drawn, 32)
+    assert not check(img, asked)["color"] and color_errors(img, asked)[0] > 25
+    assert check(render(asked, 32), asked)["overall"] and color_errors(render(asked, 32), asked)[0] < 1
+    assert color_errors(render(Scene((), "", "single"), 32), asked) == [None]
+    near = open_scene([("navy blue", "circle", (1, 1))])  # a near hue: dE about 10
+    assert 3 < color_errors(render(near, 32), asked)[0] < 25 and check(render(near, 32), asked)["color"]
+
+
+def test_touching_objects_keep_their_own_colours():
+    scene = open_scene([("snow", "triangle", (0, 1)), ("gold", "triangle", (1, 1)), ("red", "square", (1, 0))])
+    img = render(scene, 32)
+    assert max(color_errors(img, scene)) < 1
+    assert check(img, scene)["overall"]
+
+
+def test_only_the_seven_colours_have_held_out_combinations():
+    for cell in CELLS:
+        for shape in SHAPES:
+            assert not is_held_out("navy", shape, cell)
+            assert not is_held_out_count("navy", shape, 2)
+            assert not is_held_out_pair(("navy", shape), ("red", "circle"))

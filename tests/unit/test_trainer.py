@@ -435,3 +435,19 @@ def test_adapter_recipe_flags_need_base(capsys):
             parse_args(["--out", "x", "--llm", "m.gguf", "--base", "b.safetensors", "--adapter-refiner-depth", depth,
                         "--context-dim", context])
         assert f"got depth {depth}, context dim {context}" in capsys.readouterr().err
+
+
+def test_open_colour_captions_join_the_pool_at_their_share_and_leave_the_rest_as_it_was():
+    from adapters import captions
+    from training.train_lidit import ShapesData
+    plain = ShapesData(25, 0, 16)
+    data = ShapesData(25, 0, 16, open_color_pool=2, open_color_share=0.5)
+    assert data.captions[:25] == plain.captions[:25] and len(data.captions) == 25 + 50 + 1
+    assert all(captions.color_split(s) == "seen" for s in data.scenes[25:])
+    _, idx = data.sample(400)
+    assert 0.4 < sum(i >= 25 for i in idx) / 400 < 0.6
+    # without open colours the draws are the trainer's as before: runs from older commands stay reproducible
+    untouched = ShapesData(25, 0, 16, open_color_share=0.5)
+    x, idx = untouched.sample(8)
+    y, idy = plain.sample(8)
+    assert idx == idy and torch.equal(x, y)
