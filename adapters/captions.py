@@ -161,6 +161,17 @@ def _says_held_out(key: str) -> bool:
 
 SEEN_OPEN_COLORS = OpenColors(tuple(n for n in OPEN_NAMES if not _says_held_out(n)),
                               tuple(w for w in THINGS if not _says_held_out(w)))
+# Every word that a training caption uses to say a colour; a held-out colour none of whose words is here reaches
+# a model without an LLM as unknown words only ("carmine", "mocha"), where "dark mint" reaches it as known ones.
+TRAINED_COLOR_WORDS = frozenset(
+    w for text in (*SEEN_OPEN_COLORS.names, *(THINGS[k] for k in SEEN_OPEN_COLORS.things),
+                   *(p for phrases in COLOR_WORDS.values() for p in phrases)) for w in text.split())
+
+
+def has_only_new_words(key: str) -> bool:
+    return not TRAINED_COLOR_WORDS.intersection(key.split())
+
+
 # The evaluation's colour columns: one object of an open colour per prompt, its other objects of the seven.
 COLOR_COLUMNS = {
     "seen names": OpenColors(SEEN_OPEN_COLORS.names, share=None),

@@ -368,6 +368,8 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
         if split in COLOR_SPLITS:  # the dE of the colours beyond the seven
             rec["color_errors"] = [e for m, e in zip(scene.mentions, shapes_world.color_errors(img, scene))
                                    if m.color not in shapes_world.COLORS]
+            rec["new_words"] = all(caption_language.has_only_new_words(m.color) for m in scene.mentions
+                                   if m.color not in shapes_world.COLORS)
         if len(scene.mentions) == 2 and all(m.count == 1 for m in scene.mentions):
             for which, m in zip(("first", "second"), range(2)):
                 rec[which] = shapes_world.check(img, alone(scene, m))["overall"]
@@ -500,9 +502,12 @@ def color_summary(records: list[dict], prompts: int) -> dict:
     """A colour column's scores: over its images, the share that draws anything (non_empty) and that passes the
     checker (overall: shapes_world.check, whose colour rule for these colours is OPEN_COLOR_TOL_DE); over the asked
     colours beyond the seven, the median dE to the nearest drawn colour (nothing drawn counts as infinitely far)
-    and the shares within 10 (the same colour) and 25 (a near hue)."""
+    and the shares within 10 (the same colour) and 25 (a near hue); and the median over the colours none of whose
+    words training used (captions.has_only_new_words), with their number of images."""
     errors = [math.inf if e is None else e for r in records for e in r["color_errors"]]
-    return {"prompts": prompts, "images": len(records),
+    new = [math.inf if e is None else e for r in records if r["new_words"] for e in r["color_errors"]]
+    return {"prompts": prompts, "images": len(records), "new_words_images": len(new),
+            "median_de_new_words": statistics.median(new) if new else None,
             "non_empty": _share_of(records, lambda r: r["color_errors"][0] is not None),
             "overall": _share_of(records, lambda r: r["result"]["overall"]),
             "median_de": statistics.median(errors) if errors else None,
@@ -516,7 +521,9 @@ def format_color_table(result: dict) -> str:
     de = lambda v: "-" if v is None else ("inf" if math.isinf(v) else f"{v:.1f}")  # noqa: E731
     rows = (("prompts / images", lambda c: f"{c['prompts']} / {c['images']}"), ("median dE", lambda c: de(c["median_de"])),
             ("within dE 10, %", lambda c: _pct(c["within_10"])), ("within dE 25, %", lambda c: _pct(c["within_25"])),
-            ("non-empty, %", lambda c: _pct(c["non_empty"])), ("overall (checker), %", lambda c: _pct(c["overall"])))
+            ("non-empty, %", lambda c: _pct(c["non_empty"])), ("overall (checker), %", lambda c: _pct(c["overall"])),
+            ("median dE, colours of words training never used (images)",
+             lambda c: f"{de(c['median_de_new_words'])} ({c['new_words_images']})"))
     for name, cell in rows:
         lines.append(f"| {name} | " + " | ".join(cell(colors[c]) for c in COLOR_SPLITS) + " |")
     return "\n".join(lines)

@@ -256,6 +256,9 @@ def test_held_out_colours_never_reach_training(open_pool):
     held = captions.HELD_OUT_COLORS
     names, things = set(captions.OPEN_NAMES), set(captions.THINGS)
     assert 0.15 < len(held & names) / len(names) < 0.25 and 0.25 < len(held & things) / len(things) < 0.5
+    # a held-out colour of words that no trained colour uses reaches a model without an LLM as unknown words only
+    assert captions.has_only_new_words("carmine") and not captions.has_only_new_words("dark mint")
+    assert all(captions.has_only_new_words(k) for k in held & things)
     # nor said in any other way: a held-out thing by name, a held-out name inside another name ("leaf green")
     said = f" {' | '.join(s.caption for s in open_pool)} ".replace(",", " ")
     for key in held:
