@@ -2,6 +2,7 @@
 them (config, the LLM(s) and encoder settings they expect). Never pickle."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -36,11 +37,18 @@ def read_metadata(path: str, expected_format: str) -> dict:
     return meta
 
 
-def _atomic_save(tensors: dict, path: str, metadata: dict) -> None:
-    # An interrupted export must never leave a half-written file under the final name.
+@contextlib.contextmanager
+def written_atomically(path: str):
+    """Yields `<path>.partial` to write, and renames it to `path` when the block ends without an error: a kill or
+    an error never leaves a half-written file under the final name."""
     tmp = path + ".partial"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    yield tmp
     os.replace(tmp, path)
+
+
+def _atomic_save(tensors: dict, path: str, metadata: dict) -> None:
+    with written_atomically(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
 def save_lidit(path: str, model: LIDiT, text_encoders: list[dict], extra: dict | None = None,

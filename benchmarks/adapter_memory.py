@@ -2,7 +2,7 @@
 SDXL checkpoints: ComfyUI's own model classes built on the meta device (no weights, no memory), the LLM counted in
 its GGUF file, the adapter and its second cross-attentions as the trainer builds them.
 
-    .venv/bin/python benchmarks/adapter_memory.py [--llm .comfyui/models/LLM/SmolLM2-135M-Instruct.Q4_1.gguf]
+    .venv/bin/python -m benchmarks.adapter_memory [--llm .comfyui/models/LLM/SmolLM2-135M-Instruct.Q4_1.gguf]
 
 What it counts, per phase of a run:
 - encoding (once, before training): the LLM (fp32, on the CPU), the text encoders (fp16) and the VAE (fp32);
@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from training.train_comfy_adapter import comfyui_folder, import_comfyui
+from training.train_lidit import ADAPTER_REFINER_DEPTH
 
-from training.train_comfy_adapter import comfyui_folder, import_comfyui  # noqa: E402
-from training.train_lidit import ADAPTER_REFINER_DEPTH  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ComfyUI 0.3.75's own UNet configs of the two families (comfy/model_detection.py, unet_config_from_diffusers_unet)
 UNETS = {

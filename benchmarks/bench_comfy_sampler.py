@@ -2,8 +2,8 @@
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_comfy_sampler.py                   # the default model, 10 repeats
-    .venv/bin/python benchmarks/bench_comfy_sampler.py --repeats 2 \\
+    .venv/bin/python -m benchmarks.bench_comfy_sampler                   # the default model, 10 repeats
+    .venv/bin/python -m benchmarks.bench_comfy_sampler --repeats 2 \\
         --model /tmp/run_smoke/smoke.safetensors                          # any LI-DiT file (+ its adapter)
 
 What it does: starts ComfyUI (scripts/comfy_client.ComfyServer: main.py --cpu on a free local port) with a
@@ -33,12 +33,10 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-sys.path.insert(0, ROOT)
+from scripts import comfy_client
+from adapters.checkpoint import read_metadata
 
-import comfy_client  # noqa: E402
-from adapters.checkpoint import read_metadata  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_MODEL = os.path.join(ROOT, "models", "lidit", "lidit-shapes-smollm2.safetensors")
 DEFAULT_WORKFLOW = os.path.join(ROOT, "workflows", "lidit_shapes_default.json")

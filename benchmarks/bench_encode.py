@@ -2,9 +2,9 @@
 
 Run from the repository root (CPU; a few minutes):
 
-    .venv/bin/python benchmarks/bench_encode.py                       # SmolLM2 from .comfyui/models/LLM
-    .venv/bin/python benchmarks/bench_encode.py --quick --threads 1   # 2 timed repeats, while other jobs run
-    .venv/bin/python benchmarks/bench_encode.py --device cuda         # + the offloaded row
+    .venv/bin/python -m benchmarks.bench_encode                       # SmolLM2 from .comfyui/models/LLM
+    .venv/bin/python -m benchmarks.bench_encode --quick --threads 1   # 2 timed repeats, while other jobs run
+    .venv/bin/python -m benchmarks.bench_encode --device cuda         # + the offloaded row
 
 Variants, all on the same LLM weights and the same prompt(s):
 
@@ -47,15 +47,13 @@ import statistics
 import sys
 import time
 
+import torch
+
+from adapters import gguf_weights, llm_encoder
+from adapters.conditioning import hidden_states_to_context
+from adapters.diff_adapter import LLMDiffAdapter
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-
-from adapters import gguf_weights, llm_encoder  # noqa: E402
-from adapters.conditioning import hidden_states_to_context  # noqa: E402
-from adapters.diff_adapter import LLMDiffAdapter  # noqa: E402
 
 DEFAULT_LLM = os.path.join(ROOT, ".comfyui", "models", "LLM", "SmolLM2-135M-Instruct.Q4_1.gguf")
 DEFAULT_PROMPT = "a blue square in the top right corner"

@@ -2,9 +2,9 @@
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_lidit.py                        # default model, CPU
-    .venv/bin/python benchmarks/bench_lidit.py --quick --threads 1    # tiny settings, while other jobs run
-    .venv/bin/python benchmarks/bench_lidit.py --device cuda --peak-tflops 989
+    .venv/bin/python -m benchmarks.bench_lidit                        # default model, CPU
+    .venv/bin/python -m benchmarks.bench_lidit --quick --threads 1    # tiny settings, while other jobs run
+    .venv/bin/python -m benchmarks.bench_lidit --device cuda --peak-tflops 989
 
 Tables (every ratio is against a baseline measured in the same run, on the same device):
 
@@ -40,20 +40,17 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from adapters.checkpoint import load_lidit  # noqa: E402
-from adapters.diff_adapter import LLMDiffAdapter  # noqa: E402
-from adapters.lidit import (PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler,  # noqa: E402
+from adapters.checkpoint import load_lidit
+from adapters.diff_adapter import LLMDiffAdapter
+from adapters.lidit import (PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler,
                             scores_attention, set_attention_kernel)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_MODEL = os.path.join(ROOT, "models", "lidit", "lidit-shapes-smollm2.safetensors")
 SMOLLM2_STATES, SMOLLM2_WIDTH = 31, 576  # embeddings + 30 blocks, hidden size 576

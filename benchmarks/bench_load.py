@@ -2,8 +2,8 @@
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_load.py                  # 50 prompts, 10 LLM reloads
-    .venv/bin/python benchmarks/bench_load.py --prompts 20 --reloads 4
+    .venv/bin/python -m benchmarks.bench_load                  # 50 prompts, 10 LLM reloads
+    .venv/bin/python -m benchmarks.bench_load --prompts 20 --reloads 4
 
 What it does: starts ComfyUI (scripts/comfy_client.ComfyServer: main.py --cpu on a free local port) and converts
 workflows/lidit_shapes_default.json to the API format.
@@ -33,10 +33,9 @@ import time
 
 import psutil
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from scripts import comfy_client
 
-import comfy_client  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_WORKFLOW = os.path.join(ROOT, "workflows", "lidit_shapes_default.json")
 TOLERANCE = 0.05

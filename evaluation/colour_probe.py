@@ -107,7 +107,8 @@ def main(argv=None):
         r = probe(llm, args.cache_dir)
         results.append(r)
         b, d = r["chosen_for_names"], r["chosen_for_descriptions"]
-        lines.append(f"| {llm.rsplit('/', 1)[-1]} | {b['block']} of {r['num_states']}, {b['pooling']}, {b['ridge']:g} | "
+        lines.append(f"| {llm.rsplit('/', 1)[-1]} | "
+                     f"{b['block']} of {r['num_states']}, {b['pooling']}, {b['ridge']:g} | "
                      f"{b['validation held-out names']:.1f} / {b['test held-out names']:.1f} | "
                      f"{d['validation held-out descriptions']:.1f} / {d['test held-out descriptions']:.1f} | "
                      f"{b['train']:.1f} |")

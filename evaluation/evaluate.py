@@ -3,13 +3,13 @@ seen wording + seen combination, unseen combination, unseen wording, both unseen
 
 Run from the repository root:
 
-    .venv/bin/python evaluation/evaluate.py                                   # the default model
-    .venv/bin/python evaluation/evaluate.py --model runs/x/x.safetensors --images-per-prompt 4 \\
+    .venv/bin/python -m evaluation.evaluate                                   # the default model
+    .venv/bin/python -m evaluation.evaluate --model runs/x/x.safetensors --images-per-prompt 4 \\
         --save-grid out/grid.png --json out/eval.json
-    .venv/bin/python evaluation/evaluate.py --model /tmp/run_smoke/smoke.safetensors --per-kind 1 \\
+    .venv/bin/python -m evaluation.evaluate --model /tmp/run_smoke/smoke.safetensors --per-kind 1 \\
         --images-per-prompt 1                                                 # 20 prompts: a smoke test
 
-From Python (an ablation driver): `from evaluation.evaluate import evaluate` (repository root on sys.path),
+From Python (an ablation driver): `from evaluation.evaluate import evaluate` (run from the repository root),
 `result = evaluate("runs/x/x.safetensors", images_per_prompt=4)`; pass the same `feature_cache={}` dict to several
 calls to encode each caption once per LLM and instruction (every layer is kept, so layer ablations share it).
 
@@ -63,24 +63,22 @@ import sys
 import time
 from dataclasses import replace
 
+import torch
+import torch.nn.functional as F
+
+from adapters import captions as caption_language
+from adapters import colour_names
+from adapters import shapes_world
+from adapters.checkpoint import load_adapter, load_host_adapter, load_lidit, load_word_encoder
+from adapters.conditioning import hidden_states_to_context
+from adapters.diff_adapter import AdaptedLIDiT
+from adapters.lidit import sample_euler
+from adapters.llm_encoder import load_llm, num_hidden_states, parse_layers
+from adapters.shapes_world import Scene
+from training import features
+from training.features import caption_features, collate
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from adapters import captions as caption_language  # noqa: E402
-from adapters import colour_names  # noqa: E402
-from adapters import shapes_world  # noqa: E402
-from adapters.checkpoint import load_adapter, load_host_adapter, load_lidit, load_word_encoder  # noqa: E402
-from adapters.conditioning import hidden_states_to_context  # noqa: E402
-from adapters.diff_adapter import AdaptedLIDiT  # noqa: E402
-from adapters.lidit import sample_euler  # noqa: E402
-from adapters.llm_encoder import load_llm, num_hidden_states, parse_layers  # noqa: E402
-from adapters.shapes_world import Scene  # noqa: E402
-from training import features  # noqa: E402
-from training.features import caption_features, collate  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(ROOT, "models", "lidit", "lidit-shapes-smollm2.safetensors")
 DEFAULT_LLM_DIRS = [os.path.join(ROOT, ".comfyui", "models", "LLM"), os.path.join(ROOT, ".cache")]
@@ -390,8 +388,8 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
                            "seed": seed, "resolution": resolution, "device": str(device), "oracle": oracle,
                            "prompt_split": prompt_split},
               "splits": {}, "kinds": {}, "positional_bias": {}, "timings": timings, "records": records,
-              "colors": {column: color_summary([r for r in color_records if r["split"] == column], len(color_sets[column]))
-                         for column in COLOR_SPLITS},
+              "colors": {column: color_summary([r for r in color_records if r["split"] == column],
+                                               len(color_sets[column])) for column in COLOR_SPLITS},
               "color_records": color_records}
     for split in SPLITS:
         recs = [r for r in records if r["split"] == split]
@@ -515,12 +513,15 @@ def color_summary(records: list[dict], prompts: int) -> dict:
 
 
 def format_color_table(result: dict) -> str:
-    lines = ["Colours beyond the seven (one object per prompt named or described; dE = CIE76 between the asked colour "
-             "and the nearest drawn one):", "", f"| | {' | '.join(COLOR_SPLITS)} |", "|---|" + "---:|" * len(COLOR_SPLITS)]
+    lines = ["Colours beyond the seven (one object per prompt named or described; dE = CIE76 between the asked "
+             "colour and the nearest drawn one):", "", f"| | {' | '.join(COLOR_SPLITS)} |",
+             "|---|" + "---:|" * len(COLOR_SPLITS)]
     colors = result["colors"]
     de = lambda v: "-" if v is None else ("inf" if math.isinf(v) else f"{v:.1f}")  # noqa: E731
-    rows = (("prompts / images", lambda c: f"{c['prompts']} / {c['images']}"), ("median dE", lambda c: de(c["median_de"])),
-            ("within dE 10, %", lambda c: _pct(c["within_10"])), ("within dE 25, %", lambda c: _pct(c["within_25"])),
+    rows = (("prompts / images", lambda c: f"{c['prompts']} / {c['images']}"),
+            ("median dE", lambda c: de(c["median_de"])),
+            ("within dE 10, %", lambda c: _pct(c["within_10"])),
+            ("within dE 25, %", lambda c: _pct(c["within_25"])),
             ("non-empty, %", lambda c: _pct(c["non_empty"])), ("overall (checker), %", lambda c: _pct(c["overall"])),
             ("median dE, colours of words training never used (images)",
              lambda c: f"{de(c['median_de_new_words'])} ({c['new_words_images']})"))

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from adapters.checkpoint import written_atomically
 from adapters.llm_encoder import INSTRUCTION_PRESETS, encode_prompts, load_llm, num_hidden_states, parse_layers
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,8 @@ def _encode_to_cache(llm_path: str, captions: list[str], settings: dict, path: s
     tensors = {f"c{i}": t for i, t in enumerate(out)}
     tensors["num_hidden_states"] = torch.tensor(num_states)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_file(tensors, path + ".partial")
-    os.replace(path + ".partial", path)
+    with written_atomically(path) as tmp:
+        save_file(tensors, tmp)
 
 
 def collate(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,15 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from adapters.checkpoint import read_metadata, written_atomically
 
-from adapters.checkpoint import read_metadata  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = os.path.join(ROOT, "models")
 
@@ -28,8 +26,8 @@ def copy_with_metadata(src: str, dst: str, changes: dict[str, str]) -> None:
     with safe_open(src, framework="pt") as f:
         meta = dict(f.metadata())
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    save_file(load_file(src), dst + ".partial", metadata={**meta, **changes})
-    os.replace(dst + ".partial", dst)
+    with written_atomically(dst) as tmp:
+        save_file(load_file(src), tmp, metadata={**meta, **changes})
     print(f"wrote {os.path.relpath(dst, ROOT)}")
 
 

@@ -21,7 +21,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 
 import torch
@@ -29,18 +28,17 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adapters import captions, shapes_world  # noqa: E402
-from adapters.checkpoint import (load_adapter, load_lidit, load_word_encoder, save_adapter,  # noqa: E402
-                                 save_host_adapter, save_lidit, save_word_encoder)
-from adapters.conditioning import hidden_states_to_context  # noqa: E402
-from adapters.diff_adapter import (REFINER_HEAD_DIM, AdaptedLIDiT, HostAdapter, LLMDiffAdapter,  # noqa: E402
+from adapters import captions, shapes_world
+from adapters.checkpoint import (load_adapter, load_lidit, load_word_encoder, save_adapter,
+                                 save_host_adapter, save_lidit, save_word_encoder, written_atomically)
+from adapters.conditioning import hidden_states_to_context
+from adapters.diff_adapter import (REFINER_HEAD_DIM, AdaptedLIDiT, HostAdapter, LLMDiffAdapter,
                                    lidit_sites)
-from adapters.lidit import (PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler,  # noqa: E402
+from adapters.lidit import (PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler,
                             scores_attention, set_attention_kernel)
-from adapters.word_encoder import WordEncoder, build_vocabulary  # noqa: E402
-from training.features import caption_features, collate, encoder_settings, settings_of  # noqa: E402
+from adapters.word_encoder import WordEncoder, build_vocabulary
+from training.features import caption_features, collate, encoder_settings, settings_of
 
 log = logging.getLogger("train_lidit")
 
@@ -447,9 +445,8 @@ def save_training_state(path: str, trainable, ema, opt, step: int, args,
     if rng is not None:
         save_file({k: v.contiguous() for k, v in rng.items()}, os.path.join(tmp, RNG_FILE))
     state = {"step": step, "param_groups": opt_state["param_groups"], "args": vars(args)}
-    with open(os.path.join(tmp, "state.json.partial"), "w") as f:
+    with written_atomically(os.path.join(tmp, "state.json")) as partial, open(partial, "w") as f:
         json.dump(state, f)
-    os.replace(os.path.join(tmp, "state.json.partial"), os.path.join(tmp, "state.json"))
     if os.path.isdir(path):  # complete (only ever made by the rename below), so a leftover .old is not needed
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
@@ -516,9 +513,8 @@ class LossLog:
 
     def __init__(self, path: str, keep_until: int):
         rows = self.rows_until(path, keep_until)
-        with open(path + ".partial", "w", newline="") as f:  # rewritten aside: a kill here keeps the old log
+        with written_atomically(path) as partial, open(partial, "w", newline="") as f:  # a kill keeps the old log
             csv.writer(f).writerows([self.HEADER] + rows)
-        os.replace(path + ".partial", path)
         self.file = open(path, "a", newline="")
         self.writer = csv.writer(self.file)
 
