@@ -6,12 +6,18 @@ training (a held-out synonym, say) becomes <unk>: the baseline cannot know it, w
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn as nn
 
-from .captions import words
-
 PAD, UNK = "<pad>", "<unk>"
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words, digits and punctuation marks: the units of the vocabulary (and of the caption language's
+    wording split)."""
+    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
 
 
 def build_vocabulary(captions) -> list[str]:

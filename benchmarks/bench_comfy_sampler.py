@@ -33,8 +33,8 @@ import sys
 import tempfile
 import time
 
-from scripts import comfy_client
 from adapters.checkpoint import read_metadata
+from scripts import comfy_client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

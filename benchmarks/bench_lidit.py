@@ -47,8 +47,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adapters.checkpoint import load_lidit
 from adapters.diff_adapter import LLMDiffAdapter
-from adapters.lidit import (PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler,
-                            scores_attention, set_attention_kernel)
+from adapters.lidit import (PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler, scores_attention,
+                            set_attention_kernel)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

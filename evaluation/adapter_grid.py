@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from adapters import shapes_world
+from dataset import shapes_world
 from evaluation.evaluate import KINDS, PROMPT_SPLITS, SPLITS, prompt_sets
 from scripts import comfy_client
 

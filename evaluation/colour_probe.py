@@ -1,7 +1,7 @@
 """How much an LLM knows about colour words, before any diffusion model is trained on it: a linear probe.
 
-For every colour a caption can ask for beyond the seven (adapters/captions.py), the caption "a <name> circle" (or,
-for a thing, "a circle the color of <thing>") is encoded as the trainer encodes captions (training/features.py:
+For every colour a caption can ask for beyond the seven (dataset/captions.py), the caption "a <name> circle" (or,
+for a thing, "a circle the color of <thing>") is encoded as the trainer encodes captions (dataset/features.py:
 instruction, chat template, every hidden state). Per block, the caption's states are pooled (mean over its tokens,
 or its last token, which a causal LLM has let read the whole colour) and a ridge regression maps them to the
 colour in CIELAB. It is fitted on the seen names and things only (captions.SEEN_OPEN_COLORS, what training captions
@@ -22,10 +22,10 @@ import statistics
 
 import torch
 
-from adapters import captions, colour_names
-from adapters.shapes_world import PALETTE
+from dataset import captions, colour_names
+from dataset.features import caption_features, encoder_settings
+from dataset.shapes_world import PALETTE
 from evaluation.evaluate import held_out_half
-from training.features import caption_features, encoder_settings
 
 RIDGE = (0.1, 1.0, 10.0, 100.0, 1000.0)  # strengths tried (times the number of samples), chosen on validation
 POOLINGS = ("mean", "last")

@@ -17,12 +17,12 @@ What it does. The checkpoint's metadata (`text_encoders`) names, per text stream
 instruction, chat template, max_tokens and LLM Diff Adapter) or the no-LLM baseline's learned word encoder
 (`type: learned`, its file next to the model). The LLM is looked up in --llm-dir (default .comfyui/models/LLM,
 then .cache), the adapter or word encoder next to the model file or in models/llm_adapters. Every caption (and the
-empty, unconditional caption) is encoded as the trainer does (training/features.py); nothing is written to disk
+empty, unconditional caption) is encoded as the trainer does (dataset/features.py); nothing is written to disk
 unless --cache-dir is given. Images are sampled with adapters.lidit.sample_euler (default 20 steps, CFG 3); image
 k of every prompt starts from the same noise (seed + k), so columns and models are compared on equal noise. Each
-image is scored by adapters.shapes_world.check against the claims of its caption.
+image is scored by dataset.shapes_world.check against the claims of its caption.
 
-Prompts (adapters/captions.py, fixed by --seed): --per-kind captions of each kind (single object, pair placed
+Prompts (dataset/captions.py, fixed by --seed): --per-kind captions of each kind (single object, pair placed
 in the grid, relation, count, three objects) in each column. Unseen wording = a held-out synonym or sentence
 template (captions.HELD_OUT_WORDS); unseen combination = a colour-shape-position triple, pair of objects or
 count that no training caption asks for (shapes_world.states_held_out). Training captions never have either;
@@ -66,17 +66,15 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from adapters import captions as caption_language
-from adapters import colour_names
-from adapters import shapes_world
 from adapters.checkpoint import load_adapter, load_host_adapter, load_lidit, load_word_encoder
 from adapters.conditioning import hidden_states_to_context
 from adapters.diff_adapter import AdaptedLIDiT
 from adapters.lidit import sample_euler
 from adapters.llm_encoder import load_llm, num_hidden_states, parse_layers
-from adapters.shapes_world import Scene
-from training import features
-from training.features import caption_features, collate
+from dataset import captions as caption_language
+from dataset import colour_names, features, shapes_world
+from dataset.features import caption_features, collate
+from dataset.shapes_world import Scene
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -26,16 +26,15 @@ import sys
 
 import torch
 
-from adapters import captions as caption_language
-from adapters import shapes_world
 from adapters.checkpoint import load_adapter, load_lidit
 from adapters.conditioning import hidden_states_to_context
 from adapters.lidit import sample_euler
-from adapters.shapes_world import Scene
+from dataset import captions as caption_language
+from dataset import features, shapes_world
+from dataset.features import collate
+from dataset.shapes_world import Scene
 from evaluation.evaluate import (DEFAULT_LLM_DIRS, DEFAULT_MODEL, alone, encode_captions, find_adapter, find_llm,
                                  prompt_sets)
-from training import features
-from training.features import collate
 
 COLOUR_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 OBJECT_WEIGHTS = (1.5, 2.0)  # and the unweighted prompt

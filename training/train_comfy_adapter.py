@@ -35,12 +35,11 @@ import adapters
 from adapters.checkpoint import save_host_adapter
 from adapters.conditioning import hidden_states_to_context
 from adapters.diff_adapter import HostAdapter
-from training.features import caption_features, encoder_settings
-from training.train_lidit import (ADAPTER_REFINER_DEPTH, HOST_TEXT_DROPOUT, LLM_GATE, STREAM_STRIDE,
-                                  DivergedError, FolderData, LossLog, adapter_refiner_error, check_gradients,
-                                  diverged, load_optimizer_state,
-                                  load_training_state, lr_at, recover_checkpoint, refuse_existing_run,
-                                  save_training_state)
+from dataset.features import caption_features, encoder_settings
+from training.train_lidit import (ADAPTER_REFINER_DEPTH, HOST_TEXT_DROPOUT, LLM_GATE, STREAM_STRIDE, DivergedError,
+                                  FolderData, LossLog, adapter_refiner_error, check_gradients, diverged,
+                                  load_optimizer_state, load_training_state, lr_at, recover_checkpoint,
+                                  refuse_existing_run, save_training_state)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,7 +4,7 @@ One device:            python -m training.train_lidit --llm models/LLM/x.gguf --
 Several GPUs/machines: accelerate launch -m training.train_lidit ...   (same code, same flags)
 
 Data: the built-in procedural shapes world (`--data shapes`: captions in many wordings from
-adapters/captions.py, held-out wordings and combinations never shown) or a folder of images with same-name .txt
+dataset/captions.py, held-out wordings and combinations never shown) or a folder of images with same-name .txt
 captions. LLM features of every caption are computed once and cached in --out. `--text-encoder learned` trains
 the no-LLM baseline instead: word embeddings learned from scratch over the training vocabulary, through the
 same LI-DiT context path. Checkpoints are written every --save-every steps and picked up again with --resume;
@@ -28,17 +28,15 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-
-from adapters import captions, shapes_world
-from adapters.checkpoint import (load_adapter, load_lidit, load_word_encoder, save_adapter,
-                                 save_host_adapter, save_lidit, save_word_encoder, written_atomically)
+from adapters.checkpoint import (load_adapter, load_lidit, load_word_encoder, save_adapter, save_host_adapter,
+                                 save_lidit, save_word_encoder, written_atomically)
 from adapters.conditioning import hidden_states_to_context
-from adapters.diff_adapter import (REFINER_HEAD_DIM, AdaptedLIDiT, HostAdapter, LLMDiffAdapter,
-                                   lidit_sites)
-from adapters.lidit import (PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler,
-                            scores_attention, set_attention_kernel)
+from adapters.diff_adapter import REFINER_HEAD_DIM, AdaptedLIDiT, HostAdapter, LLMDiffAdapter, lidit_sites
+from adapters.lidit import (PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler, scores_attention,
+                            set_attention_kernel)
 from adapters.word_encoder import WordEncoder, build_vocabulary
-from training.features import caption_features, collate, encoder_settings, settings_of
+from dataset import captions, shapes_world
+from dataset.features import caption_features, collate, encoder_settings, settings_of
 
 log = logging.getLogger("train_lidit")
 
@@ -90,14 +88,14 @@ def parse_args(argv=None):
     p.add_argument("--pos-embed", default="conv+sincos", choices=["conv", "conv+sincos"])
     p.add_argument("--mix", default="0.3,0.2,0.2,0.15,0.15",
                    help="shapes world: share of each kind of scene in a batch, in the order of "
-                        "adapters.captions.KINDS (single, pair, relation, count, triple)")
+                        "dataset.captions.KINDS (single, pair, relation, count, triple)")
     p.add_argument("--captions", default="full", choices=list(captions.LANGUAGES),
-                   help="shapes world: the training pool's caption language (adapters.captions.LANGUAGES): every "
+                   help="shapes world: the training pool's caption language (dataset.captions.LANGUAGES): every "
                         "seen phrasing, or the canonical one alone (one word per colour, shape, position and "
                         "relation, one template per kind, no frame) for a base model with a narrow text encoder")
     p.add_argument("--open-color-pool", type=float, default=0.0,
                    help="shapes world: training captions with colours beyond the seven (named, or described as 'the "
-                        "color of ...'; adapters.captions.SEEN_OPEN_COLORS), per caption of --pool-size")
+                        "color of ...'; dataset.captions.SEEN_OPEN_COLORS), per caption of --pool-size")
     p.add_argument("--open-color-share", type=float, default=0.4,
                    help="shapes world: share of the samples drawn from the --open-color-pool captions")
     p.add_argument("--refiner-depth", type=int, default=2)
@@ -171,7 +169,7 @@ def adapter_refiner_error(depth: int, context_dim: int) -> str | None:
 
 
 class ShapesData:
-    """The training pool of adapters/captions.py (fixed captions: seen wordings, seen combinations), each sample
+    """The training pool of dataset/captions.py (fixed captions: seen wordings, seen combinations), each sample
     drawn in a fresh layout that its caption is true of. open_color_pool: captions with colours beyond the seven
     (captions.SEEN_OPEN_COLORS), per caption of the seven-colour pool; open_color_share: of the samples drawn from
     them."""

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import comfy_client
-from adapters import shapes_world
+from dataset import shapes_world
 from conftest import OVERFLOWING_LLM, WORKFLOW_DIR
 
 PACK_NODES = {

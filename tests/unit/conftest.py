@@ -21,7 +21,7 @@ if REPO_ROOT not in sys.path:
 
 torch.set_num_threads(1)  # the CI machine has two shared cores: one thread is much faster there
 
-from adapters import captions, shapes_world  # noqa: E402
+from dataset import captions, shapes_world  # noqa: E402
 from adapters.llm_encoder import LI_DIT_INSTRUCTION  # noqa: E402
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"

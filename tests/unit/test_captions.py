@@ -1,4 +1,4 @@
-"""adapters.captions: every caption is true of its layout, relation and count words agree with the picture, and
+"""dataset.captions: every caption is true of its layout, relation and count words agree with the picture, and
 held-out wordings and combinations never reach training."""
 from __future__ import annotations
 
@@ -7,23 +7,11 @@ import random
 import pytest
 import torch
 
-from adapters import captions, colour_names
-from adapters.captions import (
-    COLOR_WORDS,
-    COUNT_WORDS,
-    HELD_OUT_WORDS,
-    ITS_RELATION,
-    KINDS,
-    RELATION_WORDS,
-    SPLITS,
-    generate,
-    relayout,
-    split_of,
-    training_pool,
-    words,
-)
-from adapters.shapes_world import (BACKGROUND, MIN_BACKGROUND_DE, PALETTE, RELATIONS, ShapeObject, check, is_held_out,
-                                   render, shows_held_out, states_held_out, verdict)
+from dataset import captions, colour_names
+from dataset.captions import (COLOR_WORDS, COUNT_WORDS, HELD_OUT_WORDS, ITS_RELATION, KINDS, RELATION_WORDS, SPLITS,
+                              generate, relayout, split_of, training_pool, words)
+from dataset.shapes_world import (BACKGROUND, MIN_BACKGROUND_DE, PALETTE, RELATIONS, ShapeObject, check, is_held_out,
+                                  render, shows_held_out, states_held_out, verdict)
 
 POOL_SEEDS = (0, 1, 2)
 

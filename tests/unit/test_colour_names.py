@@ -1,4 +1,4 @@
-"""adapters.colour_names: the xkcd colour list, CIELAB and CIE76, the held-out names."""
+"""dataset.colour_names: the xkcd colour list, CIELAB and CIE76, the held-out names."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from adapters.colour_names import (delta_e, held_out_names, held_out_things, hue_order, read_colour_list,
+from dataset.colour_names import (delta_e, held_out_names, held_out_things, hue_order, read_colour_list,
                                    read_things, srgb_to_lab, usable_names)
 
 

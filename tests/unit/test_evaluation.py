@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from torchvision.utils import save_image
 
-from adapters import captions as caption_language
-from adapters import shapes_world
 from adapters.lidit import LIDiT, LIDiTConfig
-from adapters.shapes_world import COLORS
+from dataset import captions as caption_language
+from dataset import shapes_world
+from dataset.shapes_world import COLORS
 from evaluation import ablations
 from evaluation import evaluate as ev
 from training.train_lidit import main as train_main
@@ -78,7 +78,7 @@ def test_validation_prompts_are_in_their_columns_and_never_test_prompts():
 
 
 def test_prompt_sets_are_in_their_columns():
-    from adapters.captions import SPLITS, split_of
+    from dataset.captions import SPLITS, split_of
     sets = ev.prompt_sets(per_kind=4)
     for column, scenes in sets.items():
         assert [s.kind for s in scenes] == [k for k in ev.KINDS for _ in range(4)]

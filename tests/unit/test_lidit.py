@@ -4,21 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters import shapes_world
+from dataset import shapes_world
 from adapters import lidit
-from adapters.lidit import (
-    Attention,
-    CollaborativeRefiner,
-    LIDiT,
-    LIDiTConfig,
-    TokenRefiner,
-    flow_matching_loss,
-    forward_bytes,
-    masked_mean,
-    sample_euler,
-    scores_attention,
-    set_attention_kernel,
-)
+from adapters.lidit import (Attention, CollaborativeRefiner, LIDiT, LIDiTConfig, TokenRefiner, flow_matching_loss,
+                            forward_bytes, masked_mean, sample_euler, scores_attention, set_attention_kernel)
 
 DIMS = (48, 64)
 

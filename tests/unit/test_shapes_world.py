@@ -1,4 +1,4 @@
-"""adapters.shapes_world: rendering, the checker (verdict on layouts and on images), and the combination split."""
+"""dataset.shapes_world: rendering, the checker (verdict on layouts and on images), and the combination split."""
 from __future__ import annotations
 
 import random
@@ -6,31 +6,11 @@ import random
 import pytest
 import torch
 
-from adapters import captions, colour_names
-from adapters.shapes_world import (
-    BACKGROUND,
-    COLORS,
-    MIN_BACKGROUND_DE,
-    PALETTE,
-    POSITIONS,
-    SHAPES,
-    Mention,
-    Relation,
-    Scene,
-    ShapeObject,
-    check,
-    color_errors,
-    count_scene,
-    is_held_out,
-    is_held_out_count,
-    is_held_out_pair,
-    pair_scene,
-    render,
-    shape_mask,
-    single_scene,
-    states_held_out,
-    verdict,
-)
+from dataset import captions, colour_names
+from dataset.shapes_world import (BACKGROUND, COLORS, MIN_BACKGROUND_DE, PALETTE, POSITIONS, SHAPES, Mention, Relation,
+                                  Scene, ShapeObject, check, color_errors, count_scene, is_held_out, is_held_out_count,
+                                  is_held_out_pair, pair_scene, render, shape_mask, single_scene, states_held_out,
+                                  verdict)
 
 CELLS = list(POSITIONS)
 

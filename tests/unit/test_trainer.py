@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from adapters.checkpoint import load_adapter, load_lidit
 from adapters.conditioning import hidden_states_to_context
 from adapters.llm_encoder import INSTRUCTION_PRESETS, encode_prompts, load_llm
-from training.features import caption_features, encoder_settings
+from dataset.features import caption_features, encoder_settings
 from training.train_lidit import main
 
 TINY = ["--batch-size", "4", "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--context-dim", "16",
@@ -196,7 +196,7 @@ def test_feature_cache_tells_llms_with_the_same_name_apart(tmp_path, tiny_llm_di
 
 
 def test_learned_text_encoder_trains_saves_and_loads(tmp_path):
-    from adapters import captions
+    from dataset import captions
     from adapters.checkpoint import load_word_encoder
     from adapters.word_encoder import UNK, build_vocabulary
 
@@ -438,7 +438,7 @@ def test_adapter_recipe_flags_need_base(capsys):
 
 
 def test_open_colour_captions_join_the_pool_at_their_share_and_leave_the_rest_as_it_was():
-    from adapters import captions
+    from dataset import captions
     from training.train_lidit import ShapesData
     plain = ShapesData(25, 0, 16)
     data = ShapesData(25, 0, 16, open_color_pool=2, open_color_share=0.5)

@@ -1,7 +1,7 @@
 """Colour names with their sRGB values, and the distance that scores a drawn colour against a named one.
 
-The names are the xkcd colour survey's (adapters/data/xkcd-colors.txt, CC0, source in its header); things whose
-colour everyone knows, for colours described rather than named, are in adapters/data/colour-of-things.txt. A colour is
+The names are the xkcd colour survey's (dataset/data/xkcd-colors.txt, CC0, source in its header); things whose
+colour everyone knows, for colours described rather than named, are in dataset/data/colour-of-things.txt. A colour is
 scored by CIE76: the Euclidean distance dE between two colours in CIELAB (D65 white), where about 2 is the least
 difference people see, 10 reads as the same colour, 25 as a near hue and 60 or more as another colour.
 """

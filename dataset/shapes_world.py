@@ -1,9 +1,9 @@
 """Shapes world: procedural images of coloured shapes, what a caption claims about them, and a checker that
 scores an image against those claims (GenEval-style: colour, shape, exact count, position, relation). The words
-of the captions are adapters/captions.py's business; this module knows layouts and claims.
+of the captions are dataset/captions.py's business; this module knows layouts and claims.
 
 Colours: the seven of COLORS, told apart in sRGB, and any colour of PALETTE (a name of the xkcd survey
-or a thing's colour, adapters/colour_names.py), judged by CIE76 distance in CIELAB.
+or a thing's colour, dataset/colour_names.py), judged by CIE76 distance in CIELAB.
 
 Everything is drawn with torch, so the data set costs nothing to store and every test can make its own.
 """
@@ -95,7 +95,7 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-# The canonical phrasing (the default workflow's prompts); adapters/captions.py makes all the others.
+# The canonical phrasing (the default workflow's prompts); dataset/captions.py makes all the others.
 def single_scene(color: str, shape: str, cell: tuple[int, int]) -> Scene:
     return Scene((ShapeObject(color, shape, cell),), f"{_article(color)} {color} {shape} {POSITIONS[cell]}", "single",
                  (Mention(color, shape, 1, cell),))
@@ -113,7 +113,7 @@ def count_scene(color: str, shape: str, cells: list[tuple[int, int]]) -> Scene:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Combination split: what never appears in training, whatever the wording (adapters/captions.py splits wordings)
+# Combination split: what never appears in training, whatever the wording (dataset/captions.py splits wordings)
 
 
 def is_held_out(color: str, shape: str, cell: tuple[int, int]) -> bool:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from adapters.word_encoder import words
+
 from . import colour_names
 from .shapes_world import (BACKGROUND, COLORS, MIN_BACKGROUND_DE, PALETTE, POSITIONS, RELATIONS, SHAPES, Mention,
                            Relation, Scene, ShapeObject, shows_held_out, states_held_out, verdict)
@@ -210,12 +212,6 @@ def _scene_colors(rng: random.Random, sizes: list[int], open_colors: OpenColors 
     if len(set(colors)) < len(colors) or (len(colors) > 1 and torch.pdist(lab).min() < MIN_MENTION_DE):
         return None
     return colors, frozenset(described)
-
-
-def words(text: str) -> list[str]:
-    """Lower-case words, digits and punctuation marks: the units of the wording split and of the no-LLM
-    baseline's vocabulary."""
-    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
 
 
 def is_seen_wording(text: str) -> bool:
