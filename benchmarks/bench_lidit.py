@@ -245,7 +245,7 @@ def bench_training(args, device) -> list[list[str]]:
 
     f_fwd, f_bwd, f_full = flops_of(False, False), flops_of(True, False), flops_of(True, True)
 
-    from training.train_lidit import ShapesData
+    from training.data import ShapesData
     data = ShapesData(defaults.pool_size, 0, defaults.resolution)
 
     # (what, step, FLOPs, bf16 autocast): a bf16 row's MFU is against the bf16 matmul peak

@@ -36,10 +36,11 @@ from adapters.checkpoint import save_host_adapter
 from adapters.conditioning import hidden_states_to_context
 from adapters.diff_adapter import HostAdapter
 from dataset.features import caption_features, encoder_settings
-from training.train_lidit import (ADAPTER_REFINER_DEPTH, HOST_TEXT_DROPOUT, LLM_GATE, STREAM_STRIDE, DivergedError,
-                                  FolderData, LossLog, adapter_refiner_error, check_gradients, diverged,
-                                  load_optimizer_state, load_training_state, lr_at, recover_checkpoint,
-                                  refuse_existing_run, save_training_state)
+from training.checkpoints import (STREAM_STRIDE, load_optimizer_state, load_training_state, recover_checkpoint,
+                                  save_training_state, start_run)
+from training.data import FolderData
+from training.loop import DivergedError, LossLog, check_gradients, diverged, ema_update, lr_at
+from training.train_lidit import ADAPTER_REFINER_DEPTH, HOST_TEXT_DROPOUT, LLM_GATE, adapter_refiner_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -230,9 +231,7 @@ class AdapterTraining:
                     raise diverged(self.step + 1, e, "Lower --lr, or keep the model in fp32 (--weight-dtype fp32).") \
                         from None
                 opt.step()
-                with torch.no_grad():
-                    for pe, p in zip(self.ema.parameters(), self.host.parameters()):
-                        pe.lerp_(p, 1 - args.ema)
+                ema_update(self.ema, self.host, args.ema)
                 self.step += 1
                 seen += args.batch_size
                 rate = seen / (time.time() - t0)
@@ -266,10 +265,7 @@ def checkpoint_blocks(net: torch.nn.Module) -> list[torch.nn.Module]:
 
 def main(argv=None):
     args = parse_args(argv)
-    refuse_existing_run(args.out, args.resume)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start_run(args)
     dan = import_comfyui(comfyui_folder(args.comfyui))
     import comfy.model_management as mm
     import comfy.samplers

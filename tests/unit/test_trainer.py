@@ -315,7 +315,7 @@ def test_block_contributions_are_trained_on_and_named_in_the_metadata(tmp_path, 
 
 
 def test_precision_picks_the_autocast_dtype():
-    from training.train_lidit import mixed_precision
+    from training.loop import mixed_precision
     assert mixed_precision("fp32") == "no" and mixed_precision("bf16") == "bf16"
     fast = torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert mixed_precision("auto") == ("bf16" if fast else "no")
@@ -439,7 +439,7 @@ def test_adapter_recipe_flags_need_base(capsys):
 
 def test_open_colour_captions_join_the_pool_at_their_share_and_leave_the_rest_as_it_was():
     from dataset import captions
-    from training.train_lidit import ShapesData
+    from training.data import ShapesData
     plain = ShapesData(25, 0, 16)
     data = ShapesData(25, 0, 16, open_color_pool=2, open_color_share=0.5)
     assert data.captions[:25] == plain.captions[:25] and len(data.captions) == 25 + 50 + 1

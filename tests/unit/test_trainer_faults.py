@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import training.checkpoints as checkpoints
+import training.loop as loop
 import training.train_lidit as trainer
 from test_trainer import TINY, checkpoint_state, loss_rows, optimizer_steps, train
 
@@ -30,7 +32,7 @@ class FaultInjector:
 
     def __init__(self, monkeypatch, kill_at: int | None):
         self.kill_at, self.ops, self.armed = kill_at, [], False
-        for owner, name in ((trainer.LossLog, "write"), (trainer, "save_file"), (os, "replace"),
+        for owner, name in ((loop.LossLog, "write"), (checkpoints, "save_file"), (os, "replace"),
                             (os, "makedirs"), (shutil, "rmtree"), (json, "dump")):
             monkeypatch.setattr(owner, name, self.wrap(getattr(owner, name), name))
 
@@ -122,11 +124,11 @@ def test_a_leftover_old_checkpoint_does_not_block_saving(tmp_path):
     opt.step()
     path = str(tmp_path / "checkpoint")
     args = argparse.Namespace(seed=0)
-    trainer.save_training_state(path, model, model, opt, 1, args)
+    checkpoints.save_training_state(path, model, model, opt, 1, args)
     os.makedirs(path + ".old")
     open(os.path.join(path + ".old", "model.safetensors"), "w").close()  # left by a kill after the swap
-    trainer.save_training_state(path, model, model, opt, 2, args)
-    assert trainer.checkpoint_step(path) == 2
+    checkpoints.save_training_state(path, model, model, opt, 2, args)
+    assert checkpoints.checkpoint_step(path) == 2
     assert not os.path.exists(path + ".old") and not os.path.exists(path + ".partial")
 
 
@@ -134,7 +136,7 @@ def test_torn_loss_log_row_is_dropped_on_resume(tmp_path):
     path = str(tmp_path / "loss.csv")
     with open(path, "w") as f:
         f.write("step,loss,lr,samples_per_s,heldout_accuracy\n1,0.5,0.001,10.00,\n2,0.4,0.001,10.00,\n2,0.4,0.0")
-    log = trainer.LossLog(path, keep_until=5)
+    log = loop.LossLog(path, keep_until=5)
     log.close()
     assert [r["step"] for r in loss_rows(str(tmp_path))] == ["1", "2"]
 
