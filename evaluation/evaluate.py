@@ -205,7 +205,7 @@ def find_adapter(name: str, model_path: str) -> str:
 # Encoding
 
 
-def encode_captions(llm_path: str, settings: dict, captions: list[str], device: torch.device,
+def caption_states(llm_path: str, settings: dict, captions: list[str], device: torch.device,
                     cache_dir: str | None = None, batch_size: int = 16) -> tuple[dict[str, torch.Tensor], int]:
     """caption -> [L+1, T_i, D] fp16 (every hidden state of the prompt tokens), encoded as the trainer does, and
     the number of hidden states. With cache_dir, through the trainer's feature cache."""
@@ -223,6 +223,170 @@ def encode_captions(llm_path: str, settings: dict, captions: list[str], device: 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
+
+
+def load_evaluated(model_path: str | None, device, oracle: bool, diff_adapter: str | None):
+    """The model (None for oracle renders), its metadata, and its text streams' (entry, owner file): the LI-DiT in
+    eval mode on the device, with the diff_adapter's second cross-attentions and LLM stream where given."""
+    if oracle:
+        info = {"text_encoders": [], "resolution": 32}
+        if model_path and os.path.isfile(model_path):
+            from adapters.checkpoint import read_metadata
+            info.update({k: json.loads(v) for k, v in read_metadata(model_path, "li-dit").items() if k != "format"})
+        return None, info, []
+    model, info = load_lidit(model_path)
+    model.eval().requires_grad_(False).to(device)
+    latent = info.get("latent", "pixel_space")
+    if latent != "pixel_space" or model.config.in_channels != 3:
+        raise ValueError(f"'{model_path}' works in '{latent}' space; this evaluation scores pixel-space models.")
+    entries = [(e, model_path) for e in info["text_encoders"]]
+    if diff_adapter:
+        host, host_info = load_host_adapter(diff_adapter)
+        if host_info["family"] != "lidit":
+            raise ValueError(f"'{diff_adapter}' is an adapter for a {host_info['family']} model, not for LI-DiT.")
+        host.eval().requires_grad_(False).to(device)
+        model = AdaptedLIDiT(model, host.branches)
+        entries.append(({**json.loads(host_info["encoder"]), "adapter": host.adapter}, diff_adapter))
+    return model, info, entries
+
+
+def text_streams(entries, captions: list[str], device, llm_dirs: list[str], cache_dir: str | None,
+                 feature_cache: dict, log) -> list:
+    """Per text stream, ("learned", word encoder) or (caption -> LLM states, its adapter), every caption encoded
+    as the trainer encodes it; feature_cache (shared between calls) keeps each LLM's states of each caption."""
+    streams = []
+    for entry, owner in entries:
+        if entry.get("type") == "learned":
+            encoder, _ = load_word_encoder(find_adapter(entry["encoder"], owner))
+            streams.append(("learned", encoder.eval().requires_grad_(False).to(device)))
+            continue
+        settings = features.settings_of(entry)
+        key = json.dumps({k: v for k, v in settings.items() if k != "layers"}, sort_keys=True)
+        cached = feature_cache.setdefault(key, {"features": {}, "num_states": None})
+        missing = [c for c in captions if c not in cached["features"]]
+        if missing:
+            llm_path = find_llm(settings["llm"], llm_dirs)
+            log(f"encoding {len(missing)} captions with {settings['llm']}")
+            feats, cached["num_states"] = caption_states(llm_path, settings, missing, device, cache_dir)
+            cached["features"].update(feats)
+        picked = parse_layers(settings["layers"], cached["num_states"])
+        have = {c: cached["features"][c][picked] for c in captions}
+        adapter = entry.get("adapter")
+        if isinstance(adapter, str):
+            adapter, _ = load_adapter(find_adapter(adapter, owner))
+            adapter.eval().requires_grad_(False).to(device)
+        streams.append((have, adapter))
+    return streams
+
+
+def contexts_of(streams, device):
+    """captions -> (contexts, masks) of every stream, as the model takes them."""
+    def contexts(batch_captions: list[str]):
+        ctx, masks = [], []
+        for feats, encoder in streams:
+            with torch.no_grad():
+                if feats == "learned":
+                    ids, mask = encoder.tokenize(batch_captions)
+                    ctx.append(encoder(ids.to(device)))
+                else:
+                    hidden, mask = collate([feats[c] for c in batch_captions])
+                    ctx.append(hidden_states_to_context(hidden.to(device), encoder, mask))
+            masks.append(mask.to(device))
+        return ctx, masks
+    return contexts
+
+
+def sample_images(model, contexts, scenes: list[Scene], jobs, resolution: int, *, steps: int, cfg: float,
+                  seed: int, batch_size: int, device, oracle: bool, log) -> list[torch.Tensor]:
+    """An image [3, H, W] in [0, 1] per job (prompt i, image k). Image k of every prompt starts from the same noise
+    (seed + k); oracle: a render of the scene with its own seed instead."""
+    if oracle:
+        return [shapes_world.render(scenes[i], resolution, random.Random((seed + k) * ORACLE_SEED_STRIDE + i))
+                for i, k in jobs]
+    images = [None] * len(jobs)
+    noise = [torch.randn(model.config.in_channels, resolution, resolution,
+                         generator=torch.Generator().manual_seed(seed + k)) for k in range(max(k for _, k in jobs) + 1)]
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        ctx, masks = contexts([scenes[i].caption for i, _ in chunk])
+        uctx, umasks = contexts([""] * len(chunk))
+        x = torch.stack([noise[k] for _, k in chunk]).to(device)
+        with torch.no_grad():
+            x = sample_euler(model, x, ctx, masks, steps=steps, cfg=cfg, uncond_contexts=uctx, uncond_masks=umasks)
+        images[start:start + len(chunk)] = list(((x.float().cpu() + 1) / 2).clamp(0, 1))
+        log(f"sampled {min(start + batch_size, len(jobs))}/{len(jobs)} images")
+    return images
+
+
+def score(prompts: list[tuple[str, Scene]], jobs, images) -> list[dict]:
+    """One record per image: its column, kind, caption and the checker's verdict; two-object prompts check each
+    object alone too (positional bias); colour columns add the dE of their colours beyond the seven."""
+    records = []
+    for (i, k), img in zip(jobs, images):
+        split, scene = prompts[i]
+        rec = {"split": split, "kind": scene.kind, "caption": scene.caption, "image": k,
+               "result": shapes_world.check(img, scene)}
+        if split in COLOR_SPLITS:
+            opened = [j for j, m in enumerate(scene.mentions) if m.color not in shapes_world.COLORS]
+            errors = shapes_world.color_errors(img, scene)
+            rec["color_errors"] = [errors[j] for j in opened]
+            rec["new_words"] = all(caption_language.has_only_new_words(scene.mentions[j].color) for j in opened)
+        if len(scene.mentions) == 2 and all(m.count == 1 for m in scene.mentions):
+            for which, m in zip(("first", "second"), range(2)):
+                rec[which] = shapes_world.check(img, alone(scene, m))["overall"]
+        records.append(rec)
+    return records
+
+
+def summarise(records: list[dict], sets: dict, color_sets: dict) -> dict:
+    """The four columns (splits, kinds, overall, overall_mean, positional_bias) and the colour columns (colors)."""
+    color_records = [r for r in records if r["split"] in COLOR_SPLITS]
+    records = [r for r in records if r["split"] not in COLOR_SPLITS]
+
+    def share(recs, crit="overall"):
+        vals = [r["result"][crit] for r in recs if crit in r["result"]]
+        return sum(vals) / len(vals) if vals else None
+
+    result = {"splits": {}, "kinds": {}, "positional_bias": {}, "records": records, "color_records": color_records,
+              "colors": {column: color_summary([r for r in color_records if r["split"] == column],
+                                               len(color_sets[column])) for column in COLOR_SPLITS}}
+    for split in SPLITS:
+        recs = [r for r in records if r["split"] == split]
+        row = {"prompts": len(sets[split]), "images": len(recs)}
+        row.update({c: share(recs, c) for c in CRITERIA if share(recs, c) is not None})
+        result["splits"][split] = row
+    for kind in KINDS:
+        result["kinds"][kind] = {split: share([r for r in records if r["kind"] == kind and r["split"] == split])
+                                 for split in SPLITS}
+    result["overall"] = share(records)
+    result["overall_mean"] = sum(result["splits"][s]["overall"] for s in SPLITS) / len(SPLITS)
+    for name, wanted in (("pair", {"pair"}), ("relation", {"relation"}), ("all two-object", {"pair", "relation"})):
+        recs = [r for r in records if r["kind"] in wanted and "first" in r]
+        if not recs:
+            continue
+        first = sum(r["first"] for r in recs) / len(recs)
+        second = sum(r["second"] for r in recs) / len(recs)
+        result["positional_bias"][name] = {
+            "prompts": len({r["caption"] for r in recs}), "images": len(recs), "first": first, "second": second,
+            "gap": first - second, "both": sum(r["first"] and r["second"] for r in recs) / len(recs)}
+    return result
+
+
+def write(result: dict, images, prompts, images_per_prompt: int, save_grid: str | None, json_path: str | None):
+    """The PNG grid of the images (with its prompts in <grid>.txt) and the JSON results, where asked."""
+    if save_grid:
+        from torchvision.utils import save_image
+        os.makedirs(os.path.dirname(os.path.abspath(save_grid)), exist_ok=True)
+        grid = F.interpolate(torch.stack(images), size=(GRID_CELL, GRID_CELL), mode="nearest")
+        save_image(grid, save_grid, nrow=images_per_prompt * max(1, 8 // images_per_prompt), padding=GRID_PAD,
+                   pad_value=0.5)
+        with open(os.path.splitext(save_grid)[0] + ".txt", "w") as f:
+            f.write("".join(f"{split}\t{s.kind}\t{s.caption}\n" for split, s in prompts))
+        result["grid"] = os.path.abspath(save_grid)
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_prompt: int = 4, steps: int = 20,
@@ -246,22 +410,8 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    llm_dirs = llm_dirs or DEFAULT_LLM_DIRS
-    feature_cache = {} if feature_cache is None else feature_cache
     timings = {}
-
-    if oracle:
-        model, info = None, {"text_encoders": [], "resolution": 32}
-        if model_path and os.path.isfile(model_path):
-            from adapters.checkpoint import read_metadata
-            info.update({k: json.loads(v) for k, v in read_metadata(model_path, "li-dit").items() if k != "format"})
-    else:
-        model, info = load_lidit(model_path)
-        model.eval().requires_grad_(False).to(device)
-        latent = info.get("latent", "pixel_space")
-        if latent != "pixel_space" or model.config.in_channels != 3:
-            raise ValueError(f"'{model_path}' works in '{latent}' space; this evaluation scores pixel-space "
-                             "models.")
+    model, info, entries = load_evaluated(model_path, device, oracle, diff_adapter)
     resolution = int(info.get("resolution", 32))
     sets = prompt_sets(per_kind, seed, prompt_split)
     color_sets = color_prompt_sets(per_kind if color_per_kind is None else color_per_kind, seed, prompt_split)
@@ -269,83 +419,20 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
         (column, s) for column in COLOR_SPLITS for s in color_sets[column]]
     scenes = [s for _, s in prompts]
     probe = [] if oracle else relation_probe_scenes(seed, prompt_split)
-    captions = list(dict.fromkeys([s.caption for s in scenes + probe] + [""]))
-    name = "oracle renders" if oracle else os.path.basename(model_path)
-    log(f"evaluating {name}: {per_kind} prompts of each of {len(KINDS)} kinds in {len(SPLITS)} columns x "
-        f"{images_per_prompt} images, {steps} steps, cfg {cfg:g}, on {device}")
+    log(f"evaluating {'oracle renders' if oracle else os.path.basename(model_path)}: {per_kind} prompts of each of "
+        f"{len(KINDS)} kinds in {len(SPLITS)} columns x {images_per_prompt} images, {steps} steps, cfg {cfg:g}, "
+        f"on {device}")
 
-    # Text encodings, one stream per LLM (and its adapter) or the learned word encoder.
     t0 = time.perf_counter()
-    streams = []
-    entries = [] if oracle else [(e, model_path) for e in info["text_encoders"]]
-    if diff_adapter:
-        host, host_info = load_host_adapter(diff_adapter)
-        if host_info["family"] != "lidit":
-            raise ValueError(f"'{diff_adapter}' is an adapter for a {host_info['family']} model, not for LI-DiT.")
-        host.eval().requires_grad_(False).to(device)
-        model = AdaptedLIDiT(model, host.branches)
-        entries.append(({**json.loads(host_info["encoder"]), "adapter": host.adapter}, diff_adapter))
-    for entry, owner in entries:
-        if entry.get("type") == "learned":
-            encoder, _ = load_word_encoder(find_adapter(entry["encoder"], owner))
-            streams.append(("learned", encoder.eval().requires_grad_(False).to(device)))
-            continue
-        settings = features.settings_of(entry)
-        key = json.dumps({k: v for k, v in settings.items() if k != "layers"}, sort_keys=True)
-        cached = feature_cache.setdefault(key, {"features": {}, "num_states": None})
-        missing = [c for c in captions if c not in cached["features"]]
-        if missing:
-            llm_path = find_llm(settings["llm"], llm_dirs)
-            log(f"encoding {len(missing)} captions with {settings['llm']}")
-            feats, cached["num_states"] = encode_captions(llm_path, settings, missing, device, cache_dir)
-            cached["features"].update(feats)
-        picked = parse_layers(settings["layers"], cached["num_states"])
-        have = {c: cached["features"][c][picked] for c in captions}
-        adapter = entry.get("adapter")
-        if isinstance(adapter, str):
-            adapter, _ = load_adapter(find_adapter(adapter, owner))
-            adapter.eval().requires_grad_(False).to(device)
-        streams.append((have, adapter))
+    captions = list(dict.fromkeys([s.caption for s in scenes + probe] + [""]))
+    contexts = contexts_of(text_streams(entries, captions, device, llm_dirs or DEFAULT_LLM_DIRS, cache_dir,
+                                        {} if feature_cache is None else feature_cache, log), device)
     timings["encode_s"] = time.perf_counter() - t0
-
-    def contexts(batch_captions: list[str]):
-        ctx, masks = [], []
-        for feats, encoder in streams:
-            with torch.no_grad():
-                if feats == "learned":
-                    ids, mask = encoder.tokenize(batch_captions)
-                    ctx.append(encoder(ids.to(device)))
-                else:
-                    hidden, mask = collate([feats[c] for c in batch_captions])
-                    ctx.append(hidden_states_to_context(hidden.to(device), encoder, mask))
-            masks.append(mask.to(device))
-        return ctx, masks
-
-    # Sampling: image k of every prompt starts from the same noise.
     t0 = time.perf_counter()
     jobs = [(i, k) for i in range(len(scenes)) for k in range(images_per_prompt)]
-    images = [None] * len(jobs)
-    if oracle:
-        for j, (i, k) in enumerate(jobs):
-            rng = random.Random((seed + k) * ORACLE_SEED_STRIDE + i)
-            images[j] = shapes_world.render(scenes[i], resolution, rng)
-    else:
-        noise = [torch.randn(model.config.in_channels, resolution, resolution,
-                             generator=torch.Generator().manual_seed(seed + k)) for k in range(images_per_prompt)]
-    for start in range(0, 0 if oracle else len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        batch_captions = [scenes[i].caption for i, _ in chunk]
-        ctx, masks = contexts(batch_captions)
-        uctx, umasks = contexts([""] * len(chunk))
-        x = torch.stack([noise[k] for _, k in chunk]).to(device)
-        with torch.no_grad():
-            x = sample_euler(model, x, ctx, masks, steps=steps, cfg=cfg, uncond_contexts=uctx, uncond_masks=umasks)
-        imgs = ((x.float().cpu() + 1) / 2).clamp(0, 1)
-        for j in range(len(chunk)):
-            images[start + j] = imgs[j]
-        log(f"sampled {min(start + batch_size, len(jobs))}/{len(jobs)} images")
+    images = sample_images(model, contexts, scenes, jobs, resolution, steps=steps, cfg=cfg, seed=seed,
+                           batch_size=batch_size, device=device, oracle=oracle, log=log)
     timings["sample_s"] = time.perf_counter() - t0
-
     if not oracle:
         t0 = time.perf_counter()
         losses = {split: heldout_loss(model, sets[split], contexts, resolution, seed, device, batch_size,
@@ -353,30 +440,9 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
         direction = relation_direction(model, probe, contexts, resolution, seed, device, batch_size,
                                        draws=2 * loss_draws)
         timings["loss_s"] = time.perf_counter() - t0
-
-    # Scoring.
     t0 = time.perf_counter()
-    records = []
-    for (i, k), img in zip(jobs, images):
-        split, scene = prompts[i]
-        rec = {"split": split, "kind": scene.kind, "caption": scene.caption, "image": k,
-               "result": shapes_world.check(img, scene)}
-        if split in COLOR_SPLITS:  # the dE of the colours beyond the seven
-            rec["color_errors"] = [e for m, e in zip(scene.mentions, shapes_world.color_errors(img, scene))
-                                   if m.color not in shapes_world.COLORS]
-            rec["new_words"] = all(caption_language.has_only_new_words(m.color) for m in scene.mentions
-                                   if m.color not in shapes_world.COLORS)
-        if len(scene.mentions) == 2 and all(m.count == 1 for m in scene.mentions):
-            for which, m in zip(("first", "second"), range(2)):
-                rec[which] = shapes_world.check(img, alone(scene, m))["overall"]
-        records.append(rec)
+    records = score(prompts, jobs, images)
     timings["score_s"] = time.perf_counter() - t0
-    color_records = [r for r in records if r["split"] in COLOR_SPLITS]
-    records = [r for r in records if r["split"] not in COLOR_SPLITS]
-
-    def share(recs, crit="overall"):
-        vals = [r["result"][crit] for r in recs if crit in r["result"]]
-        return sum(vals) / len(vals) if vals else None
 
     result = {"model": "oracle renders" if oracle else os.path.abspath(model_path),
               "diff_adapter": diff_adapter and os.path.abspath(diff_adapter),
@@ -385,46 +451,11 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
               "settings": {"per_kind": per_kind, "images_per_prompt": images_per_prompt, "steps": steps, "cfg": cfg,
                            "seed": seed, "resolution": resolution, "device": str(device), "oracle": oracle,
                            "prompt_split": prompt_split},
-              "splits": {}, "kinds": {}, "positional_bias": {}, "timings": timings, "records": records,
-              "colors": {column: color_summary([r for r in color_records if r["split"] == column],
-                                               len(color_sets[column])) for column in COLOR_SPLITS},
-              "color_records": color_records}
-    for split in SPLITS:
-        recs = [r for r in records if r["split"] == split]
-        row = {"prompts": len(sets[split]), "images": len(recs)}
-        row.update({c: share(recs, c) for c in CRITERIA if share(recs, c) is not None})
-        result["splits"][split] = row
-    for kind in KINDS:
-        result["kinds"][kind] = {split: share([r for r in records if r["kind"] == kind and r["split"] == split])
-                                 for split in SPLITS}
+              **summarise(records, sets, color_sets), "timings": timings}
     if not oracle:
         result["heldout_loss"] = losses
         result["relation_direction"] = direction
-    result["overall"] = share(records)
-    result["overall_mean"] = sum(result["splits"][s]["overall"] for s in SPLITS) / len(SPLITS)
-    for name, wanted in (("pair", {"pair"}), ("relation", {"relation"}), ("all two-object", {"pair", "relation"})):
-        recs = [r for r in records if r["kind"] in wanted and "first" in r]
-        if not recs:
-            continue
-        first = sum(r["first"] for r in recs) / len(recs)
-        second = sum(r["second"] for r in recs) / len(recs)
-        result["positional_bias"][name] = {
-            "prompts": len({r["caption"] for r in recs}), "images": len(recs), "first": first, "second": second,
-            "gap": first - second, "both": sum(r["first"] and r["second"] for r in recs) / len(recs)}
-
-    if save_grid:
-        from torchvision.utils import save_image
-        os.makedirs(os.path.dirname(os.path.abspath(save_grid)), exist_ok=True)
-        grid = F.interpolate(torch.stack(images), size=(GRID_CELL, GRID_CELL), mode="nearest")
-        save_image(grid, save_grid, nrow=images_per_prompt * max(1, 8 // images_per_prompt), padding=GRID_PAD,
-                   pad_value=0.5)
-        with open(os.path.splitext(save_grid)[0] + ".txt", "w") as f:
-            f.write("".join(f"{split}\t{s.kind}\t{s.caption}\n" for split, s in prompts))
-        result["grid"] = os.path.abspath(save_grid)
-    if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
+    write(result, images, prompts, images_per_prompt, save_grid, json_path)
     return result
 
 

@@ -33,7 +33,7 @@ from dataset import captions as caption_language
 from dataset import features, shapes_world
 from dataset.features import collate
 from dataset.shapes_world import Scene
-from evaluation.evaluate import (DEFAULT_LLM_DIRS, DEFAULT_MODEL, alone, encode_captions, find_adapter, find_llm,
+from evaluation.evaluate import (DEFAULT_LLM_DIRS, DEFAULT_MODEL, alone, caption_states, find_adapter, find_llm,
                                  prompt_sets)
 
 COLOUR_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
@@ -102,7 +102,7 @@ class Sampler:
         self.resolution, self.device = int(info.get("resolution", 32)), device
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        feats, _ = encode_captions(self.llm_path, self.settings, list(dict.fromkeys(captions + [""])), self.device)
+        feats, _ = caption_states(self.llm_path, self.settings, list(dict.fromkeys(captions + [""])), self.device)
         return feats
 
     @torch.no_grad()
