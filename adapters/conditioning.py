@@ -16,3 +16,27 @@ def hidden_states_to_context(hidden_states: torch.Tensor, adapter: LLMDiffAdapte
             hidden_states.device))
     B, S, T, D = hidden_states.shape
     return hidden_states.permute(0, 2, 1, 3).reshape(B, T, S * D)
+
+
+# ComfyUI batches a model_conds entry as one tensor (padding shorter ones with zeros), so LLM hidden states travel
+# there packed per token: [B, T, S * D + 2] = the S hidden states of size D side by side, the token mask, and 1 where
+# the states are block contributions. These two functions are the only ones that know the layout.
+def pack_llm_tokens(hidden: torch.Tensor, mask: torch.Tensor | None, contributions: bool) -> torch.Tensor:
+    """hidden [B, T, S * D], mask [B, T] (1 = token; None: all tokens) -> [B, T, S * D + 2] float32."""
+    mask = torch.ones(hidden.shape[:2]) if mask is None else mask
+    flag = torch.full(hidden.shape[:2], float(contributions))
+    return torch.cat([hidden.float(), mask.to(torch.float32).unsqueeze(-1), flag.unsqueeze(-1)], dim=-1)
+
+
+def llm_tokens_width(num_states: int, hidden_size: int) -> int:
+    return num_states * hidden_size + 2
+
+
+def unpack_llm_tokens(tokens: torch.Tensor, num_states: int, hidden_size: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, T, S * D + 2] -> hidden states [B, T, S, D], mask [B, T] (bool), and per sample [B] (bool) whether any
+    token says block contributions and whether it has any token at all (a row of padding only says nothing)."""
+    B, T, _ = tokens.shape
+    hidden = tokens[..., :-2].view(B, T, num_states, hidden_size)
+    mask = tokens[..., -2] > 0.5
+    return hidden, mask, (tokens[..., -1] > 0.5).any(1), mask.any(1)

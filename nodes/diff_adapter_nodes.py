@@ -34,12 +34,12 @@ from comfy.ldm.modules.attention import optimized_attention
 from comfy_api.v0_0_2 import io
 
 from ..adapters.checkpoint import CheckpointError, load_host_adapter, read_metadata, trained_on_contributions
+from ..adapters.conditioning import llm_tokens_width, pack_llm_tokens, unpack_llm_tokens
 from ..adapters.diff_adapter import HostAdapter, heads_attention, lidit_cross_attention_replace, lidit_sites
 from ..adapters.lidit import set_attention_kernel
 from .lidit_model import LIDiTNet, comfy_attention
 
-COND_KEY = "llm_diff_adapter_tokens"   # model_conds entry: [B, T, S * D + 2]: hidden states, token mask, and 1
-                                       # where the states are block contributions (LLM Prompt Encode's option)
+COND_KEY = "llm_diff_adapter_tokens"   # model_conds entry: LLM tokens (adapters.conditioning.pack_llm_tokens)
 OPTIONS_KEY = "llm_diff_adapter"       # transformer_options entry: (context [B, T, C], mask [B, T])
 WRAPPER_KEY = "llm_diff_adapter"
 
@@ -146,28 +146,25 @@ class DiTPatch:
 
 def fuse_tokens(host: HostAdapter, tokens: torch.Tensor, name: str, llm: str, contributions: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, T, S * D + 2] (hidden states side by side, mask, contributions flag) -> the adapter's context [B, T, C],
-    mask."""
+    """LLM tokens as pack_llm_tokens packs them -> the adapter's context [B, T, C], mask [B, T]."""
     a = host.adapter
     B, T, width = tokens.shape
-    if width != a.num_hidden_states * a.llm_hidden_size + 2:
+    if width != llm_tokens_width(a.num_hidden_states, a.llm_hidden_size):
         raise AdapterError(
             f"The LLM encoding attached to this conditioning has {width - 2} features per token, but '{name}' was "
             f"trained on {llm} ({a.num_hidden_states} hidden states of size {a.llm_hidden_size}, "
             f"{a.num_hidden_states * a.llm_hidden_size} features). Encode with that LLM in LLM Prompt Encode "
             "(layers 'all', no adapter) and attach that.")
-    # per sample: cond and uncond share one forward, and each must match; padding (mask 0, flag 0) fills a shorter
-    # encoding's row, so a row of padding only (a prompt without tokens) has no setting to check
-    flagged = (tokens[..., -1] > 0.5).any(1)                                # [B]
-    wrong = (flagged != contributions) & (flagged | (tokens[..., -2] > 0.5).any(1))
+    hidden, mask, flagged, has_tokens = unpack_llm_tokens(tokens, a.num_hidden_states, a.llm_hidden_size)
+    # per sample: cond and uncond share one forward, and each must match; a prompt without tokens says nothing
+    wrong = (flagged != contributions) & (flagged | has_tokens)
     if wrong.any():
         on, off = ("on", "off") if contributions else ("off", "on")
         raise AdapterError(f"'{name}' was trained on each block's {'contribution' if contributions else 'output'}: "
                            f"turn block_contributions {on} in the LLM Prompt Encode nodes attached to this model's "
                            f"conditioning ({int(wrong.sum())} of the {B} encodings in this batch have it {off}).")
     weight = a.proj.weight
-    hidden = tokens[..., :-2].to(weight.device, torch.float32).view(B, T, a.num_hidden_states, a.llm_hidden_size)
-    mask = tokens[..., -2].to(weight.device) > 0.5
+    hidden, mask = hidden.to(weight.device, torch.float32), mask.to(weight.device)
     return a(hidden.permute(0, 2, 1, 3).to(weight.dtype), mask), mask
 
 
@@ -337,9 +334,7 @@ class LLMConditioningAttach(io.ComfyNode):
 def attach_llm_tokens(conditioning: list, hidden: torch.Tensor, mask: torch.Tensor | None, contributions: bool) -> list:
     """conditioning with LLM hidden states [B, T, S * D] (LLM Prompt Encode, layers 'all', no adapter) in its
     model_conds, as Apply LLM Diff Adapter reads them; mask [B, T] (1 = token), None for all tokens."""
-    mask = torch.ones(hidden.shape[:2]) if mask is None else mask
-    flag = torch.full(hidden.shape[:2], float(contributions))
-    tokens = torch.cat([hidden.float(), mask.to(torch.float32).unsqueeze(-1), flag.unsqueeze(-1)], dim=-1)
+    tokens = pack_llm_tokens(hidden, mask, contributions)
     out = []
     for context, cond_extra in conditioning:
         model_conds = {**cond_extra.get("model_conds", {}), COND_KEY: CONDLLMTokens(tokens)}

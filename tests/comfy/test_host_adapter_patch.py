@@ -10,6 +10,7 @@ import tiny_models  # sets up ComfyUI for the imports below
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
+from llm_diffusion.adapters.conditioning import pack_llm_tokens  # noqa: E402
 from llm_diffusion.adapters.diff_adapter import HostAdapter  # noqa: E402
 from llm_diffusion.adapters.lidit import LIDiTConfig  # noqa: E402
 from llm_diffusion.nodes import diff_adapter_nodes as dan  # noqa: E402
@@ -54,9 +55,8 @@ def conditioning(name: str, prompt_seed: int, llm_tokens: int | None = 6):
     if name == "lidit":
         extras["attention_mask"] = torch.ones(1, 5, dtype=torch.long)
     if llm_tokens is not None:
-        hidden = torch.randn(1, llm_tokens, S * D, generator=g)
-        mask, states = torch.ones(1, llm_tokens, 1), torch.zeros(1, llm_tokens, 1)  # hidden states, not contributions
-        extras["model_conds"] = {dan.COND_KEY: dan.CONDLLMTokens(torch.cat([hidden, mask, states], -1))}
+        hidden = torch.randn(1, llm_tokens, S * D, generator=g)  # hidden states, not contributions
+        extras["model_conds"] = {dan.COND_KEY: dan.CONDLLMTokens(pack_llm_tokens(hidden, None, False))}
     return [[torch.randn(1, 5, width, generator=g), extras]]
 
 
@@ -233,16 +233,16 @@ def test_an_encoding_from_another_llm_is_refused_at_sampling_with_the_fix():
                                                f"\\({S} hidden states of size {D}"):
         comfy.sample.sample(patched, latent, 1, 1.0, "euler", "simple", wrong, wrong, latent, disable_pbar=True)
     contributions = conditioning("sd15", 0)
-    contributions[0][1]["model_conds"][dan.COND_KEY].cond[..., -1] = 1.0  # block contributions, not states
+    contributions[0][1]["model_conds"][dan.COND_KEY] = dan.CONDLLMTokens(
+        pack_llm_tokens(torch.randn(1, 6, S * D), None, True))  # block contributions, not states
     with pytest.raises(dan.AdapterError, match="trained on each block's output: turn block_contributions off"):
         comfy.sample.sample(patched, latent, 1, 1.0, "euler", "simple", contributions, contributions, latent,
                             disable_pbar=True)
 
 
 def llm_tokens(T: int, contributions: bool, seed: int = 0) -> torch.Tensor:
-    """[1, T, S * D + 2] as LLM Conditioning Attach puts them in model_conds."""
-    hidden = torch.randn(1, T, S * D, generator=torch.Generator().manual_seed(seed))
-    return torch.cat([hidden, torch.ones(1, T, 1), torch.full((1, T, 1), float(contributions))], -1)
+    """LLM tokens as LLM Conditioning Attach puts them in model_conds."""
+    return pack_llm_tokens(torch.randn(1, T, S * D, generator=torch.Generator().manual_seed(seed)), None, contributions)
 
 
 def test_the_block_contributions_setting_is_checked_per_sample():
