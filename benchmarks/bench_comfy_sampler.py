@@ -116,86 +116,64 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    model, adapter, llm = model_files(args.model, args.adapter)
-    work = args.keep or tempfile.mkdtemp(prefix="bench_comfy_sampler_")
-    os.makedirs(work, exist_ok=True)
-    files = {"lidit": model, "LLM": llm}
+def graphs(server, args, model: str, llm: str, adapter: str | None) -> tuple[dict, str, str]:
+    """The workflow as API graphs, one per sampler node ("LI-DiT Sampler", "KSampler"), with these files and
+    --steps; and the ids of the sampler node and of SaveImage."""
+    base = comfy_client.ui_to_api(comfy_client.load_workflow(args.workflow), server.object_info())
+    base[only(base, "LIDiTLoader")]["inputs"]["model_name"] = os.path.basename(model)
+    base[only(base, "LLMLoader")]["inputs"]["llm_name"] = os.path.basename(llm)
     if adapter:
-        files["llm_adapters"] = adapter
-    config = expose(files, os.path.join(work, "models"))
-    if args.threads:  # inherited by the server process
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-    server = comfy_client.ComfyServer(os.path.join(work, "output"), extra_args=["--extra-model-paths-config", config])
-    times: dict[str, dict[str, list[float]]] = {}
-    try:
+        base[only(base, "LLMAdapterLoader")]["inputs"]["adapter_name"] = os.path.basename(adapter)
+    sampler = only(base, "LIDiTSampler")
+    if args.steps:
+        base[sampler]["inputs"]["steps"] = args.steps
+    ks = copy.deepcopy(base)
+    ks[sampler]["class_type"] = "KSampler"
+    return {"LI-DiT Sampler": base, "KSampler": ks}, sampler, only(base, "SaveImage")
+
+
+def time_runs(server, variants: dict, sampler: str, save: str, repeats: int, seed: int) -> dict:
+    """Server and client ms of each variant's prompt runs (alternating order, a new seed each) and of the fixed cost
+    of a prompt ("overhead": the last prompt again with only SaveImage's prefix changed, so nothing else runs)."""
+    base = variants["LI-DiT Sampler"]
+    encoders = {k for k, v in base.items() if v["class_type"] in ("LLMPromptEncode", "LLMLoader")}
+    for name, prompt in variants.items():  # warm-up: LLM load + encode (first), model load
         t0 = time.perf_counter()
-        server.start()
-        print(f"ComfyUI up in {time.perf_counter() - t0:.1f}s on {server.url} (log: {server.log_path})",
-              file=sys.stderr)
-        base = comfy_client.ui_to_api(comfy_client.load_workflow(args.workflow), server.object_info())
-        base[only(base, "LIDiTLoader")]["inputs"]["model_name"] = os.path.basename(model)
-        base[only(base, "LLMLoader")]["inputs"]["llm_name"] = os.path.basename(llm)
-        if adapter:
-            base[only(base, "LLMAdapterLoader")]["inputs"]["adapter_name"] = os.path.basename(adapter)
-        sampler = only(base, "LIDiTSampler")
-        save = only(base, "SaveImage")
-        if args.steps:
-            base[sampler]["inputs"]["steps"] = args.steps
-        steps = base[sampler]["inputs"]["steps"]
-        encoders = {k for k, v in base.items() if v["class_type"] in ("LLMPromptEncode", "LLMLoader")}
+        server.run(prompt)
+        print(f"warm-up {name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    times, not_cached = {}, set()
 
-        variants = {"LI-DiT Sampler": base}
-        ks = copy.deepcopy(base)
-        ks[sampler]["class_type"] = "KSampler"
-        variants["KSampler"] = ks
+    def timed_run(name: str, prompt: dict) -> dict:
+        t0 = time.perf_counter()
+        entry = server.run(prompt)
+        rec = times.setdefault(name, {"server": [], "client": []})
+        rec["server"].append(server_ms(entry))
+        rec["client"].append((time.perf_counter() - t0) * 1000)
+        return entry
 
-        for name, prompt in variants.items():  # warm-up: LLM load + encode (first), model load
-            t0 = time.perf_counter()
-            server.run(prompt)
-            print(f"warm-up {name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    for i in range(repeats):
+        for name in (list(variants) if i % 2 == 0 else list(variants)[::-1]):
+            prompt = copy.deepcopy(variants[name])
+            prompt[sampler]["inputs"]["seed"] = seed
+            seed += 1
+            not_cached |= encoders - cached_nodes(timed_run(name, prompt))
+        prompt = copy.deepcopy(prompt)
+        prompt[save]["inputs"]["filename_prefix"] = f"bench_overhead_{i}"
+        timed_run("overhead", prompt)
+    if not_cached:
+        print(f"WARNING: nodes {sorted(not_cached)} (LLM loader/encode) were re-executed during timed runs; "
+              "the numbers include LLM work.", file=sys.stderr)
+    return times
 
-        seed = args.seed
-        not_cached = set()
-        for i in range(args.repeats):
-            order = list(variants) if i % 2 == 0 else list(variants)[::-1]
-            for name in order:
-                prompt = copy.deepcopy(variants[name])
-                prompt[sampler]["inputs"]["seed"] = seed
-                seed += 1
-                t0 = time.perf_counter()
-                entry = server.run(prompt)
-                client = (time.perf_counter() - t0) * 1000
-                not_cached |= encoders - cached_nodes(entry)
-                rec = times.setdefault(name, {"server": [], "client": []})
-                rec["server"].append(server_ms(entry))
-                rec["client"].append(client)
-            # The fixed cost of a prompt: the last prompt again with only SaveImage's prefix changed, so nothing
-            # but SaveImage runs.
-            prompt = copy.deepcopy(prompt)
-            prompt[save]["inputs"]["filename_prefix"] = f"bench_overhead_{i}"
-            t0 = time.perf_counter()
-            entry = server.run(prompt)
-            client = (time.perf_counter() - t0) * 1000
-            rec = times.setdefault("overhead", {"server": [], "client": []})
-            rec["server"].append(server_ms(entry))
-            rec["client"].append(client)
-        if not_cached:
-            print(f"WARNING: nodes {sorted(not_cached)} (LLM loader/encode) were re-executed during timed runs; "
-                  "the numbers include LLM work.", file=sys.stderr)
-    finally:
-        server.stop()
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
+def print_table(times: dict, model: str, graph: dict, sampler: str, repeats: int) -> None:
+    inputs = graph[sampler]["inputs"]
     overhead = statistics.median(times["overhead"]["server"])
     ref = statistics.median(times["LI-DiT Sampler"]["server"])
     ref_est = ref - overhead
-    print(f"\n### LI-DiT Sampler vs KSampler in ComfyUI ({os.path.basename(model)}, {steps} steps, "
-          f"{base[sampler]['inputs']['sampler_name']}/{base[sampler]['inputs']['scheduler']}, cfg "
-          f"{base[sampler]['inputs']['cfg']}, CPU)\n")
-    print(f"Median of {args.repeats} prompt runs each; only the seed changes, so the LLM encodings come from "
+    print(f"\n### LI-DiT Sampler vs KSampler in ComfyUI ({os.path.basename(model)}, {inputs['steps']} steps, "
+          f"{inputs['sampler_name']}/{inputs['scheduler']}, cfg {inputs['cfg']}, CPU)\n")
+    print(f"Median of {repeats} prompt runs each; only the seed changes, so the LLM encodings come from "
           "ComfyUI's cache.\n")
     print("| prompt run | server ms (median) | server ms (min) | client ms (median) | sampler node est. ms "
           "| vs LI-DiT Sampler |")
@@ -209,6 +187,32 @@ def main(argv=None) -> dict:
         label = name if name != "overhead" else "overhead (only SaveImage re-runs)"
         print(f"| {label} | {med:.0f} | {min(rec['server']):.0f} | {statistics.median(rec['client']):.0f} | "
               f"{'-' if est is None else f'{est:.0f}'} | {ratio} |")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    model, adapter, llm = model_files(args.model, args.adapter)
+    work = args.keep or tempfile.mkdtemp(prefix="bench_comfy_sampler_")
+    os.makedirs(work, exist_ok=True)
+    files = {"lidit": model, "LLM": llm}
+    if adapter:
+        files["llm_adapters"] = adapter
+    config = expose(files, os.path.join(work, "models"))
+    if args.threads:  # inherited by the server process
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    server = comfy_client.ComfyServer(os.path.join(work, "output"), extra_args=["--extra-model-paths-config", config])
+    try:
+        t0 = time.perf_counter()
+        server.start()
+        print(f"ComfyUI up in {time.perf_counter() - t0:.1f}s on {server.url} (log: {server.log_path})",
+              file=sys.stderr)
+        variants, sampler, save = graphs(server, args, model, llm, adapter)
+        times = time_runs(server, variants, sampler, save, args.repeats, args.seed)
+    finally:
+        server.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(times, model, variants["LI-DiT Sampler"], sampler, args.repeats)
     return times
 
 

@@ -111,20 +111,8 @@ def run_variant(cfg: dict) -> dict:
     if variant == "cached":
         options["prefix_cache"] = llm_encoder.PrefixCache()
 
-    # The token sequence encode_prompts builds, for the plain forward.
-    prefix_ids, prompt_ids, _ = llm_encoder.tokenize_prompts(tokenizer, prompts, instruction=instruction,
-                                                             use_chat_template=True, max_tokens=cfg["max_tokens"])
-    rows = [prefix_ids + ids for ids in prompt_ids]
-    width = max(len(r) for r in rows)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r)
-        mask[b, :len(r)] = 1
-    padded = bool((mask == 0).any())
-    ids, mask = ids.to(device), mask.to(device)
-    start, n0 = len(prefix_ids), len(prompt_ids[0])
+    ids, mask, start, n0 = plain_inputs(tokenizer, prompts, instruction, cfg["max_tokens"], device)
+    padded, width = bool((mask == 0).any()), ids.shape[1]
 
     adapter = None
     if variant == "adapter":
@@ -154,6 +142,31 @@ def run_variant(cfg: dict) -> dict:
     with torch.no_grad():  # page in memory-mapped weights now, or the first call's RSS growth is the model
         for p in model.parameters():
             p.sum()
+    result, out = measure(call, device, cfg["warmup"], cfg["repeats"])
+    result.update({"variant": variant, "tokens": width, "prompt_tokens": n0, "prefix_tokens": start,
+                   "states": None if variant == "adapter" else out.detach().float().cpu(),
+                   "output_shape": tuple(out.shape)})
+    return result
+
+
+def plain_inputs(tokenizer, prompts, instruction: str, max_tokens: int, device):
+    """The token sequence encode_prompts builds, for the plain forward: ids and mask [B, width], the prefix's length
+    and the first prompt's."""
+    prefix_ids, prompt_ids, *_ = llm_encoder.tokenize_prompts(tokenizer, prompts, instruction=instruction,
+                                                              use_chat_template=True, max_tokens=max_tokens)
+    rows = [prefix_ids + ids for ids in prompt_ids]
+    width = max(len(r) for r in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+        mask[b, :len(r)] = 1
+    return ids.to(device), mask.to(device), len(prefix_ids), len(prompt_ids[0])
+
+
+def measure(call, device, warmup: int, repeats: int) -> tuple[dict, torch.Tensor]:
+    """Times `call` (after warm-up calls) and the memory it adds: RSS (and CUDA) high-water marks; its last output."""
     rss_loaded = _current_rss_kib()
     reset_ok = _reset_peak_rss()
     rss_before = _rss_kib()
@@ -161,26 +174,21 @@ def run_variant(cfg: dict) -> dict:
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         cuda_before = torch.cuda.memory_allocated(device)
-    for _ in range(cfg["warmup"]):
+    for _ in range(warmup):
         out = call()
     _sync(device)
     times = []
-    for _ in range(cfg["repeats"]):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         out = call()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1000)
-    result = {
-        "variant": variant, "times_ms": times, "tokens": width, "prompt_tokens": n0, "prefix_tokens": start,
-        "rss_loaded_mib": rss_loaded / 1024, "rss_growth_mib": (_rss_kib() - rss_before) / 1024,
-        "rss_reset": reset_ok,
-        "states": None if variant == "adapter" else out.detach().float().cpu(),
-        "output_shape": tuple(out.shape),
-    }
+    result = {"times_ms": times, "rss_loaded_mib": rss_loaded / 1024,
+              "rss_growth_mib": (_rss_kib() - rss_before) / 1024, "rss_reset": reset_ok}
     if device.type == "cuda":
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
         result["cuda_growth_mib"] = (torch.cuda.max_memory_allocated(device) - cuda_before) / 2 ** 20
-    return result
+    return result, out
 
 
 def in_fresh_process(fn, *args):

@@ -49,6 +49,7 @@ from adapters.checkpoint import load_lidit
 from adapters.diff_adapter import LLMDiffAdapter
 from adapters.lidit import (PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler, scores_attention,
                             set_attention_kernel)
+from training.data import ShapesData
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,17 +166,63 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
     return 2 * n ** 3 / sec / 1e12
 
 
-def bench_training(args, device) -> list[list[str]]:
-    defaults = training_defaults()
+def trainer_step(lidit, adapter, x0, hidden, masks, device, ema_decay: float, bf16: bool, scores_kernel: bool,
+                 compiled: bool):
+    """The trainer's step on its own copy of the models: AdamW on LI-DiT + adapter, clipping, EMA."""
+    m, a = copy.deepcopy(lidit), copy.deepcopy(adapter)
+    if scores_kernel:
+        set_attention_kernel(m, scores_attention)
+    params = list(m.parameters()) + list(a.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.99))
+    ema = [p.detach().clone() for p in params]
+    if compiled:
+        m.compile()
+        a.compile()
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = flow_matching_loss(m, x0, [a(hidden)], masks)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema, params):
+                pe.lerp_(p, 1 - ema_decay)
+    return step
+
+
+def training_flops(lidit, adapter, x0, ctx, masks, hidden, device, autocast, with_backward: bool,
+                   with_adapter: bool) -> int:
+    """FLOPs of one forward (and backward): on the device itself on CUDA, on a meta copy on the CPU."""
+    if device.type == "cuda":
+        m, a, x, c, k, h = lidit, adapter, x0, ctx, masks, hidden
+    else:
+        m, a = on_meta(lidit), on_meta(adapter)
+        x, h = x0.to("meta"), hidden.to("meta")
+        c, k = [t.to("meta") for t in ctx], [t.to("meta") for t in masks]
+
+    def fn():
+        with torch.set_grad_enabled(with_backward), autocast():
+            loss = flow_matching_loss(m, x, [a(h)] if with_adapter else c, k)
+        if with_backward:
+            loss.backward()
+    n = count_flops(fn)
+    m.zero_grad(set_to_none=True)
+    a.zero_grad(set_to_none=True)
+    return n
+
+
+def training_cases(args, device, defaults) -> list[tuple]:
+    """(what, step, FLOPs, bf16 autocast) per row: a bf16 row's MFU is against the bf16 matmul peak."""
     batch = args.train_batch
     torch.manual_seed(0)
     lidit = LIDiT(default_config(defaults.context_dim)).to(device)
     adapter = LLMDiffAdapter(SMOLLM2_WIDTH, SMOLLM2_STATES, defaults.context_dim).to(device)
     g = torch.Generator().manual_seed(0)
     x0 = (torch.rand(batch, 3, defaults.resolution, defaults.resolution, generator=g) * 2 - 1).to(device)
-    tokens = args.tokens
-    ctx, masks = random_contexts(lidit.config, batch, tokens, device, torch.float32)
-    hidden = torch.randn(batch, SMOLLM2_STATES, tokens, SMOLLM2_WIDTH, generator=g).to(device)
+    ctx, masks = random_contexts(lidit.config, batch, args.tokens, device, torch.float32)
+    hidden = torch.randn(batch, SMOLLM2_STATES, args.tokens, SMOLLM2_WIDTH, generator=g).to(device)
     use_amp = device.type == "cuda"
 
     def autocast():
@@ -200,67 +247,28 @@ def bench_training(args, device) -> list[list[str]]:
         loss.backward()
         opt.step()
 
-    def trainer_step_of(bf16: bool, scores_kernel: bool, compiled: bool):
-        """The trainer's step on its own copy of the models: AdamW on LI-DiT + adapter, clipping, EMA."""
-        m, a = copy.deepcopy(lidit), copy.deepcopy(adapter)
-        if scores_kernel:
-            set_attention_kernel(m, scores_attention)
-        params = list(m.parameters()) + list(a.parameters())
-        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.99))
-        ema = [p.detach().clone() for p in params]
-        if compiled:
-            m.compile()
-            a.compile()
-
-        def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = flow_matching_loss(m, x0, [a(hidden)], masks)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            with torch.no_grad():
-                for pe, p in zip(ema, params):
-                    pe.lerp_(p, 1 - defaults.ema)
-        return step
-
-    # FLOPs of one forward(+backward), on the device itself on CUDA, on a meta copy on the CPU.
-    def flops_of(with_backward: bool, with_adapter: bool) -> int:
-        if device.type == "cuda":
-            m, a, x, c, k, h = lidit, adapter, x0, ctx, masks, hidden
-        else:
-            m, a = on_meta(lidit), on_meta(adapter)
-            x, h = x0.to("meta"), hidden.to("meta")
-            c, k = [t.to("meta") for t in ctx], [t.to("meta") for t in masks]
-
-        def fn():
-            with torch.set_grad_enabled(with_backward), autocast():
-                loss = flow_matching_loss(m, x, [a(h)] if with_adapter else c, k)
-            if with_backward:
-                loss.backward()
-        n = count_flops(fn)
-        m.zero_grad(set_to_none=True)
-        a.zero_grad(set_to_none=True)
-        return n
-
-    f_fwd, f_bwd, f_full = flops_of(False, False), flops_of(True, False), flops_of(True, True)
-
-    from training.data import ShapesData
-    data = ShapesData(defaults.pool_size, 0, defaults.resolution)
-
-    # (what, step, FLOPs, bf16 autocast): a bf16 row's MFU is against the bf16 matmul peak
+    step = lambda *flags: trainer_step(lidit, adapter, x0, hidden, masks, device, defaults.ema, *flags)  # noqa: E731
+    flops = lambda *flags: training_flops(lidit, adapter, x0, ctx, masks, hidden, device, autocast, *flags)  # noqa
+    f_fwd, f_bwd, f_full = flops(False, False), flops(True, False), flops(True, True)
     cases = [("forward only, no grad (baseline)", forward_only, f_fwd, use_amp),
              ("flow_matching_loss + backward", loss_backward, f_bwd, use_amp),
              ("+ AdamW step", adamw_step, f_bwd, use_amp),
-             ("trainer step before: + adapter on 31x576 states, clip, EMA", trainer_step_of(use_amp, False, False),
-              f_full, use_amp)]
+             ("trainer step before: + adapter on 31x576 states, clip, EMA", step(use_amp, False, False), f_full,
+              use_amp)]
     if device.type == "cpu":
-        cases.append(("trainer step, --precision bf16 (CPU autocast), scores attention",
-                      trainer_step_of(True, True, False), f_full, True))
+        cases.append(("trainer step, --precision bf16 (CPU autocast), scores attention", step(True, True, False),
+                      f_full, True))
     else:
-        cases.append(("trainer step, scores attention", trainer_step_of(True, True, False), f_full, True))
+        cases.append(("trainer step, scores attention", step(True, True, False), f_full, True))
     if not args.no_compile:
-        cases.append(("trainer step now: + --compile", trainer_step_of(True, True, True), f_full, True))
+        cases.append(("trainer step now: + --compile", step(True, True, True), f_full, True))
+    return cases
+
+
+def bench_training(args, device) -> list[list[str]]:
+    defaults = training_defaults()
+    batch = args.train_batch
+    cases = training_cases(args, device, defaults)
     if device.type == "cuda":
         peaks = {True: args.peak_tflops}
     else:
@@ -278,6 +286,7 @@ def bench_training(args, device) -> list[list[str]]:
                      f"{before / sec:.2f}x" if before else "-", f"{flops / 1e9:.2f}", f"{tflops * 1e3:.1f}",
                      f"{100 * tflops / peaks[bf16]:.1f}% ({'bf16' if bf16 else 'fp32'})"])
     if device.type == "cpu":
+        data = ShapesData(defaults.pool_size, 0, defaults.resolution)
         sec = statistics.median(timed(lambda: data.sample(batch), device, max(1, args.train_steps), 1))
         rows.append(["cpu", "data: render one shapes-world batch", f"{batch / sec:.1f}", f"{sec * 1e3:.1f}",
                      f"{sec / base:.2f}x", "-", "-", "-", "-"])
