@@ -393,9 +393,10 @@ def sample_t(batch: int, device, generator=None) -> torch.Tensor:
 
 
 def flow_matching_loss(model: LIDiT, x0: torch.Tensor, contexts, masks, generator=None, noise=None,
-                       t=None) -> torch.Tensor:
+                       t=None, per_sample: bool = False) -> torch.Tensor:
     """Rectified-flow velocity loss: x_t = (1 - t) x_0 + t eps, target v = eps - x_0. noise and t are drawn unless
-    given (given: a batch split over processes can be compared with the whole batch in one)."""
+    given (given: a batch split over processes can be compared with the whole batch in one). per_sample: each
+    sample's loss [B] instead of the mean."""
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     if t is None:
@@ -403,6 +404,8 @@ def flow_matching_loss(model: LIDiT, x0: torch.Tensor, contexts, masks, generato
     tb = t.view(-1, 1, 1, 1).to(x0.dtype)
     x_t = (1 - tb) * x0 + tb * noise
     v = model(x_t, t, contexts, masks)
+    if per_sample:
+        return F.mse_loss(v.float(), (noise - x0).float(), reduction="none").mean((1, 2, 3))
     return F.mse_loss(v.float(), (noise - x0).float())
 
 

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from adapters.checkpoint import load_adapter, load_host_adapter, load_lidit, load_word_encoder
 from adapters.conditioning import hidden_states_to_context
 from adapters.diff_adapter import AdaptedLIDiT
-from adapters.lidit import sample_euler
+from adapters.lidit import flow_matching_loss, sample_euler
 from adapters.llm_encoder import load_llm, num_hidden_states, parse_layers
 from dataset import captions as caption_language
 from dataset import colour_names, features, shapes_world
@@ -472,10 +472,9 @@ def fixed_draws(scenes, resolution: int, seed: int, draws: int, stream: int):
 
 
 def flow_loss(model, x0, noise, t, ctx, masks, device) -> torch.Tensor:
-    """The flow-matching loss of each sample: [B]."""
-    tb = t.view(-1, 1, 1, 1)
-    v = model(((1 - tb) * x0 + tb * noise).to(device), t.to(device), ctx, masks)
-    return F.mse_loss(v.float().cpu(), (noise - x0).float(), reduction="none").mean((1, 2, 3))
+    """The flow-matching loss of each sample at the given noise and t: [B], on the CPU."""
+    return flow_matching_loss(model, x0.to(device), ctx, masks, noise=noise.to(device), t=t.to(device),
+                              per_sample=True).cpu()
 
 
 @torch.no_grad()
