@@ -47,7 +47,7 @@ def trained(tmp_path_factory):
     data.mkdir()
     rng = random.Random(0)
     import torchvision.transforms.functional as TF
-    from llm_diffusion.adapters import captions, shapes_world
+    from dataset import captions, shapes_world
     for i, scene in enumerate(captions.training_pool(4, seed=0)):
         TF.to_pil_image(shapes_world.render(scene, 64, rng)).save(data / f"image{i}.png")
         (data / f"image{i}.txt").write_text(scene.caption)
