@@ -11,15 +11,16 @@ Two splits keep things out of training:
   combination  shapes_world.states_held_out / shows_held_out: colour-shape-position triples, pairs of objects
                and counts that no training caption asks for and no training image shows.
 
-Colours beyond the seven (OPEN_COLORS below): a colour name of the xkcd survey ("a dusty rose circle") or a thing
-whose colour everyone knows ("a circle the color of the sky"), keyed as shapes_world.PALETTE keys them. A third
-split keeps a fifth of them, spread over the hues, out of every training caption (HELD_OUT_COLORS).
+Colours beyond the seven (OPEN_NAMES and THINGS below): a colour name of the xkcd survey ("a dusty rose circle")
+or a thing whose colour everyone knows ("a circle the color of the sky"), keyed as shapes_world.PALETTE keys them.
+A third split keeps a fifth of them, spread over the hues, out of every training caption (HELD_OUT_COLORS).
 
 The trainer draws its captions from training_pool (a fixed list, so that their LLM features are computed once)
 and a fresh layout for each sample (relayout): the captions are finite, the (image, caption) pairs are not.
 """
 from __future__ import annotations
 
+import functools
 import random
 import re
 import string
@@ -111,8 +112,14 @@ CELLS = list(POSITIONS)
 # Colours beyond the seven
 
 
+@functools.lru_cache(maxsize=None)
 def _lab(key: str) -> torch.Tensor:
     return colour_names.srgb_to_lab(torch.tensor(PALETTE[key]))
+
+
+def _visible(key: str) -> bool:
+    """At least MIN_BACKGROUND_DE from the background, so that a drawn object of the colour can be found."""
+    return bool((_lab(key) - colour_names.srgb_to_lab(torch.tensor(BACKGROUND))).norm() >= MIN_BACKGROUND_DE)
 
 
 def _open_names() -> tuple[str, ...]:
@@ -121,17 +128,15 @@ def _open_names() -> tuple[str, ...]:
     ("cobalt blue"), so that the other splits stay what they are; at most three words ("blue with a hint of purple"
     is a sentence); and visible on the background."""
     taken = {w for phrases in COLOR_WORDS.values() for p in phrases for w in [p, *p.split()]}
-    background = colour_names.srgb_to_lab(torch.tensor(BACKGROUND))
     return tuple(c.name for c in colour_names.usable_names(colour_names.read_colour_list(), taken)
                  if len(c.name.split()) <= 3 and not HELD_OUT_WORDS.intersection(c.name.split())
-                 and (_lab(c.name) - background).norm() >= MIN_BACKGROUND_DE)
+                 and _visible(c.name))
 
 
 OPEN_NAMES = _open_names()
 # a thing's word (its PALETTE key) -> the noun phrase a description says ("the sky"), for things visible on the
 # background
-THINGS = {t.colour.name: t.phrase for t in colour_names.read_things()
-          if (_lab(t.colour.name) - colour_names.srgb_to_lab(torch.tensor(BACKGROUND))).norm() >= MIN_BACKGROUND_DE}
+THINGS = {t.colour.name: t.phrase for t in colour_names.read_things() if _visible(t.colour.name)}
 DESCRIPTION = "the color of {}"
 # Never in a training caption, named or described: every fifth name and every fourth thing in hue order (a
 # held-out thing's word is held out as a name too, or training pictures would teach it).
