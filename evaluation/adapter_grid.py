@@ -14,28 +14,14 @@ import argparse
 import os
 import tempfile
 
-import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from dataset import shapes_world
 from evaluation.evaluate import KINDS, PROMPT_SPLITS, SPLITS, prompt_sets
+from evaluation.server_images import PROMPT_NODES, load_api_workflow, sample, with_prompt
 from scripts import comfy_client
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKFLOW = os.path.join(ROOT, "workflows", "lidit_shapes_adapter.json")
-PROMPT_NODES = ("LIDiTWordEncode", "LLMPromptEncode")  # the base model's word encoder, the LLM's
-
-
-def with_prompt(api_prompt: dict, text: str, seed: int) -> dict:
-    """The graph with `text` as its positive prompt (every prompt node whose text is not empty) and `seed`."""
-    prompt = {i: {**n, "inputs": dict(n["inputs"])} for i, n in api_prompt.items()}
-    for node in prompt.values():
-        if node["class_type"] == "LIDiTSampler":
-            node["inputs"]["seed"] = seed
-        if node["class_type"] in PROMPT_NODES and node["inputs"]["text"]:
-            node["inputs"]["text"] = text
-    return prompt
+WORKFLOW = "lidit_shapes_adapter.json"
 
 
 def main(argv=None) -> None:
@@ -52,21 +38,16 @@ def main(argv=None) -> None:
     cell, label = 128, 16
     rows = []
     with tempfile.TemporaryDirectory() as output, comfy_client.ComfyServer(output) as server:
-        workflow = comfy_client.ui_to_api(comfy_client.load_workflow(WORKFLOW), server.object_info())
+        workflow = load_api_workflow(server, WORKFLOW)
         positive = sorted(n["class_type"] for n in workflow.values()
                           if n["class_type"] in PROMPT_NODES and n["inputs"]["text"])
         if positive != sorted(PROMPT_NODES):
-            raise SystemExit(f"{WORKFLOW} should have one positive prompt for the base model (LIDiTWordEncode) and "
-                             f"one for the LLM (LLMPromptEncode), found {positive}: restore the shipped workflow.")
-        (latent,) = [n for n in workflow.values() if n["class_type"] == "EmptyChromaRadianceLatentImage"]
+            raise SystemExit(f"workflows/{WORKFLOW} should have one positive prompt for the base model "
+                             f"(LIDiTWordEncode) and one for the LLM (LLMPromptEncode), found {positive}: restore the shipped workflow.")
         for scene in scenes:
             row = []
             for graph in (comfy_client.without_llm_adapter(workflow), workflow):
-                (path,) = server.output_images(server.run(with_prompt(graph, scene.caption, args.seed)))
-                image = Image.open(path).convert("RGB")
-                # the workflow scales the sample up by nearest neighbours: every stride-th pixel is the sample
-                stride = image.width // latent["inputs"]["width"]
-                pixels = torch.from_numpy(np.asarray(image)[::stride, ::stride].copy()).permute(2, 0, 1).float() / 255
+                image, pixels = sample(server, with_prompt(graph, scene.caption, args.seed))
                 row.append((image.resize((cell, cell), Image.NEAREST), shapes_world.check(pixels, scene)))
             rows.append((scene, row))
     grid = Image.new("RGB", (2 * cell, label + len(rows) * cell), "white")
