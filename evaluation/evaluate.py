@@ -123,6 +123,7 @@ def prompt_sets(per_kind: int = 8, seed: int = 0, prompt_split: str = "test") ->
     return sets
 
 
+BASE_PROMPTS = ("caption", "empty")  # what an adapted model's own text streams read
 COLOR_SPLITS = tuple(caption_language.COLOR_COLUMNS)  # the colour columns: seen names, held-out names, descriptions
 COLOR_KINDS = {"seen names": ("single", "pair", "relation", "count"),
                "held-out names": ("single", "pair", "relation", "count"),
@@ -279,17 +280,19 @@ def text_streams(entries, captions: list[str], device, llm_dirs: list[str], cach
     return streams
 
 
-def contexts_of(streams, device):
-    """captions -> (contexts, masks) of every stream, as the model takes them."""
+def contexts_of(streams, device, blank: frozenset[int] = frozenset()):
+    """captions -> (contexts, masks) of every stream, as the model takes them; the streams numbered in `blank` get
+    the empty prompt whatever the caption."""
     def contexts(batch_captions: list[str]):
         ctx, masks = [], []
-        for feats, encoder in streams:
+        for n, (feats, encoder) in enumerate(streams):
+            texts = [""] * len(batch_captions) if n in blank else batch_captions
             with torch.no_grad():
                 if feats == "learned":
-                    ids, mask = encoder.tokenize(batch_captions)
+                    ids, mask = encoder.tokenize(texts)
                     ctx.append(encoder(ids.to(device)))
                 else:
-                    hidden, mask = collate([feats[c] for c in batch_captions])
+                    hidden, mask = collate([feats[c] for c in texts])
                     ctx.append(hidden_states_to_context(hidden.to(device), encoder, mask))
             masks.append(mask.to(device))
         return ctx, masks
@@ -394,7 +397,7 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
              device: str | torch.device | None = None, batch_size: int = 64, cache_dir: str | None = None,
              feature_cache: dict | None = None, save_grid: str | None = None, json_path: str | None = None,
              oracle: bool = False, loss_draws: int = 4, diff_adapter: str | None = None, prompt_split: str = "test",
-             color_per_kind: int | None = None, log=None) -> dict:
+             color_per_kind: int | None = None, base_prompt: str = "caption", log=None) -> dict:
     """Samples and scores the prompts of every column; returns (and optionally writes as JSON) the results dict:
     splits[column]{prompts, images, criterion...}, kinds[kind][column] (overall accuracy), heldout_loss[column]
     {conditional, unconditional, text_gain}, relation_direction{prompts, own, mirrored, prefers_own},
@@ -406,7 +409,8 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
     oracle=True scores renders of the scenes themselves (with the training data's jitter) instead of samples: the
     checker's ceiling, no text encoder and no model weights needed (model_path may then be None).
     diff_adapter: an adapter-only file (train_lidit --base) for this model: its LLM stream is added, and the model
-    runs with the adapter's second cross-attention in every block.
+    runs with the adapter's second cross-attention in every block. base_prompt "empty": the model's own text
+    streams get the empty prompt and the adapter's LLM stream alone reads the caption.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -425,8 +429,11 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
 
     t0 = time.perf_counter()
     captions = list(dict.fromkeys([s.caption for s in scenes + probe] + [""]))
+    if base_prompt not in BASE_PROMPTS or (base_prompt == "empty" and not diff_adapter):
+        raise ValueError(f"base_prompt must be one of {BASE_PROMPTS}, and 'empty' needs a diff_adapter")
+    blank = frozenset(range(len(entries) - 1)) if base_prompt == "empty" else frozenset()  # the adapter's is last
     contexts = contexts_of(text_streams(entries, captions, device, llm_dirs or DEFAULT_LLM_DIRS, cache_dir,
-                                        {} if feature_cache is None else feature_cache, log), device)
+                                        {} if feature_cache is None else feature_cache, log), device, blank)
     timings["encode_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     jobs = [(i, k) for i in range(len(scenes)) for k in range(images_per_prompt)]
@@ -450,7 +457,7 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
               "text_encoders": info["text_encoders"],
               "settings": {"per_kind": per_kind, "images_per_prompt": images_per_prompt, "steps": steps, "cfg": cfg,
                            "seed": seed, "resolution": resolution, "device": str(device), "oracle": oracle,
-                           "prompt_split": prompt_split},
+                           "prompt_split": prompt_split, "base_prompt": base_prompt},
               **summarise(records, sets, color_sets), "timings": timings}
     if not oracle:
         result["heldout_loss"] = losses
@@ -681,6 +688,9 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write the results (with per-image records) here")
     p.add_argument("--diff-adapter", default=None,
                    help="an adapter-only file for --model (training/train_lidit.py --base): evaluate the model with it")
+    p.add_argument("--base-prompt", default="caption", choices=BASE_PROMPTS,
+                   help="with --diff-adapter: 'empty' gives the model's own text encoder the empty prompt, so that "
+                        "the adapter's LLM stream alone reads the caption")
     p.add_argument("--oracle", action="store_true",
                    help="score renders of the scenes instead of samples: the checker's ceiling (no model needed)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
@@ -702,7 +712,7 @@ def main(argv=None) -> dict:
                       batch_size=args.batch_size, cache_dir=args.cache_dir, save_grid=args.save_grid,
                       json_path=args.json, oracle=args.oracle, loss_draws=args.loss_draws,
                       diff_adapter=args.diff_adapter, prompt_split=args.prompt_split,
-                      color_per_kind=args.color_per_kind)
+                      color_per_kind=args.color_per_kind, base_prompt=args.base_prompt)
     print(format_tables(result))
     baseline = None
     if args.baseline:

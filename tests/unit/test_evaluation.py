@@ -243,3 +243,20 @@ def test_targets_count_the_held_out_images_of_each_target():
     assert gap == pytest.approx(1 / 5 - 0.0)  # unseen-wording images all correct: 1 of 5, baseline 0 of 1
     table = ev.format_targets(ev.targets({"records": records}))
     assert "| 50.0 | 50 | yes |" in table and "| 0.0 | 60 | no |" in table
+
+
+def test_blank_streams_read_the_empty_prompt_and_the_others_the_caption():
+    """--base-prompt empty: the model's own word encoder reads "" while the adapter's LLM stream keeps the caption."""
+    class Words(torch.nn.Module):
+        def tokenize(self, captions):
+            ids = torch.tensor([[len(c)] for c in captions])
+            return ids, torch.ones_like(ids)
+
+        def forward(self, ids):
+            return ids[..., None].float()
+    states = {c: torch.full((1, len(c) + 1, 2), float(len(c))) for c in ("", "a red circle")}
+    streams = [("learned", Words()), (states, None)]
+    for blank, lengths in ((frozenset(), (12, 12)), (frozenset({0}), (0, 12))):
+        ctx, masks = ev.contexts_of(streams, "cpu", blank)(["a red circle"])
+        assert ctx[0].flatten().tolist() == [lengths[0]]
+        assert ctx[1][0, 0].unique().tolist() == [lengths[1]]
