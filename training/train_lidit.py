@@ -133,6 +133,10 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-samples", type=int, default=24)
     p.add_argument("--cache-dir", default=None, help="LLM feature cache (default <out>/cache); runs may share it")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init", default=None,
+                   help="fine-tune: start from this LI-DiT file's weights and its LLM Diff Adapters (same "
+                        "architecture, LLMs and encoder settings; a fresh optimizer and LR schedule). --resume "
+                        "still continues the run's own checkpoint")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast dtype of forward and backward (weights, AdamW and EMA stay fp32); auto: bf16 on "
@@ -159,6 +163,9 @@ def parse_args(argv=None):
     if args.open_color_pool < 0 or not 0 <= args.open_color_share <= 1:
         p.error("--open-color-pool is a number of captions per --pool-size caption (>= 0); --open-color-share a "
                 "share of samples, from 0 to 1")
+    if args.init and (args.base or args.text_encoder != "llm"):
+        p.error("--init fine-tunes an LLM model (its LI-DiT and adapters): it takes neither --base nor --text-encoder "
+                "learned, whose word vocabulary is built from the run's own captions")
     if args.base and (len(args.llm) != 1 or args.layers != "all"):
         p.error("--base trains one LLM Diff Adapter: give exactly one --llm and --layers all")
     adapter_only = (args.host_text_dropout, args.llm_gate, args.adapter_refiner_depth)
@@ -304,6 +311,23 @@ def build_model(args, streams, base) -> Trainable:
     return model
 
 
+def init_from(path: str, model: Trainable, settings: list[dict]) -> None:
+    """Loads a trained LI-DiT file and its adapters into a new run's model (--init). The run's text streams must
+    be the file's: the same LLMs with the same encoder settings, else the adapters would read other states."""
+    lidit, info = load_lidit(path)
+    entries = info.get("text_encoders", [])
+    same = [{k: v for k, v in e.items() if k != "adapter"} for e in entries] == settings
+    if lidit.config != model.lidit.config or not same:
+        raise SystemExit(f"--init {path}: its model or text encoders differ from this run's (model {lidit.config} "
+                         f"against {model.lidit.config}; encoders {entries} against {settings}). Give the flags "
+                         "that trained it (its metadata's 'training'), or drop --init.")
+    model.lidit.load_state_dict(lidit.state_dict())
+    folder = os.path.dirname(os.path.abspath(path))
+    for target, entry in zip(model.adapters, entries):
+        if entry.get("adapter"):
+            target.load_state_dict(load_adapter(os.path.join(folder, entry["adapter"]))[0].state_dict())
+
+
 def resume(args, accelerator, ckpt: str, model, ema, opt, data) -> int:
     """The step to start from: a --resume run's checkpoint (weights, EMA, optimizer and, where saved, every rank's
     random streams), else 0."""
@@ -417,6 +441,8 @@ def main(argv=None):
                 for i, (to_input, _, _, _) in enumerate(streams)]
 
     model = build_model(args, streams, base)
+    if args.init:
+        init_from(args.init, model, [s for _, _, _, s in streams])
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0,
                             betas=(0.9, 0.99))

@@ -451,3 +451,24 @@ def test_open_colour_captions_join_the_pool_at_their_share_and_leave_the_rest_as
     x, idx = untouched.sample(8)
     y, idy = plain.sample(8)
     assert idx == idy and torch.equal(x, y)
+
+
+def test_init_fine_tunes_from_a_trained_model(run6, tmp_path, tiny_llm_dirs):
+    llm = [tiny_llm_dirs["llama"]]
+    start = os.path.join(run6, "lidit.safetensors")
+    # At lr 0 nothing moves: the export is the --init model itself, weights and adapter.
+    out = train(tmp_path / "tuned", llm, 2, "--init", start, "--lr", "0")
+    for name in ("lidit.safetensors", "lidit-adapter.safetensors"):
+        before, after = load_file(os.path.join(run6, name)), load_file(os.path.join(out, name))
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    fresh = load_file(os.path.join(train(tmp_path / "fresh", llm, 2, "--lr", "0"), "lidit.safetensors"))
+    assert not all(torch.equal(fresh[k], load_file(start)[k]) for k in fresh)
+
+
+def test_init_refuses_a_model_of_another_shape_or_a_word_encoder_run(run6, tmp_path, tiny_llm_dirs, capsys):
+    start = os.path.join(run6, "lidit.safetensors")
+    with pytest.raises(SystemExit, match="differ from this run's"):
+        train(tmp_path / "wide", [tiny_llm_dirs["llama"]], 2, "--init", start, "--hidden-size", "64")
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "w"), "--text-encoder", "learned", "--init", start])
+    assert "--init fine-tunes an LLM model" in capsys.readouterr().err
