@@ -35,14 +35,13 @@ import time
 
 from adapters.checkpoint import read_metadata
 from scripts import comfy_client
+from training.ship import find_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_MODEL = os.path.join(ROOT, "models", "lidit", "lidit-shapes-smollm2.safetensors")
 DEFAULT_WORKFLOW = os.path.join(ROOT, "workflows", "lidit_shapes_default.json")
 LLM_DIRS = [os.path.join(comfy_client.COMFY_DIR, "models", "LLM"), os.path.join(ROOT, ".cache")]
-ADAPTER_DIRS = [os.path.join(ROOT, "models", "llm_adapters"),
-                os.path.join(comfy_client.COMFY_DIR, "models", "llm_adapters")]
 
 
 def find_file(name: str, dirs: list[str], what: str) -> str:
@@ -64,7 +63,7 @@ def model_files(model: str, adapter: str | None) -> tuple[str, str | None, str]:
     enc = encoders[0]
     llm = find_file(enc["llm"], LLM_DIRS, "LLM")
     if adapter is None and enc.get("adapter"):
-        adapter = find_file(enc["adapter"], [os.path.dirname(os.path.abspath(model))] + ADAPTER_DIRS, "adapter")
+        adapter = find_adapter(enc["adapter"], model)
     return model, adapter, llm
 
 

@@ -75,12 +75,12 @@ from dataset import captions as caption_language
 from dataset import colour_names, features, shapes_world
 from dataset.features import caption_features, collate
 from dataset.shapes_world import Scene
+from training.ship import find_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_MODEL = os.path.join(ROOT, "models", "lidit", "lidit-shapes-smollm2.safetensors")
 DEFAULT_LLM_DIRS = [os.path.join(ROOT, ".comfyui", "models", "LLM"), os.path.join(ROOT, ".cache")]
-ADAPTER_DIRS = [os.path.join(ROOT, "models", "llm_adapters"), os.path.join(ROOT, ".comfyui", "models", "llm_adapters")]
 SPLITS = tuple(caption_language.SPLITS)  # the four columns
 KINDS = caption_language.KINDS
 GRID_CELL, GRID_PAD = 64, 2  # --save-grid: images of 64 px, prompt by prompt, images_per_prompt of each
@@ -191,15 +191,6 @@ def find_llm(name: str, llm_dirs: list[str]) -> str:
         if os.path.exists(path):
             return path
     raise FileNotFoundError(f"LLM '{name}' (named in the model's metadata) is not in {llm_dirs}; pass --llm-dir.")
-
-
-def find_adapter(name: str, model_path: str) -> str:
-    for d in [os.path.dirname(os.path.abspath(model_path))] + ADAPTER_DIRS:
-        path = os.path.join(d, name)
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(f"Adapter '{name}' (named in the model's metadata) is neither next to "
-                            f"'{model_path}' nor in {ADAPTER_DIRS}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from dataset import captions as caption_language
 from dataset import features, shapes_world
 from dataset.features import collate
 from dataset.shapes_world import Scene
-from evaluation.evaluate import (DEFAULT_LLM_DIRS, DEFAULT_MODEL, alone, caption_states, find_adapter, find_llm,
+from training.ship import find_adapter
+from evaluation.evaluate import (DEFAULT_LLM_DIRS, DEFAULT_MODEL, alone, caption_states, find_llm,
                                  prompt_sets)
 
 COLOUR_WEIGHTS = (0.0, 0.5, 1.0, 2.0)

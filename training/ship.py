@@ -20,6 +20,18 @@ from adapters.checkpoint import read_metadata, written_atomically
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = os.path.join(ROOT, "models")
+ADAPTER_DIRS = [os.path.join(MODELS, "llm_adapters"), os.path.join(ROOT, ".comfyui", "models", "llm_adapters")]
+
+
+def find_adapter(name: str, model_path: str) -> str:
+    """A text encoder or adapter file named in a model's metadata: next to the model (a run's out folder), else
+    where ship_model puts it (models/llm_adapters) or ComfyUI's folder for it."""
+    for d in [os.path.dirname(os.path.abspath(model_path))] + ADAPTER_DIRS:
+        path = os.path.join(d, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"Adapter '{name}' (named in the model's metadata) is neither next to "
+                            f"'{model_path}' nor in {ADAPTER_DIRS}.")
 
 
 def copy_with_metadata(src: str, dst: str, changes: dict[str, str]) -> None:

@@ -36,6 +36,7 @@ from training.checkpoints import (load_training_state, recover_checkpoint, resto
                                   save_training_state, saved_rng_streams, seed_streams, start_run)
 from training.data import FolderData, ShapesData
 from training.loop import (DivergedError, LossLog, diverged, ema_update, lr_at, mixed_precision, train_step)
+from training.ship import find_adapter
 
 log = logging.getLogger("train_lidit")
 
@@ -322,10 +323,9 @@ def init_from(path: str, model: Trainable, settings: list[dict]) -> None:
                          f"against {model.lidit.config}; encoders {entries} against {settings}). Give the flags "
                          "that trained it (its metadata's 'training'), or drop --init.")
     model.lidit.load_state_dict(lidit.state_dict())
-    folder = os.path.dirname(os.path.abspath(path))
     for target, entry in zip(model.adapters, entries):
         if entry.get("adapter"):
-            target.load_state_dict(load_adapter(os.path.join(folder, entry["adapter"]))[0].state_dict())
+            target.load_state_dict(load_adapter(find_adapter(entry["adapter"], path))[0].state_dict())
 
 
 def resume(args, accelerator, ckpt: str, model, ema, opt, data) -> int:

@@ -453,9 +453,13 @@ def test_open_colour_captions_join_the_pool_at_their_share_and_leave_the_rest_as
     assert idx == idy and torch.equal(x, y)
 
 
-def test_init_fine_tunes_from_a_trained_model(run6, tmp_path, tiny_llm_dirs):
+def test_init_fine_tunes_from_a_trained_model(run6, tmp_path, tiny_llm_dirs, monkeypatch):
     llm = [tiny_llm_dirs["llama"]]
-    start = os.path.join(run6, "lidit.safetensors")
+    # laid out as shipped: the model in one folder, its adapter in models/llm_adapters
+    os.makedirs(tmp_path / "lidit")
+    start = shutil.copy(os.path.join(run6, "lidit.safetensors"), tmp_path / "lidit")
+    shutil.copytree(run6, tmp_path / "llm_adapters", ignore=shutil.ignore_patterns("lidit.safetensors", "c*"))
+    monkeypatch.setattr("training.ship.ADAPTER_DIRS", [str(tmp_path / "llm_adapters")])
     # At lr 0 nothing moves: the export is the --init model itself, weights and adapter.
     out = train(tmp_path / "tuned", llm, 2, "--init", start, "--lr", "0")
     for name in ("lidit.safetensors", "lidit-adapter.safetensors"):
