@@ -56,3 +56,19 @@ class WordEncoder(nn.Module):
         # ids: [B, T] -> [B, T, dim]; <pad> (and the empty caption's one token) -> zeros
         x = self.norm(self.embed(ids) + self.position[:ids.shape[1]])
         return x * (ids != 0).unsqueeze(-1).to(x.dtype)
+
+
+@torch.no_grad()
+def copy_known_words(source: WordEncoder, target: WordEncoder) -> int:
+    """Fine-tuning onto a caption pool with new words: the target takes the source's positions, norm and the
+    embedding of every word both vocabularies hold; its new words keep their fresh initialisation. Returns how many
+    words were copied."""
+    if (source.dim, source.max_tokens) != (target.dim, target.max_tokens):
+        raise ValueError(f"word encoders of other sizes: dim {source.dim} and {target.dim}, max_tokens "
+                         f"{source.max_tokens} and {target.max_tokens}")
+    target.position.copy_(source.position)
+    target.norm.load_state_dict(source.norm.state_dict())
+    shared = [w for w in target.vocabulary if w in source.index]
+    rows = torch.tensor([target.index[w] for w in shared])
+    target.embed.weight[rows] = source.embed.weight[torch.tensor([source.index[w] for w in shared])]
+    return len(shared)

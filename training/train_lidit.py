@@ -29,7 +29,7 @@ from adapters.conditioning import hidden_states_to_context
 from adapters.diff_adapter import REFINER_HEAD_DIM, AdaptedLIDiT, HostAdapter, LLMDiffAdapter, lidit_sites
 from adapters.lidit import (PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler, scores_attention,
                             set_attention_kernel)
-from adapters.word_encoder import WordEncoder, build_vocabulary
+from adapters.word_encoder import WordEncoder, build_vocabulary, copy_known_words
 from dataset import captions, shapes_world
 from dataset.features import caption_features, collate, encoder_settings, settings_of
 from training.checkpoints import (load_training_state, recover_checkpoint, restore_rng_streams, rng_streams,
@@ -164,9 +164,8 @@ def parse_args(argv=None):
     if args.open_color_pool < 0 or not 0 <= args.open_color_share <= 1:
         p.error("--open-color-pool is a number of captions per --pool-size caption (>= 0); --open-color-share a "
                 "share of samples, from 0 to 1")
-    if args.init and (args.base or args.text_encoder != "llm"):
-        p.error("--init fine-tunes an LLM model (its LI-DiT and adapters): it takes neither --base nor --text-encoder "
-                "learned, whose word vocabulary is built from the run's own captions")
+    if args.init and args.base:
+        p.error("--init fine-tunes a whole LI-DiT model; --base trains an adapter onto a frozen one: give one of them")
     if args.base and (len(args.llm) != 1 or args.layers != "all"):
         p.error("--base trains one LLM Diff Adapter: give exactly one --llm and --layers all")
     adapter_only = (args.host_text_dropout, args.llm_gate, args.adapter_refiner_depth)
@@ -312,12 +311,18 @@ def build_model(args, streams, base) -> Trainable:
     return model
 
 
+# a text stream's entry in a model file, less what names its files and what a fine-tune may change
+FILE_KEYS = ("adapter", "encoder", "vocabulary_size")
+
+
 def init_from(path: str, model: Trainable, settings: list[dict]) -> None:
-    """Loads a trained LI-DiT file and its adapters into a new run's model (--init). The run's text streams must
-    be the file's: the same LLMs with the same encoder settings, else the adapters would read other states."""
+    """Loads a trained LI-DiT file and its text encoders into a new run's model (--init). The run's text streams
+    must be the file's: the same LLMs with the same encoder settings, else the adapters would read other states. A
+    word encoder's vocabulary may have grown (new captions): the words it knew keep their embeddings."""
     lidit, info = load_lidit(path)
     entries = info.get("text_encoders", [])
-    same = [{k: v for k, v in e.items() if k != "adapter"} for e in entries] == settings
+    same = [{k: v for k, v in e.items() if k not in FILE_KEYS} for e in entries] == \
+        [{k: v for k, v in s.items() if k not in FILE_KEYS} for s in settings]
     if lidit.config != model.lidit.config or not same:
         raise SystemExit(f"--init {path}: its model or text encoders differ from this run's (model {lidit.config} "
                          f"against {model.lidit.config}; encoders {entries} against {settings}). Give the flags "
@@ -326,6 +331,10 @@ def init_from(path: str, model: Trainable, settings: list[dict]) -> None:
     for target, entry in zip(model.adapters, entries):
         if entry.get("adapter"):
             target.load_state_dict(load_adapter(find_adapter(entry["adapter"], path))[0].state_dict())
+        elif entry.get("type") == "learned":
+            known = copy_known_words(load_word_encoder(find_adapter(entry["encoder"], path))[0], target)
+            log.warning("--init: %d of the %d words of the run's vocabulary keep the trained embeddings", known,
+                        len(target.vocabulary))
 
 
 def resume(args, accelerator, ckpt: str, model, ema, opt, data) -> int:

@@ -469,10 +469,27 @@ def test_init_fine_tunes_from_a_trained_model(run6, tmp_path, tiny_llm_dirs, mon
     assert not all(torch.equal(fresh[k], load_file(start)[k]) for k in fresh)
 
 
-def test_init_refuses_a_model_of_another_shape_or_a_word_encoder_run(run6, tmp_path, tiny_llm_dirs, capsys):
+def test_init_refuses_a_model_of_another_shape_or_with_base(run6, tmp_path, tiny_llm_dirs, capsys):
     start = os.path.join(run6, "lidit.safetensors")
     with pytest.raises(SystemExit, match="differ from this run's"):
         train(tmp_path / "wide", [tiny_llm_dirs["llama"]], 2, "--init", start, "--hidden-size", "64")
     with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path / "w"), "--text-encoder", "learned", "--init", start])
-    assert "--init fine-tunes an LLM model" in capsys.readouterr().err
+        main(["--out", str(tmp_path / "w"), "--llm", "m.gguf", "--base", start, "--init", start])
+    assert "give one of them" in capsys.readouterr().err
+
+
+def test_init_of_a_word_encoder_model_keeps_the_words_it_knew_and_learns_new_ones(tmp_path):
+    from adapters.checkpoint import load_word_encoder
+    flags = ("--text-encoder", "learned", "--eval-samples", "0")
+    start = os.path.join(train(tmp_path / "seven", [], 2, *flags), "lidit.safetensors")
+    # open colours bring words the first run never had; at lr 0 the known ones stay as trained
+    out = train(tmp_path / "open", [], 2, *flags, "--init", start, "--lr", "0", "--open-color-pool", "1")
+    (old, _), (new, _) = (load_word_encoder(os.path.join(os.path.dirname(f), "lidit-text-encoder.safetensors"))
+                          for f in (start, os.path.join(out, "lidit.safetensors")))
+    added = set(new.vocabulary) - set(old.vocabulary)
+    assert added and set(old.vocabulary) <= set(new.vocabulary)
+    for w in old.vocabulary:
+        assert torch.equal(new.embed.weight[new.index[w]], old.embed.weight[old.index[w]])
+    assert torch.equal(new.position, old.position)
+    before, after = (load_file(os.path.join(os.path.dirname(f), "lidit.safetensors")) for f in (start, out + "/x"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
