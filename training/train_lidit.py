@@ -135,9 +135,10 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="LLM feature cache (default <out>/cache); runs may share it")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--init", default=None,
-                   help="fine-tune: start from this LI-DiT file's weights and its LLM Diff Adapters (same "
-                        "architecture, LLMs and encoder settings; a fresh optimizer and LR schedule). --resume "
-                        "still continues the run's own checkpoint")
+                   help="fine-tune: start from this LI-DiT file's weights and its text encoders (same architecture, "
+                        "LLMs and encoder settings; a word encoder's known words keep their embeddings, new words "
+                        "start fresh), with a new optimizer and LR schedule. --resume still continues the run's own "
+                        "checkpoint")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast dtype of forward and backward (weights, AdamW and EMA stay fp32); auto: bf16 on "
@@ -315,10 +316,11 @@ def build_model(args, streams, base) -> Trainable:
 FILE_KEYS = ("adapter", "encoder", "vocabulary_size")
 
 
-def init_from(path: str, model: Trainable, settings: list[dict]) -> None:
+def init_from(path: str, model: Trainable, settings: list[dict]) -> str:
     """Loads a trained LI-DiT file and its text encoders into a new run's model (--init). The run's text streams
     must be the file's: the same LLMs with the same encoder settings, else the adapters would read other states. A
-    word encoder's vocabulary may have grown (new captions): the words it knew keep their embeddings."""
+    word encoder's vocabulary may have grown (new captions): the words it knew keep their embeddings. Returns what
+    was loaded, in words."""
     lidit, info = load_lidit(path)
     entries = info.get("text_encoders", [])
     same = [{k: v for k, v in e.items() if k not in FILE_KEYS} for e in entries] == \
@@ -328,13 +330,15 @@ def init_from(path: str, model: Trainable, settings: list[dict]) -> None:
                          f"against {model.lidit.config}; encoders {entries} against {settings}). Give the flags "
                          "that trained it (its metadata's 'training'), or drop --init.")
     model.lidit.load_state_dict(lidit.state_dict())
+    loaded = [os.path.basename(path)]
     for target, entry in zip(model.adapters, entries):
         if entry.get("adapter"):
             target.load_state_dict(load_adapter(find_adapter(entry["adapter"], path))[0].state_dict())
+            loaded.append(entry["adapter"])
         elif entry.get("type") == "learned":
             known = copy_known_words(load_word_encoder(find_adapter(entry["encoder"], path))[0], target)
-            log.warning("--init: %d of the %d words of the run's vocabulary keep the trained embeddings", known,
-                        len(target.vocabulary))
+            loaded.append(f"{entry['encoder']} ({known} of the run's {len(target.vocabulary)} words)")
+    return ", ".join(loaded)
 
 
 def resume(args, accelerator, ckpt: str, model, ema, opt, data) -> int:
@@ -451,7 +455,7 @@ def main(argv=None):
 
     model = build_model(args, streams, base)
     if args.init:
-        init_from(args.init, model, [s for _, _, _, s in streams])
+        accelerator.print(f"initialised from {init_from(args.init, model, [s for _, _, _, s in streams])}")
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0,
                             betas=(0.9, 0.99))
