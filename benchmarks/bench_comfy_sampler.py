@@ -67,20 +67,6 @@ def model_files(model: str, adapter: str | None) -> tuple[str, str | None, str]:
     return model, adapter, llm
 
 
-def expose(files: dict[str, str], base: str) -> str:
-    """Symlinks each file into base/<folder>/ and writes an extra_model_paths.yaml that lists those folders."""
-    for folder, path in files.items():
-        os.makedirs(os.path.join(base, folder), exist_ok=True)
-        link = os.path.join(base, folder, os.path.basename(path))
-        if not os.path.exists(link):
-            os.symlink(os.path.abspath(path), link)
-    config = os.path.join(base, "extra_model_paths.yaml")
-    with open(config, "w") as f:
-        f.write("llm_diffusion_bench:\n  base_path: " + base + "\n"
-                + "".join(f"  {folder}: {folder}\n" for folder in files))
-    return config
-
-
 def only(prompt: dict, class_type: str) -> str:
     ids = [k for k, v in prompt.items() if v["class_type"] == class_type]
     if len(ids) != 1:
@@ -193,10 +179,10 @@ def main(argv=None) -> dict:
     model, adapter, llm = model_files(args.model, args.adapter)
     work = args.keep or tempfile.mkdtemp(prefix="bench_comfy_sampler_")
     os.makedirs(work, exist_ok=True)
-    files = {"lidit": model, "LLM": llm}
+    files = {"lidit": [model], "LLM": [llm]}
     if adapter:
-        files["llm_adapters"] = adapter
-    config = expose(files, os.path.join(work, "models"))
+        files["llm_adapters"] = [adapter]
+    config = comfy_client.extra_model_paths(files, os.path.join(work, "models"))
     if args.threads:  # inherited by the server process
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     server = comfy_client.ComfyServer(os.path.join(work, "output"), extra_args=["--extra-model-paths-config", config])

@@ -43,7 +43,8 @@ def main(argv=None) -> None:
                           if n["class_type"] in PROMPT_NODES and n["inputs"]["text"])
         if positive != sorted(PROMPT_NODES):
             raise SystemExit(f"workflows/{WORKFLOW} should have one positive prompt for the base model "
-                             f"(LIDiTWordEncode) and one for the LLM (LLMPromptEncode), found {positive}: restore the shipped workflow.")
+                             f"(LIDiTWordEncode) and one for the LLM (LLMPromptEncode), found {positive}: restore "
+                             "the shipped workflow.")
         for scene in scenes:
             row = []
             for graph in (comfy_client.without_llm_adapter(workflow), workflow):

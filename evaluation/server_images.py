@@ -50,18 +50,12 @@ def with_models(api_prompt: dict, files: dict[str, str]) -> dict:
 @contextlib.contextmanager
 def server_with_files(output: str, files: dict[str, list[str]]):
     """A ComfyUI server that also lists the given files (folder name -> paths: `lidit`, `llm_adapters`) under their
-    own names, through ComfyUI's --extra-model-paths-config; nothing is copied into the ComfyUI folder."""
+    own names (comfy_client.extra_model_paths)."""
+    for path in (p for paths in files.values() for p in paths):
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path} does not exist: give the path of a trained .safetensors file")
     with tempfile.TemporaryDirectory() as folders:
-        for folder, paths in files.items():
-            os.makedirs(os.path.join(folders, folder))
-            for path in paths:
-                if not os.path.isfile(path):
-                    raise SystemExit(f"{path} does not exist: give the path of a trained .safetensors file")
-                os.symlink(os.path.abspath(path), os.path.join(folders, folder, os.path.basename(path)))
-        config = os.path.join(folders, "extra_model_paths.yaml")
-        with open(config, "w") as f:
-            f.write("trained:\n    base_path: " + folders + "\n"
-                    + "".join(f"    {folder}: {folder}\n" for folder in files))
+        config = comfy_client.extra_model_paths(files, folders)
         with comfy_client.ComfyServer(output, extra_args=["--extra-model-paths-config", config]) as server:
             yield server
 

@@ -195,6 +195,23 @@ def without_llm_adapter(api_prompt: dict) -> dict:
             del prompt[i]
 
 
+def extra_model_paths(files: dict[str, list[str]], base: str) -> str:
+    """Symlinks each file into base/<folder>/ (folder: a ComfyUI model folder name such as `lidit`) and writes the
+    extra_model_paths.yaml that lists those folders, for --extra-model-paths-config: the server lists trained files
+    under their own names, and nothing is copied into the ComfyUI folder. Returns the config's path."""
+    for folder, paths in files.items():
+        os.makedirs(os.path.join(base, folder), exist_ok=True)
+        for path in paths:
+            link = os.path.join(base, folder, os.path.basename(path))
+            if not os.path.lexists(link):
+                os.symlink(os.path.abspath(path), link)
+    config = os.path.join(base, "extra_model_paths.yaml")
+    with open(config, "w") as f:
+        f.write("llm_diffusion_files:\n    base_path: " + base + "\n"
+                + "".join(f"    {folder}: {folder}\n" for folder in files))
+    return config
+
+
 def load_workflow(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
