@@ -35,21 +35,12 @@ import time
 
 from adapters.checkpoint import read_metadata
 from scripts import comfy_client
-from training.ship import find_adapter
+from training.ship import find_adapter, find_llm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_MODEL = os.path.join(ROOT, "models", "lidit", "lidit-shapes-smollm2.safetensors")
 DEFAULT_WORKFLOW = os.path.join(ROOT, "workflows", "lidit_shapes_default.json")
-LLM_DIRS = [os.path.join(comfy_client.COMFY_DIR, "models", "LLM"), os.path.join(ROOT, ".cache")]
-
-
-def find_file(name: str, dirs: list[str], what: str) -> str:
-    for d in dirs:
-        path = os.path.join(d, name)
-        if os.path.exists(path):
-            return path
-    raise SystemExit(f"{what} '{name}' not found in {dirs}")
 
 
 def model_files(model: str, adapter: str | None) -> tuple[str, str | None, str]:
@@ -61,7 +52,7 @@ def model_files(model: str, adapter: str | None) -> tuple[str, str | None, str]:
     if len(encoders) != 1:
         raise SystemExit(f"'{model}' fuses {len(encoders)} LLMs; the default workflow has one LLM Loader.")
     enc = encoders[0]
-    llm = find_file(enc["llm"], LLM_DIRS, "LLM")
+    llm = find_llm(enc["llm"])
     if adapter is None and enc.get("adapter"):
         adapter = find_adapter(enc["adapter"], model)
     return model, adapter, llm

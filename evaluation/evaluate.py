@@ -75,12 +75,11 @@ from dataset import captions as caption_language
 from dataset import colour_names, features, shapes_world
 from dataset.features import caption_features, collate
 from dataset.shapes_world import Scene
-from training.ship import find_adapter
+from training.ship import find_adapter, find_llm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_MODEL = os.path.join(ROOT, "models", "lidit", "lidit-shapes-smollm2.safetensors")
-DEFAULT_LLM_DIRS = [os.path.join(ROOT, ".comfyui", "models", "LLM"), os.path.join(ROOT, ".cache")]
 SPLITS = tuple(caption_language.SPLITS)  # the four columns
 KINDS = caption_language.KINDS
 GRID_CELL, GRID_PAD = 64, 2  # --save-grid: images of 64 px, prompt by prompt, images_per_prompt of each
@@ -179,18 +178,6 @@ def relation_probe_scenes(seed: int = 0, prompt_split: str = "test",
     """The relation prompts of the split's four columns (pooled) whose relation a left-right mirror reverses."""
     return [s for scenes in prompt_sets(per_kind, seed, prompt_split).values() for s in scenes
             if s.kind == "relation" and all(r.relation in MIRRORED_RELATIONS for r in s.relations)]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Files
-
-
-def find_llm(name: str, llm_dirs: list[str]) -> str:
-    for d in llm_dirs:
-        path = os.path.join(d, name)
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError(f"LLM '{name}' (named in the model's metadata) is not in {llm_dirs}; pass --llm-dir.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -423,7 +410,7 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
     if base_prompt not in BASE_PROMPTS or (base_prompt == "empty" and not diff_adapter):
         raise ValueError(f"base_prompt must be one of {BASE_PROMPTS}, and 'empty' needs a diff_adapter")
     blank = frozenset(range(len(entries) - 1)) if base_prompt == "empty" else frozenset()  # the adapter's is last
-    contexts = contexts_of(text_streams(entries, captions, device, llm_dirs or DEFAULT_LLM_DIRS, cache_dir,
+    contexts = contexts_of(text_streams(entries, captions, device, llm_dirs, cache_dir,
                                         {} if feature_cache is None else feature_cache, log), device, blank)
     timings["encode_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()

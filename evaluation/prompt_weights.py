@@ -33,9 +33,8 @@ from dataset import captions as caption_language
 from dataset import features, shapes_world
 from dataset.features import collate
 from dataset.shapes_world import Scene
-from training.ship import find_adapter
-from evaluation.evaluate import (DEFAULT_LLM_DIRS, DEFAULT_MODEL, alone, caption_states, find_llm,
-                                 prompt_sets)
+from training.ship import find_adapter, find_llm
+from evaluation.evaluate import DEFAULT_MODEL, alone, caption_states, prompt_sets
 
 COLOUR_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 OBJECT_WEIGHTS = (1.5, 2.0)  # and the unweighted prompt
@@ -139,7 +138,7 @@ def run(model_path: str = DEFAULT_MODEL, *, images: int = 4, pairs: int = 12, st
         log=None) -> dict:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sampler = Sampler(model_path, device, llm_dirs or DEFAULT_LLM_DIRS)
+    sampler = Sampler(model_path, device, llm_dirs)
     result = {"model": model_path, "images_per_prompt": images, "steps": steps, "cfg": cfg, "seed": seed,
               "chance": 1 / len(shapes_world.COLORS), "colour": {}, "objects": {}}
 

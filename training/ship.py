@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = os.path.join(ROOT, "models")
 ADAPTER_DIRS = [os.path.join(MODELS, "llm_adapters"), os.path.join(ROOT, ".comfyui", "models", "llm_adapters")]
+LLM_DIRS = [os.path.join(ROOT, ".comfyui", "models", "LLM"), os.path.join(ROOT, ".cache")]
 
 
 def find_adapter(name: str, model_path: str) -> str:
@@ -32,6 +33,17 @@ def find_adapter(name: str, model_path: str) -> str:
             return path
     raise FileNotFoundError(f"Adapter '{name}' (named in the model's metadata) is neither next to "
                             f"'{model_path}' nor in {ADAPTER_DIRS}.")
+
+
+def find_llm(name: str, llm_dirs: list[str] | None = None) -> str:
+    """The LLM file or folder named in a model's metadata, in ComfyUI's models/LLM (where setup puts them)."""
+    llm_dirs = llm_dirs or LLM_DIRS
+    for d in llm_dirs:
+        path = os.path.join(d, name)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"LLM '{name}' (named in the model's metadata) is not in {llm_dirs}; put it in "
+                            "ComfyUI's models/LLM folder (scripts/setup.sh does) or name its folder (--llm-dir).")
 
 
 def copy_with_metadata(src: str, dst: str, changes: dict[str, str]) -> None:
