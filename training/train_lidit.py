@@ -29,7 +29,7 @@ from adapters.conditioning import hidden_states_to_context
 from adapters.diff_adapter import REFINER_HEAD_DIM, AdaptedLIDiT, HostAdapter, LLMDiffAdapter, lidit_sites
 from adapters.lidit import (PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler, scores_attention,
                             set_attention_kernel)
-from adapters.word_encoder import WordEncoder, build_vocabulary, copy_known_words
+from adapters.word_encoder import UNK, WordEncoder, build_vocabulary, copy_known_words
 from dataset import captions, shapes_world
 from dataset.features import caption_features, collate, encoder_settings, settings_of
 from training.checkpoints import (load_training_state, recover_checkpoint, restore_rng_streams, rng_streams,
@@ -62,6 +62,10 @@ def _text_flags(p: argparse.ArgumentParser) -> None:
                    help="--base: share of samples whose base model's own text streams get the empty prompt while "
                         f"the new LLM stream keeps the caption, so that the LLM branch has to carry the meaning "
                         f"(default {HOST_TEXT_DROPOUT})")
+    p.add_argument("--host-word-dropout", type=float, default=None,
+                   help="--base with its own word encoder: share of the words of the base model's caption read as "
+                        "<unk>, as it reads a word its training never had, while the LLM stream reads them; the "
+                        "LLM branch learns to carry the words the base cannot read (default 0)")
     p.add_argument("--llm-gate", type=float, default=None,
                    help="--base: the new branches' gate a at the start: 0 closed (the paper), > 0 open with the value "
                         f"projection at zero (adapters.diff_adapter.DecoupledCrossAttention; default {LLM_GATE})")
@@ -169,17 +173,20 @@ def parse_args(argv=None):
         p.error("--init fine-tunes a whole LI-DiT model; --base trains an adapter onto a frozen one: give one of them")
     if args.base and (len(args.llm) != 1 or args.layers != "all"):
         p.error("--base trains one LLM Diff Adapter: give exactly one --llm and --layers all")
-    adapter_only = (args.host_text_dropout, args.llm_gate, args.adapter_refiner_depth)
+    adapter_only = (args.host_text_dropout, args.host_word_dropout, args.llm_gate, args.adapter_refiner_depth)
     if not args.base and any(a is not None for a in adapter_only):
-        p.error("--host-text-dropout, --llm-gate and --adapter-refiner-depth shape adapter-only training: they "
-                "need --base")
+        p.error("--host-text-dropout, --host-word-dropout, --llm-gate and --adapter-refiner-depth shape adapter-only "
+                "training: they need --base")
     if args.base:
         args.host_text_dropout = HOST_TEXT_DROPOUT if args.host_text_dropout is None else args.host_text_dropout
+        args.host_word_dropout = args.host_word_dropout or 0.0
         args.llm_gate = LLM_GATE if args.llm_gate is None else args.llm_gate
         args.adapter_refiner_depth = ADAPTER_REFINER_DEPTH if args.adapter_refiner_depth is None \
             else args.adapter_refiner_depth
         if not 0 <= args.host_text_dropout <= 1:
             p.error("--host-text-dropout is a share of samples, from 0 to 1")
+        if not 0 <= args.host_word_dropout <= 1:
+            p.error("--host-word-dropout is a share of words, from 0 to 1")
         if error := adapter_refiner_error(args.adapter_refiner_depth, args.context_dim):
             p.error(error)
     return args
@@ -360,6 +367,14 @@ def resume(args, accelerator, ckpt: str, model, ema, opt, data) -> int:
     return step
 
 
+def unknown_words(ids: torch.Tensor, encoder: WordEncoder, share: float) -> torch.Tensor:
+    """--host-word-dropout: token ids [B, T] of a base model's word encoder with each word (not <pad>) replaced by
+    <unk> with probability `share`. Drawn from `random`, as the other per-sample choices, so that a resumed run
+    draws what an uninterrupted one would."""
+    drop = torch.tensor([[random.random() < share for _ in row] for row in ids.tolist()], dtype=torch.bool)
+    return ids.masked_fill(drop.reshape(ids.shape) & (ids != 0), encoder.index[UNK])
+
+
 def train(args, accelerator, model, raw, ema, opt, data, batch_inputs, ckpt: str, step: int) -> None:
     """The steps from `step` to --steps: one loss-log row per step, a checkpoint every --save-every."""
     loss_log = LossLog(os.path.join(args.out, "loss.csv"), step) if accelerator.is_main_process else None
@@ -371,6 +386,9 @@ def train(args, accelerator, model, raw, ema, opt, data, batch_inputs, ckpt: str
         host_captions = [c if random.random() >= args.host_text_dropout else "" for c in batch_captions] \
             if args.host_text_dropout else None
         hidden = batch_inputs(batch_captions, host_captions)
+        if args.base and args.host_word_dropout:  # the base's own streams come first, the new LLM stream last
+            hidden = [(unknown_words(x, a, args.host_word_dropout), m) if isinstance(a, WordEncoder) else (x, m)
+                      for (x, m), a in zip(hidden[:-1], raw.adapters[:-1])] + hidden[-1:]
         try:
             loss = train_step(model, opt, accelerator, x0, [h for h, _ in hidden], [m for _, m in hidden],
                               lr_at(step, args))
@@ -446,6 +464,9 @@ def main(argv=None):
     if args.base:  # the base model's own streams first, frozen; the new LLM stream feeds only the new branches
         base, base_info = load_lidit(args.base)
         streams = base_streams(base_info, args.base, all_captions, args, accelerator) + streams
+        if args.host_word_dropout and not any(isinstance(e, WordEncoder) for _, e, _, _ in streams[:-1]):
+            raise SystemExit(f"--host-word-dropout reads words of the base model's own word encoder as <unk>, and "
+                             f"'{args.base}' reads its prompt through an LLM: use --host-text-dropout instead.")
 
     def batch_inputs(batch_captions: list[str], host_captions: list[str] | None = None):
         """Per stream (input, mask); a --base model's own streams read host_captions where given."""

@@ -421,9 +421,44 @@ def test_host_text_dropout_gives_the_base_the_empty_prompt_and_the_llm_the_capti
         assert host == ([""] * len(llm) if share else llm)
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_host_word_dropout_reads_the_base_s_words_as_unknown(monkeypatch, tmp_path, tiny_llm_dirs, share):
+    """--host-word-dropout: the base model's word encoder gets <unk> for that share of the caption's words (never
+    for <pad>), as it gets a word its training never had."""
+    from adapters.word_encoder import UNK, WordEncoder
+    seen = []
+    forward = WordEncoder.forward
+    monkeypatch.setattr(WordEncoder, "forward", lambda self, ids: (seen.append((self, ids.clone())),
+                                                                   forward(self, ids))[1])
+    base = train(tmp_path / "base", [], 1, "--text-encoder", "learned", "--eval-samples", "0")
+    seen.clear()
+    train(tmp_path / "adapter", [tiny_llm_dirs["llama"]], 2, "--base", os.path.join(base, "lidit.safetensors"),
+          "--host-word-dropout", str(share), "--host-text-dropout", "0", "--caption-dropout", "0",
+          "--eval-samples", "0", *ADAPTER)
+    assert len(seen) == 2  # the base's word encoder, once per training step
+    for encoder, ids in seen:
+        words = ids[ids != 0]
+        assert words.numel() > 0
+        unk = encoder.index[UNK]
+        assert bool((words == unk).all()) if share else not bool((words == unk).any())
+
+
+def test_host_word_dropout_needs_a_base_with_its_own_word_encoder(tmp_path, tiny_llm_dirs, capsys):
+    llm = [tiny_llm_dirs["llama"]]
+    base = train(tmp_path / "base", llm, 1, "--eval-samples", "0")
+    with pytest.raises(SystemExit, match="reads its prompt through an LLM: use --host-text-dropout"):
+        train(tmp_path / "adapter", llm, 1, "--base", os.path.join(base, "lidit.safetensors"),
+              "--host-word-dropout", "0.3", "--eval-samples", "0", *ADAPTER)
+    from training.train_lidit import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--llm", "m.gguf", "--base", "b.safetensors", "--host-word-dropout", "2"])
+    assert "--host-word-dropout is a share of words" in capsys.readouterr().err
+
+
 def test_adapter_recipe_flags_need_base(capsys):
     from training.train_lidit import ADAPTER_REFINER_DEPTH, HOST_TEXT_DROPOUT, LLM_GATE, parse_args
-    for flag, value in (("--host-text-dropout", "0.5"), ("--llm-gate", "0.5"), ("--adapter-refiner-depth", "1")):
+    for flag, value in (("--host-text-dropout", "0.5"), ("--host-word-dropout", "0.3"), ("--llm-gate", "0.5"),
+                        ("--adapter-refiner-depth", "1")):
         with pytest.raises(SystemExit):
             parse_args(["--out", "x", "--text-encoder", "learned", flag, value])
         assert "they need --base" in capsys.readouterr().err
