@@ -244,18 +244,19 @@ def text_streams(args, all_captions: list[str], train_captions: list[str], accel
 
 def base_streams(base_info: dict, base_path: str, all_captions: list[str], args, accelerator):
     """The frozen text streams of a --base model, as text_streams gives them: its learned word encoder or its
-    LLM(s) (looked up beside --llm) through its own adapters, all frozen."""
-    streams, folder = [], os.path.dirname(os.path.abspath(base_path))
+    LLM(s) (looked up beside --llm) through its own adapters, all frozen; their files next to the model or where
+    training.ship puts them."""
+    streams = []
     for entry in base_info["text_encoders"]:
         if entry.get("type") == "learned":
-            encoder, _ = load_word_encoder(os.path.join(folder, entry["encoder"]))
+            encoder, _ = load_word_encoder(find_adapter(entry["encoder"], base_path))
             streams.append((encoder.tokenize, encoder.requires_grad_(False), encoder.dim, entry))
             continue
         llm = os.path.join(os.path.dirname(os.path.abspath(args.llm[0])), entry["llm"])
         settings = settings_of(entry)
         with accelerator.main_process_first():
             feats, _ = caption_features(llm, all_captions, settings, args.cache_dir or os.path.join(args.out, "cache"))
-        adapter = load_adapter(os.path.join(folder, entry["adapter"]))[0].requires_grad_(False) \
+        adapter = load_adapter(find_adapter(entry["adapter"], base_path))[0].requires_grad_(False) \
             if entry.get("adapter") else None
         by_caption = dict(zip(all_captions, feats))
         streams.append((lambda caps, f=by_caption: collate([f[c] for c in caps]), adapter, None, entry))

@@ -455,6 +455,21 @@ def test_host_word_dropout_needs_a_base_with_its_own_word_encoder(tmp_path, tiny
     assert "--host-word-dropout is a share of words" in capsys.readouterr().err
 
 
+def test_an_adapter_trains_on_a_shipped_base_whose_word_encoder_is_in_the_adapter_folder(monkeypatch, tmp_path,
+                                                                                        tiny_llm_dirs):
+    """training.ship puts a model in models/lidit and its word encoder in models/llm_adapters: --base finds it there,
+    as the README's command (--base models/lidit/lidit-shapes-nollm-canonical.safetensors) needs."""
+    import training.ship as ship
+    base = train(tmp_path / "base", [], 1, "--text-encoder", "learned", "--eval-samples", "0")
+    (encoder,) = [f for f in os.listdir(base) if f.endswith("text-encoder.safetensors")]
+    os.makedirs(tmp_path / "llm_adapters")
+    shutil.move(os.path.join(base, encoder), tmp_path / "llm_adapters" / encoder)
+    monkeypatch.setattr(ship, "ADAPTER_DIRS", [str(tmp_path / "llm_adapters")])
+    out = train(tmp_path / "adapter", [tiny_llm_dirs["llama"]], 1, "--base", os.path.join(base, "lidit.safetensors"),
+                "--eval-samples", "0", *ADAPTER)
+    assert os.path.isfile(os.path.join(out, "lidit.safetensors"))
+
+
 def test_adapter_recipe_flags_need_base(capsys):
     from training.train_lidit import ADAPTER_REFINER_DEPTH, HOST_TEXT_DROPOUT, LLM_GATE, parse_args
     for flag, value in (("--host-text-dropout", "0.5"), ("--host-word-dropout", "0.3"), ("--llm-gate", "0.5"),
