@@ -41,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_MODEL = os.path.join(ROOT, "models", "lidit", "lidit-shapes-smollm2.safetensors")
 DEFAULT_WORKFLOW = os.path.join(ROOT, "workflows", "lidit_shapes_default.json")
+LLM_DIRS = [os.path.join(comfy_client.COMFY_DIR, "models", "LLM"), os.path.join(ROOT, ".cache")]  # COMFYUI_DIR too
 
 
 def model_files(model: str, adapter: str | None) -> tuple[str, str | None, str]:
@@ -52,7 +53,10 @@ def model_files(model: str, adapter: str | None) -> tuple[str, str | None, str]:
     if len(encoders) != 1:
         raise SystemExit(f"'{model}' fuses {len(encoders)} LLMs; the default workflow has one LLM Loader.")
     enc = encoders[0]
-    llm = find_llm(enc["llm"])
+    try:
+        llm = find_llm(enc["llm"], LLM_DIRS)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     if adapter is None and enc.get("adapter"):
         adapter = find_adapter(enc["adapter"], model)
     return model, adapter, llm

@@ -229,7 +229,7 @@ def load_evaluated(model_path: str | None, device, oracle: bool, diff_adapter: s
     return model, info, entries
 
 
-def text_streams(entries, captions: list[str], device, llm_dirs: list[str], cache_dir: str | None,
+def text_streams(entries, captions: list[str], device, llm_dirs: list[str] | None, cache_dir: str | None,
                  feature_cache: dict, log) -> list:
     """Per text stream, ("learned", word encoder) or (caption -> LLM states, its adapter), every caption encoded
     as the trainer encodes it; feature_cache (shared between calls) keeps each LLM's states of each caption."""

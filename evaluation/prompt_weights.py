@@ -89,7 +89,7 @@ def weighted_pair(scene: Scene, which: int, weight: float) -> str:
 class Sampler:
     """The model with its LLM stream, sampling captions read with prompt weights."""
 
-    def __init__(self, model_path: str, device: torch.device, llm_dirs: list[str]):
+    def __init__(self, model_path: str, device: torch.device, llm_dirs: list[str] | None):
         self.model, info = load_lidit(model_path)
         self.model.eval().requires_grad_(False).to(device)
         entries = info["text_encoders"]

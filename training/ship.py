@@ -43,7 +43,8 @@ def find_llm(name: str, llm_dirs: list[str] | None = None) -> str:
         if os.path.exists(path):
             return path
     raise FileNotFoundError(f"LLM '{name}' (named in the model's metadata) is not in {llm_dirs}; put it in "
-                            "ComfyUI's models/LLM folder (scripts/setup.sh does) or name its folder (--llm-dir).")
+                            "ComfyUI's models/LLM folder (scripts/setup.sh does), or give evaluate its folder with "
+                            "--llm-dir.")
 
 
 def copy_with_metadata(src: str, dst: str, changes: dict[str, str]) -> None:

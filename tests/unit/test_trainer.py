@@ -443,6 +443,18 @@ def test_host_word_dropout_reads_the_base_s_words_as_unknown(monkeypatch, tmp_pa
         assert bool((words == unk).all()) if share else not bool((words == unk).any())
 
 
+def test_unknown_words_replaces_words_and_never_padding():
+    import random
+    from adapters.word_encoder import UNK, WordEncoder
+    from training.train_lidit import unknown_words
+    encoder = WordEncoder(["<pad>", UNK, "a", "red", "circle"], 8)
+    ids, _ = encoder.tokenize(["a red circle", "a", ""])  # right-padded, and the empty caption's one <pad>
+    random.seed(0)
+    assert torch.equal(unknown_words(ids, encoder, 0.0), ids)
+    dropped = unknown_words(ids, encoder, 1.0)
+    assert torch.equal(dropped == 0, ids == 0) and bool((dropped[ids != 0] == encoder.index[UNK]).all())
+
+
 def test_host_word_dropout_needs_a_base_with_its_own_word_encoder(tmp_path, tiny_llm_dirs, capsys):
     llm = [tiny_llm_dirs["llama"]]
     base = train(tmp_path / "base", llm, 1, "--eval-samples", "0")
