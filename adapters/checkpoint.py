@@ -93,7 +93,7 @@ ADAPTER_SIZES = ("llm_hidden_size", "num_hidden_states", "context_dim")
 
 
 def _refiner_depth(meta: dict, shapes: dict, prefix: str, name: str) -> int:
-    # files written before adapters had a refiner carry no such key: they have none
+    # an adapter without a refiner may leave the key out
     depth = _int_field(meta, "refiner_depth", name, minimum=0) if "refiner_depth" in meta else 0
     have = _count(shapes, prefix + "refiner.blocks.")
     if depth != have:  # before building: a skeleton of a huge depth alone takes minutes

@@ -152,8 +152,8 @@ def chunked_attention(q, k, v, attn_mask, between_chunks: Callable[[], None] | N
 
 def scores_attention(q, k, v, attn_mask=None) -> torch.Tensor:
     """AttentionKernel with the scores formed explicitly, softmax in fp32. For training at small token counts (32 px:
-    64 patch tokens): under CPU bf16 autocast PyTorch's flash kernel runs its backward about 4x slower than in fp32,
-    and this form lets torch.compile fuse the softmax into its neighbours (benchmarks/bench_lidit.py). A query whose
+    64 patch tokens): under CPU bf16 autocast PyTorch's flash kernel has a slow backward, and this form lets
+    torch.compile fuse the softmax into its neighbours (benchmarks/bench_lidit.py times both). A query whose
     keys are all masked attends uniformly instead of giving NaN."""
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5            # [B, H, N, T]
     if attn_mask is not None:
@@ -372,7 +372,7 @@ class LIDiT(nn.Module):
 
 
 def forward_bytes(config: LIDiTConfig, batch: int, height: int, width: int, element_size: int = 4) -> int:
-    """Peak activation memory of one forward at this size (a slight overestimate, measured on CPU): the widest
+    """Peak activation memory of one forward at this size (an upper bound): the widest
     tensors of a block live at once (residual, modulated input, q/k/v, attention and FFN outputs), plus the
     attention scores of one chunk and a few copies of the input."""
     p = config.patch_size

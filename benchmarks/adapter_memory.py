@@ -8,8 +8,7 @@ What it counts, per phase of a run:
 - encoding (once, before training): the LLM (fp32, on the CPU), the text encoders (fp16) and the VAE (fp32);
 - training (on the device): the frozen UNet in fp16 or bf16 (2 bytes, as ComfyUI loads it on a GPU), and per
   adapter parameter 20 bytes (fp32 weight, gradient, AdamW's two moments, the EMA copy).
-Not counted: the activations that the backward pass through the frozen UNet keeps, which grow with --resolution;
-they were not measured (no GPU was lent to this work).
+Not counted: the activations that the backward pass through the frozen UNet keeps, which grow with --resolution.
 """
 from __future__ import annotations
 

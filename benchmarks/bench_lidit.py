@@ -26,9 +26,9 @@ Tables (every ratio is against a baseline measured in the same run, on the same 
     the CPU flash-attention kernel. MFU = achieved FLOP/s / (--peak-tflops x 1e12); 989 TFLOP/s is the H100 SXM
     dense bf16 peak. On the CPU the peak is measured in the same run: the GFLOP/s of a large square matmul
     (matmul_peak) in fp32, and in bf16 for the rows under bf16 autocast, which is what the training step's matmuls
-    could reach at best on this machine and thread count. "trainer step before" is the trainer as it was (fp32 on
-    the CPU, PyTorch's SDPA); the rows after it add, one at a time, what the trainer now does by default on a CPU
-    with native bf16 (--precision auto) and with --compile.
+    could reach at best on this machine and thread count. "trainer step, plain" is the trainer step in fp32 with
+    PyTorch's SDPA; the rows after it add, one at a time, what the trainer does by default on a CPU with native
+    bf16 (--precision auto) and with --compile.
 
 (c) Forward FLOPs per image of the paper's presets (adapters.lidit.PRESETS) at 256 px (a 32x32x16 latent of an
     8x VAE) with --preset-tokens LLM tokens of width 4096, counted on the 'meta' device (nothing is allocated or
@@ -253,7 +253,7 @@ def training_cases(args, device, defaults) -> list[tuple]:
     cases = [("forward only, no grad (baseline)", forward_only, f_fwd, use_amp),
              ("flow_matching_loss + backward", loss_backward, f_bwd, use_amp),
              ("+ AdamW step", adamw_step, f_bwd, use_amp),
-             ("trainer step before: + adapter on 31x576 states, clip, EMA", step(use_amp, False, False), f_full,
+             ("trainer step, plain: + adapter on 31x576 states, clip, EMA", step(use_amp, False, False), f_full,
               use_amp)]
     if device.type == "cpu":
         cases.append(("trainer step, --precision bf16 (CPU autocast), scores attention", step(True, True, False),
@@ -273,17 +273,17 @@ def bench_training(args, device) -> list[list[str]]:
         peaks = {True: args.peak_tflops}
     else:
         peaks = {False: matmul_peak(device, torch.float32), True: matmul_peak(device, torch.bfloat16)}
-    rows, base, before = [], None, None
+    rows, base, plain = [], None, None
     for name, fn, flops, bf16 in cases:
         # the first calls of a compiled step compile (the forward, then the backward and the AdamW update)
         warmup = max(args.warmup, COMPILE_WARMUP) if "compile" in name else args.warmup
         sec = statistics.median(timed(fn, device, args.train_steps, warmup))
         base = base or sec
-        if name.startswith("trainer step before"):
-            before = sec
+        if name.startswith("trainer step, plain"):
+            plain = sec
         tflops = flops / sec / 1e12
         rows.append([device.type, name, f"{batch / sec:.1f}", f"{sec * 1e3:.1f}", f"{sec / base:.2f}x",
-                     f"{before / sec:.2f}x" if before else "-", f"{flops / 1e9:.2f}", f"{tflops * 1e3:.1f}",
+                     f"{plain / sec:.2f}x" if plain else "-", f"{flops / 1e9:.2f}", f"{tflops * 1e3:.1f}",
                      f"{100 * tflops / peaks[bf16]:.1f}% ({'bf16' if bf16 else 'fp32'})"])
     if device.type == "cpu":
         data = ShapesData(defaults.pool_size, 0, defaults.resolution)
@@ -402,7 +402,7 @@ def main(argv=None) -> None:
               f"Median of {args.train_steps} steps after {args.warmup} warm-up; CUDA rows under bf16 autocast; "
               f"MFU: on the CPU against the matmul peak of the row's dtype measured in this run, on CUDA against "
               f"{args.peak_tflops:g} TFLOP/s.\n")
-        table(["device", "what", "samples/s", "ms/step", "vs forward", "vs trainer step before", "GFLOP/step",
+        table(["device", "what", "samples/s", "ms/step", "vs forward", "vs trainer step, plain", "GFLOP/step",
                "GFLOP/s", "MFU"], rows, numeric_from=2)
     if "c" not in args.skip and args.presets:
         if model is None:

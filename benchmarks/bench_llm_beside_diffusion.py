@@ -1,4 +1,4 @@
-"""A 1B-parameter GGUF LLM beside a 1B-parameter diffusion model under ComfyUI's memory manager (issue 26, part 3).
+"""A 1B-parameter GGUF LLM beside a 1B-parameter diffusion model under ComfyUI's memory manager.
 
 Run from the repository root (one call on a GPU machine, a few minutes on an H100):
 

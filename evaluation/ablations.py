@@ -7,10 +7,10 @@ evaluation/evaluate.py on held-out prompts. Prints one markdown table; writes ea
 A stopped sweep resumes where it stopped: finished models and evaluations are reused.
 
 Each row changes one thing against the row it builds on (see ABLATIONS); "no-llm" is the baseline without an LLM
-(word embeddings learned from scratch, the same refiner), "gemma3" Gemma-3-270M alone. The budget is small (about
-8 minutes of 2-core CPU per run), so differences of a few points are within noise: read the table with that in
-mind. Accuracy and held-out loss come in the four columns of evaluation/evaluate.py (seen wording + seen
-combination, unseen combination, unseen wording, both unseen).
+(word embeddings learned from scratch, the same refiner), "gemma3" Gemma-3-270M alone. The budget is small, so
+differences of a few points are within noise: read the table with that in mind. Accuracy and held-out loss come
+in the four columns of evaluation/evaluate.py (seen wording + seen combination, unseen combination, unseen wording,
+both unseen).
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ ABLATIONS = {
     "no-llm+adapter-open-gate+host-dropout": ("both (--llm-gate 1 --host-text-dropout 0.5)",
                                               [*SMOL, *PAPER_ADAPTER, "--llm-gate", "1", "--host-text-dropout",
                                                "0.5"]),
-    # lever 2 of issue 25: a base that reads only the canonical caption language, the adapter the full one
+    # a base that reads only the canonical caption language, the adapter the full one
     "canonical": ("as no-llm, trained on the canonical captions only (one phrasing per scene, --captions "
                   "canonical)", ["--text-encoder", "learned", "--refiner-depth", "2", "--captions", "canonical"]),
     "canonical+adapter": ("canonical frozen + LLM Diff Adapter trained on the full caption language, the paper's "
@@ -112,7 +112,7 @@ def run(name: str, args, feature_cache: dict) -> dict:
     if os.path.exists(scores) and os.path.getmtime(scores) > os.path.getmtime(model) and os.path.exists(grid):
         with open(scores) as f:
             result = json.load(f)
-        if "heldout_loss" in result and "splits" in result:  # not an evaluation of the old format
+        if "heldout_loss" in result and "splits" in result:  # else a file without these columns: run again
             return result
     return ev.evaluate(base or model, diff_adapter=model if base else None, per_kind=args.per_kind,
                        images_per_prompt=args.images_per_prompt, seed=args.seed, cache_dir=args.cache_dir,

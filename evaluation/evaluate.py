@@ -37,7 +37,7 @@ loss with and without the caption (text gain) is given per column. Relation dire
 relation prompts of the split, whether the caption's loss is lower on a render of its scene than on the render
 mirrored left-right (the relation reversed); 50 % means the model ignores the relation word.
 
-Colour columns (issue 27): prompts of seen wording and combination with one object in a colour beyond the seven
+Colour columns: prompts of seen wording and combination with one object in a colour beyond the seven
 (captions.COLOR_COLUMNS): a seen colour name, a held-out name, or a held-out thing described ("a circle the color of
 the sky"). Held-out colours alternate in hue order between the test and the validation prompts. Each is scored by
 the CIE76 dE between the asked colour and the colour drawn for it (shapes_world.color_errors): median, share within

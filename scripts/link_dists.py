@@ -1,5 +1,5 @@
 """Hardlinks installed distributions from one venv into another, so that the floor venv holds torch and its CUDA
-libraries (5.5 GB) without a second copy on the disk.
+libraries without a second copy on the disk.
 
     .venv-floor/bin/python scripts/link_dists.py .venv 'torch|torchvision|triton|nvidia-.*|cuda-.*'
 

@@ -84,7 +84,7 @@ def restore_rng_streams(data, streams: dict[str, torch.Tensor]) -> None:
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
 
 
-RNG_FILE = "rng.safetensors"  # optional: checkpoints from before it still resume, on fresh streams
+RNG_FILE = "rng.safetensors"  # optional: a checkpoint without it resumes on fresh streams
 
 
 def saved_rng_streams(path: str, rank: int, num_processes: int) -> dict[str, torch.Tensor] | None:

@@ -148,8 +148,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="autocast dtype of forward and backward (weights, AdamW and EMA stay fp32); auto: bf16 on "
                         "CUDA and on CPUs with native bf16 matmuls (AVX512-BF16, AMX), else fp32")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model: a minute or two of compiling at the start (and at every --resume), "
-                        "then faster steps (benchmarks/bench_lidit.py)")
+                   help="torch.compile the model: it compiles at the start (and at every --resume), then takes "
+                        "faster steps (benchmarks/bench_lidit.py)")
 
 
 def parse_args(argv=None):
@@ -395,8 +395,7 @@ def train(args, accelerator, model, raw, ema, opt, data, batch_inputs, ckpt: str
                               lr_at(step, args))
         except DivergedError as e:
             raise diverged(step + 1, e, "Lower --lr, or train in fp32 (--precision fp32): on CPU, adapter-only runs "
-                           "(--base) under bf16 autocast with --compile give NaN gradients from the first step "
-                           "(eager bf16 and compiled fp32 do not).") from None
+                           "(--base) under bf16 autocast with --compile can give NaN gradients.") from None
         ema_update(ema, raw, args.ema)
         step += 1
         seen += args.batch_size * accelerator.num_processes
