@@ -90,6 +90,8 @@ def save_adapter(path: str, adapter: LLMDiffAdapter, llm_name: str, extra: dict 
 
 
 ADAPTER_SIZES = ("llm_hidden_size", "num_hidden_states", "context_dim")
+# the weight dtypes a user can choose by name (the loaders' and trainers' options, besides "auto")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _refiner_depth(meta: dict, shapes: dict, prefix: str, name: str) -> int:
@@ -159,6 +161,12 @@ def trained_on_contributions(meta: dict) -> bool:
         return bool(json.loads(meta.get("encoder", "{}")).get("contributions", False))
     except (TypeError, ValueError, AttributeError):
         return False
+
+
+def contributions_fix(trained_on: bool) -> str:
+    """What an adapter trained on block contributions (or not) needs of LLM Prompt Encode."""
+    return (f"it was trained on each block's {'contribution' if trained_on else 'output'}: turn block_contributions "
+            f"{'on' if trained_on else 'off'}")
 
 
 def save_word_encoder(path: str, encoder: WordEncoder, extra: dict | None = None) -> None:

@@ -1,6 +1,8 @@
 """From LLM hidden states to the context tokens a diffusion model cross-attends to."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .diff_adapter import LLMDiffAdapter
@@ -20,7 +22,14 @@ def hidden_states_to_context(hidden_states: torch.Tensor, adapter: LLMDiffAdapte
 
 # ComfyUI batches a model_conds entry as one tensor (padding shorter ones with zeros), so LLM hidden states travel
 # there packed per token: [B, T, S * D + 2] = the S hidden states of size D side by side, the token mask, and 1 where
-# the states are block contributions. These two functions are the only ones that know the layout.
+# the states are block contributions. The functions below are the only ones that know the layout.
+class LLMTokens(NamedTuple):
+    states: torch.Tensor         # [B, S, T, D]: what LLMDiffAdapter takes
+    mask: torch.Tensor           # [B, T] bool, True = token
+    contributions: torch.Tensor  # [B] bool: any token says its states are block contributions
+    has_tokens: torch.Tensor     # [B] bool: a row of ComfyUI's padding only says nothing
+
+
 def pack_llm_tokens(hidden: torch.Tensor, mask: torch.Tensor | None, contributions: bool) -> torch.Tensor:
     """hidden [B, T, S * D], mask [B, T] (1 = token; None: all tokens) -> [B, T, S * D + 2] float32."""
     mask = torch.ones(hidden.shape[:2]) if mask is None else mask
@@ -32,11 +41,14 @@ def llm_tokens_width(num_states: int, hidden_size: int) -> int:
     return num_states * hidden_size + 2
 
 
-def unpack_llm_tokens(tokens: torch.Tensor, num_states: int, hidden_size: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[B, T, S * D + 2] -> hidden states [B, T, S, D], mask [B, T] (bool), and per sample [B] (bool) whether any
-    token says block contributions and whether it has any token at all (a row of padding only says nothing)."""
+def llm_token_features(tokens: torch.Tensor) -> int:
+    """S * D: the hidden-state features per token of packed tokens."""
+    return tokens.shape[-1] - 2
+
+
+def unpack_llm_tokens(tokens: torch.Tensor, num_states: int, hidden_size: int) -> LLMTokens:
+    """[B, T, S * D + 2] -> LLMTokens."""
     B, T, _ = tokens.shape
-    hidden = tokens[..., :-2].view(B, T, num_states, hidden_size)
+    states = tokens[..., :-2].view(B, T, num_states, hidden_size).permute(0, 2, 1, 3)
     mask = tokens[..., -2] > 0.5
-    return hidden, mask, (tokens[..., -1] > 0.5).any(1), mask.any(1)
+    return LLMTokens(states, mask, (tokens[..., -1] > 0.5).any(1), mask.any(1))

@@ -22,6 +22,15 @@ from .lidit import TokenRefiner
 REFINER_HEAD_DIM = 32
 
 
+def refiner_problem(depth: int, context_dim: int) -> str | None:
+    """What is wrong with a token refiner of this depth on this context size, or None."""
+    if depth < 0:
+        return f"a refiner's depth is a number of blocks (>= 0), not {depth}"
+    if depth and context_dim % REFINER_HEAD_DIM:
+        return f"a refiner needs a context size divisible by {REFINER_HEAD_DIM}, not {context_dim}"
+    return None
+
+
 class LLMDiffAdapter(nn.Module):
     """refiner_depth > 0 adds LI-DiT's linguistic token refiner (bidirectional self-attention blocks, conditioned on
     the mean of the prompt's tokens) after the projection: a causal LLM's token knows nothing of the words after
@@ -43,22 +52,28 @@ class LLMDiffAdapter(nn.Module):
         self.norm = nn.LayerNorm(llm_hidden_size)
         self.proj = nn.Linear(llm_hidden_size, context_dim)
         self.refiner = None
+        if problem := refiner_problem(refiner_depth, context_dim):
+            raise ValueError(problem)
         if refiner_depth:
-            if context_dim % REFINER_HEAD_DIM:
-                raise ValueError(f"a refiner needs context_dim divisible by {REFINER_HEAD_DIM}, not {context_dim}")
             self.refiner = TokenRefiner(context_dim, context_dim, context_dim // REFINER_HEAD_DIM, refiner_depth,
                                         mlp_ratio=4.0, causal=False)
 
     def block_weights(self) -> torch.Tensor:
         return self.block_logits.softmax(dim=0)
 
+    def size_mismatch(self, num_hidden_states: int, llm_hidden_size: int) -> str | None:
+        """None when an LLM's states fit this adapter, else a sentence naming both sizes (the caller adds the fix)."""
+        if (num_hidden_states, llm_hidden_size) == (self.num_hidden_states, self.llm_hidden_size):
+            return None
+        return (f"the adapter was trained on {self.num_hidden_states} hidden states of size {self.llm_hidden_size}, "
+                f"but the LLM gives {num_hidden_states} of size {llm_hidden_size}")
+
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # hidden_states: [B, S, T, D], S = embeddings + every block; mask: [B, T] (1 = token), for the refiner
-        if hidden_states.shape[1:2] != (self.num_hidden_states,) or hidden_states.shape[-1] != self.llm_hidden_size:
-            raise ValueError(
-                f"Adapter expects {self.num_hidden_states} hidden states of size {self.llm_hidden_size}, got "
-                f"{hidden_states.shape[1]} of size {hidden_states.shape[-1]}: it was trained for another LLM, or "
-                "LLM Prompt Encode is not set to layers='all'.")
+        mismatch = self.size_mismatch(hidden_states.shape[1], hidden_states.shape[-1])
+        if mismatch:
+            raise ValueError(f"{mismatch.capitalize()}: it was trained for another LLM, or LLM Prompt Encode is not "
+                             "set to layers='all'.")
         # Hidden-state scale grows with depth (and a few channels carry huge activations), so each block is
         # normalised on its own before mixing; otherwise the last blocks drown the rest.
         per_block = F.layer_norm(hidden_states.float(), (self.llm_hidden_size,))
@@ -109,7 +124,7 @@ class DecoupledCrossAttention(nn.Module):
     output projection, which stays the host's. A strength s scales all that the adapter changes, the host gate's
     share included, so that s = 0 is the host model exactly and s = 1 the gates as trained:
 
-        out = host + s ((a_h exp(b_h) - 1) host + a_l exp(b_l) llm_out)
+        out = host_out + s ((a_h exp(b_h) - 1) host_out + a_l exp(b_l) llm_out)
 
     llm_gate is a_l at the start. 0 (the paper) closes the gate, and while it is closed the new key and value
     projections get no gradient and the gate none that points anywhere: the branch opens slowly or not at all. > 0
@@ -141,9 +156,9 @@ class DecoupledCrossAttention(nn.Module):
         # q, host_out: [B, N, inner], llm_context: [B, T, context_dim], llm_mask: [B, T]
         llm_context = llm_context.to(self.to_k.weight.dtype)
         llm_out = attend(attention, q.to(llm_context.dtype), self.to_k(llm_context), self.to_v(llm_context), llm_mask)
-        host = (strength * (gate(self.host_gate_a, self.host_gate_b) - 1)).to(host_out.dtype)
-        llm = (strength * gate(self.llm_gate_a, self.llm_gate_b)).to(host_out.dtype)
-        return host_out + (host * host_out + llm * llm_out.to(host_out.dtype))
+        host_change = (strength * (gate(self.host_gate_a, self.host_gate_b) - 1)).to(host_out.dtype)
+        llm_gain = (strength * gate(self.llm_gate_a, self.llm_gate_b)).to(host_out.dtype)
+        return host_out + (host_change * host_out + llm_gain * llm_out.to(host_out.dtype))
 
 
 class GatedCrossAttention(nn.Module):
@@ -222,9 +237,9 @@ def lidit_cross_attention_replace(branch: DecoupledCrossAttention, llm_context: 
     result are [B, heads, N, head_dim], after LI-DiT's QK norm; both branches run on LI-DiT's own kernel."""
     def replace(q, k, v, attn_mask, kernel):
         B, H, N, hd = q.shape
-        host = kernel(q, k, v, attn_mask)
+        host_out = kernel(q, k, v, attn_mask)
         flat = lambda x: x.transpose(1, 2).reshape(B, x.shape[2], H * hd)  # noqa: E731
-        out = branch(flat(q), flat(host), llm_context, llm_mask, heads_attention(kernel, H), strength)
+        out = branch(flat(q), flat(host_out), llm_context, llm_mask, heads_attention(kernel, H), strength)
         return out.view(B, N, H, hd).transpose(1, 2)
     return replace
 

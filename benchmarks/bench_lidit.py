@@ -50,6 +50,7 @@ from adapters.diff_adapter import LLMDiffAdapter
 from adapters.lidit import (PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler, scores_attention,
                             set_attention_kernel)
 from training.data import ShapesData
+from training.loop import ema_update
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -174,7 +175,7 @@ def trainer_step(lidit, adapter, x0, hidden, masks, device, ema_decay: float, bf
         set_attention_kernel(m, scores_attention)
     params = list(m.parameters()) + list(a.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.99))
-    ema = [p.detach().clone() for p in params]
+    ema = copy.deepcopy(m), copy.deepcopy(a)
     if compiled:
         m.compile()
         a.compile()
@@ -186,9 +187,8 @@ def trainer_step(lidit, adapter, x0, hidden, masks, device, ema_decay: float, bf
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():
-            for pe, p in zip(ema, params):
-                pe.lerp_(p, 1 - ema_decay)
+        ema_update(ema[0], m, ema_decay)
+        ema_update(ema[1], a, ema_decay)
     return step
 
 

@@ -118,11 +118,17 @@ def add_tokenizer(writer, metadata: dict) -> None:
 def build_llm(path: str, size: str, seed: int) -> None:
     import gguf
     from llm_diffusion.adapters import gguf_weights
+    from llm_diffusion.adapters.checkpoint import written_atomically
 
     shipped = gguf_weights.read_gguf(SHIPPED_LLM).metadata
+    with written_atomically(path) as tmp:
+        write_llm(gguf.GGUFWriter(tmp, "llama"), shipped, size, seed)
+
+
+def write_llm(writer, shipped: dict, size: str, seed: int) -> None:
+    import gguf
     shape = LLM_SIZES[size]
     vocab = len(shipped["tokenizer.ggml.tokens"])
-    writer = gguf.GGUFWriter(path + ".partial", "llama")  # a half-written file never carries the final name
     writer.add_name(f"random llama {size} (benchmark)")
     writer.add_context_length(2048)
     writer.add_embedding_length(shape["hidden"])
@@ -147,7 +153,6 @@ def build_llm(path: str, size: str, seed: int) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    os.replace(path + ".partial", path)
 
 
 def lidit_config(size: str, llm_hidden: int):

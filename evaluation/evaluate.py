@@ -229,8 +229,8 @@ def load_evaluated(model_path: str | None, device, oracle: bool, diff_adapter: s
     return model, info, entries
 
 
-def text_streams(entries, captions: list[str], device, llm_dirs: list[str] | None, cache_dir: str | None,
-                 feature_cache: dict, log) -> list:
+def model_text_streams(entries, captions: list[str], device, llm_dirs: list[str] | None, cache_dir: str | None,
+                       feature_cache: dict, log) -> list:
     """Per text stream, ("learned", word encoder) or (caption -> LLM states, its adapter), every caption encoded
     as the trainer encodes it; feature_cache (shared between calls) keeps each LLM's states of each caption."""
     streams = []
@@ -410,8 +410,8 @@ def evaluate(model_path: str = DEFAULT_MODEL, *, per_kind: int = 8, images_per_p
     if base_prompt not in BASE_PROMPTS or (base_prompt == "empty" and not diff_adapter):
         raise ValueError(f"base_prompt must be one of {BASE_PROMPTS}, and 'empty' needs a diff_adapter")
     blank = frozenset(range(len(entries) - 1)) if base_prompt == "empty" else frozenset()  # the adapter's is last
-    contexts = contexts_of(text_streams(entries, captions, device, llm_dirs, cache_dir,
-                                        {} if feature_cache is None else feature_cache, log), device, blank)
+    contexts = contexts_of(model_text_streams(entries, captions, device, llm_dirs, cache_dir,
+                                              {} if feature_cache is None else feature_cache, log), device, blank)
     timings["encode_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     jobs = [(i, k) for i in range(len(scenes)) for k in range(images_per_prompt)]

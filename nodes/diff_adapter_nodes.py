@@ -33,8 +33,9 @@ import folder_paths
 from comfy.ldm.modules.attention import optimized_attention
 from comfy_api.v0_0_2 import io
 
-from ..adapters.checkpoint import CheckpointError, load_host_adapter, read_metadata, trained_on_contributions
-from ..adapters.conditioning import llm_tokens_width, pack_llm_tokens, unpack_llm_tokens
+from ..adapters.checkpoint import (CheckpointError, contributions_fix, load_host_adapter, read_metadata,
+                                   trained_on_contributions)
+from ..adapters.conditioning import llm_token_features, llm_tokens_width, pack_llm_tokens, unpack_llm_tokens
 from ..adapters.diff_adapter import HostAdapter, heads_attention, lidit_cross_attention_replace, lidit_sites
 from ..adapters.lidit import set_attention_kernel
 from .lidit_model import LIDiTNet, comfy_attention
@@ -107,12 +108,12 @@ class UNetPatch:
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
-        host = self.previous(q, k, v, extra_options) if self.previous else optimized_attention(
+        host_out = self.previous(q, k, v, extra_options) if self.previous else optimized_attention(
             q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
         llm = extra_options.get(OPTIONS_KEY)
         if llm is None:
-            return host
-        return self.branch(q, host, *llm, heads_attention(comfy_attention, heads), self.strength)
+            return host_out
+        return self.branch(q, host_out, *llm, heads_attention(comfy_attention, heads), self.strength)
 
 
 class LIDiTPatch:
@@ -151,21 +152,21 @@ def fuse_tokens(host: HostAdapter, tokens: torch.Tensor, name: str, llm: str, co
     B, T, width = tokens.shape
     if width != llm_tokens_width(a.num_hidden_states, a.llm_hidden_size):
         raise AdapterError(
-            f"The LLM encoding attached to this conditioning has {width - 2} features per token, but '{name}' was "
-            f"trained on {llm} ({a.num_hidden_states} hidden states of size {a.llm_hidden_size}, "
+            f"The LLM encoding attached to this conditioning has {llm_token_features(tokens)} features per token, but "
+            f"'{name}' was trained on {llm} ({a.num_hidden_states} hidden states of size {a.llm_hidden_size}, "
             f"{a.num_hidden_states * a.llm_hidden_size} features). Encode with that LLM in LLM Prompt Encode "
             "(layers 'all', no adapter) and attach that.")
-    hidden, mask, flagged, has_tokens = unpack_llm_tokens(tokens, a.num_hidden_states, a.llm_hidden_size)
+    llm_tokens = unpack_llm_tokens(tokens, a.num_hidden_states, a.llm_hidden_size)
     # per sample: cond and uncond share one forward, and each must match; a prompt without tokens says nothing
-    wrong = (flagged != contributions) & (flagged | has_tokens)
+    flagged = llm_tokens.contributions
+    wrong = (flagged != contributions) & (flagged | llm_tokens.has_tokens)
     if wrong.any():
-        on, off = ("on", "off") if contributions else ("off", "on")
-        raise AdapterError(f"'{name}' was trained on each block's {'contribution' if contributions else 'output'}: "
-                           f"turn block_contributions {on} in the LLM Prompt Encode nodes attached to this model's "
-                           f"conditioning ({int(wrong.sum())} of the {B} encodings in this batch have it {off}).")
+        raise AdapterError(f"'{name}': {contributions_fix(contributions)} in the LLM Prompt Encode nodes attached "
+                           f"to this model's conditioning ({int(wrong.sum())} of the {B} encodings in this batch "
+                           "do not).")
     weight = a.proj.weight
-    hidden, mask = hidden.to(weight.device, torch.float32), mask.to(weight.device)
-    return a(hidden.permute(0, 2, 1, 3).to(weight.dtype), mask), mask
+    mask = llm_tokens.mask.to(weight.device)
+    return a(llm_tokens.states.to(weight.device, torch.float32).to(weight.dtype), mask), mask
 
 
 def check_llm_encodings(conds: list) -> None:

@@ -15,9 +15,8 @@ import comfy.ops
 import comfy.patcher_extension
 import comfy.supported_models_base
 from comfy.ldm.modules.attention import optimized_attention_masked
-from ..adapters.checkpoint import CheckpointError, load_weights, module_load, read_lidit
+from ..adapters.checkpoint import DTYPES, CheckpointError, load_weights, module_load, read_lidit
 from ..adapters.lidit import LIDiT, LIDiTConfig, LIDiTError, forward_bytes, set_attention_kernel
-from .types import DTYPES
 
 LATENT_FORMATS = {3: comfy.latent_formats.ChromaRadiance, 16: comfy.latent_formats.Flux}
 

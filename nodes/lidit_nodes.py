@@ -14,7 +14,7 @@ import nodes as comfy_nodes
 from comfy_api.v0_0_2 import io
 
 from . import model_folders
-from ..adapters.checkpoint import load_word_encoder
+from ..adapters.checkpoint import DTYPES, load_word_encoder
 from ..adapters.lidit import LIDiTError
 from .lidit_model import load_lidit_patcher, split_streams
 
@@ -30,7 +30,7 @@ class LIDiTLoader(io.ComfyNode):
                         "ComfyUI MODEL; KSampler and the other samplers work on it too.",
             inputs=[
                 io.Combo.Input("model_name", options=model_folders.lidit_models()),
-                io.Combo.Input("weight_dtype", options=["auto", "fp32", "bf16", "fp16"], default="auto"),
+                io.Combo.Input("weight_dtype", options=["auto", *DTYPES], default="auto"),
             ],
             outputs=[io.Model.Output(tooltip="The LI-DiT model, for LI-DiT Sampler, KSampler or Apply LLM Diff "
                                                      "Adapter.")],

@@ -15,10 +15,10 @@ import folder_paths
 from comfy_api.v0_0_2 import io, ui
 
 from ..adapters import gguf_weights, llm_encoder, llm_generate
-from ..adapters.checkpoint import load_adapter, trained_on_contributions
+from ..adapters.checkpoint import DTYPES, contributions_fix, load_adapter, trained_on_contributions
 from ..adapters.conditioning import hidden_states_to_context
 from . import model_folders
-from .types import DTYPES, LLM, LLM_ADAPTER
+from .types import LLM, LLM_ADAPTER
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class LLMLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("llm_name", options=list(model_folders.llm_entries()),
                                tooltip="A .gguf file or a Hugging Face folder in models/LLM or models/text_encoders."),
-                io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
+                io.Combo.Input("dtype", options=["auto", *DTYPES], default="auto",
                                tooltip="auto: fp32 on the CPU, bf16 (or fp16) on a GPU. GGUF weights stay "
                                        "quantized in memory and are dequantized to this type layer by layer "
                                        "as the LLM runs."),
@@ -400,20 +400,17 @@ class LLMGenerateText(io.ComfyNode):
 
 
 def check_adapter(adapter, llm: LoadedLLM, layers: str, contributions: bool) -> None:
-    want = (adapter.num_hidden_states, adapter.llm_hidden_size)
-    have = (llm.num_hidden_states, llm.hidden_size)
-    if want != have:
+    mismatch = adapter.size_mismatch(llm.num_hidden_states, llm.hidden_size)
+    if mismatch:
         raise llm_encoder.LLMError(
-            f"Adapter '{adapter.name}' was trained for an LLM with {want[0]} hidden states of size {want[1]} "
-            f"({adapter.meta.get('llm', '?')}), but '{llm.name}' has {have[0]} of size {have[1]}. Load the LLM the "
-            "adapter was made for, or disconnect the adapter.")
+            f"Adapter '{adapter.name}' does not fit '{llm.name}': {mismatch}. Load the LLM the adapter was made for "
+            f"({adapter.meta.get('llm', '?')}), or disconnect the adapter.")
     if layers.strip().lower() != "all":
         raise llm_encoder.LLMError(f"An adapter fuses every LLM block, but layers is '{layers}': set layers to "
                                    "'all', or disconnect the adapter.")
-    if trained_on_contributions(adapter.meta) != contributions:
-        raise llm_encoder.LLMError(
-            f"Adapter '{adapter.name}' was trained on each block's {'contribution' if not contributions else 'output'}"
-            f": turn block_contributions {'on' if not contributions else 'off'}.")
+    trained_on = trained_on_contributions(adapter.meta)
+    if trained_on != contributions:
+        raise llm_encoder.LLMError(f"Adapter '{adapter.name}': {contributions_fix(trained_on)}.")
 
 
 

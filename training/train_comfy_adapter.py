@@ -32,15 +32,15 @@ import torch
 import torch.utils.checkpoint
 
 import adapters
-from adapters.checkpoint import save_host_adapter
+from adapters.checkpoint import DTYPES, save_host_adapter
 from adapters.conditioning import hidden_states_to_context
 from adapters.diff_adapter import HostAdapter
 from dataset.features import caption_features, encoder_settings
+from training import adapter_recipe
 from training.checkpoints import (STREAM_STRIDE, load_optimizer_state, load_training_state, recover_checkpoint,
                                   save_training_state, start_run)
 from training.data import FolderData
 from training.loop import DivergedError, LossLog, check_gradients, diverged, ema_update, lr_at
-from training.train_lidit import ADAPTER_REFINER_DEPTH, HOST_TEXT_DROPOUT, LLM_GATE, adapter_refiner_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,18 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--caption-dropout", type=float, default=0.1,
                    help="share of images trained on the empty prompt (CLIP and LLM), for classifier-free guidance")
-    p.add_argument("--host-text-dropout", type=float, default=HOST_TEXT_DROPOUT,
-                   help="share of the other images whose model's own text encoder (CLIP) gets the empty prompt while "
-                        "the LLM keeps the caption, so that the LLM branch has to carry the meaning")
-    p.add_argument("--llm-gate", type=float, default=LLM_GATE,
-                   help="the new branches' gate at the start: 0 closed (the paper), > 0 open with the value projection "
-                        "at zero (adapters.diff_adapter.DecoupledCrossAttention)")
-    p.add_argument("--adapter-refiner-depth", type=int, default=ADAPTER_REFINER_DEPTH,
-                   help="bidirectional token refiner blocks after the adapter's projection "
-                        "(adapters.diff_adapter.LLMDiffAdapter)")
+    adapter_recipe.add_flags(p)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--export-weights", default="ema", choices=["ema", "raw"])
-    p.add_argument("--weight-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    p.add_argument("--weight-dtype", default="auto", choices=["auto", *DTYPES],
                    help="the frozen model's weights (auto: ComfyUI's choice, the dtype that Load Checkpoint gives "
                         "this model on this device: fp16 or bf16 on most GPUs, fp32 on the CPU; the adapter trains in "
                         "fp32 either way, but gradients through an fp16 model have no loss scaling: if a run "
@@ -97,9 +89,7 @@ def parse_args(argv=None):
     if not args.checkpoint.endswith(".safetensors"):
         p.error(f"'{os.path.basename(args.checkpoint)}' is not a .safetensors file; only safetensors checkpoints are "
                 "loaded (pickled .ckpt/.pt files can run arbitrary code). Convert it to safetensors first.")
-    if not 0 <= args.host_text_dropout <= 1:
-        p.error("--host-text-dropout is a share of images, from 0 to 1")
-    if error := adapter_refiner_error(args.adapter_refiner_depth, args.context_dim):
+    if error := adapter_recipe.problem(args):
         p.error(error)
     for flag, path in (("--checkpoint", args.checkpoint), ("--llm", args.llm), ("--data", args.data)):
         if not os.path.exists(path):
@@ -144,7 +134,7 @@ def share_adapters(package) -> None:
 
 def weight_dtype(name: str) -> torch.dtype | None:
     """--weight-dtype; None for auto, where ComfyUI's checkpoint loader picks it (model_management.unet_dtype)."""
-    return {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    return None if name == "auto" else DTYPES[name]
 
 
 def prediction_loss(model_sampling, denoised: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

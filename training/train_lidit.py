@@ -26,12 +26,13 @@ from tqdm import tqdm
 from adapters.checkpoint import (load_adapter, load_lidit, load_word_encoder, save_adapter, save_host_adapter,
                                  save_lidit, save_word_encoder)
 from adapters.conditioning import hidden_states_to_context
-from adapters.diff_adapter import REFINER_HEAD_DIM, AdaptedLIDiT, HostAdapter, LLMDiffAdapter, lidit_sites
+from adapters.diff_adapter import AdaptedLIDiT, HostAdapter, LLMDiffAdapter, lidit_sites
 from adapters.lidit import (PRESETS, LIDiT, LIDiTConfig, flow_matching_loss, sample_euler, scores_attention,
                             set_attention_kernel)
 from adapters.word_encoder import UNK, WordEncoder, build_vocabulary, copy_known_words
 from dataset import captions, shapes_world
 from dataset.features import caption_features, collate, encoder_settings, settings_of
+from training import adapter_recipe
 from training.checkpoints import (load_training_state, recover_checkpoint, restore_rng_streams, rng_streams,
                                   save_training_state, saved_rng_streams, seed_streams, start_run)
 from training.data import FolderData, ShapesData
@@ -39,12 +40,6 @@ from training.loop import (DivergedError, LossLog, diverged, ema_update, lr_at, 
 from training.ship import find_adapter
 
 log = logging.getLogger("train_lidit")
-
-# The adapter-only recipe of both trainers (--base here, train_comfy_adapter): docs/results.md, "The LLM Diff Adapter
-# on an existing model", has the runs that chose it.
-HOST_TEXT_DROPOUT = 0.5
-LLM_GATE = 1.0
-ADAPTER_REFINER_DEPTH = 2
 
 
 def _text_flags(p: argparse.ArgumentParser) -> None:
@@ -58,20 +53,11 @@ def _text_flags(p: argparse.ArgumentParser) -> None:
                         "Diff Adapter on --llm with a second cross-attention in every block (one output file)")
     p.add_argument("--host-gate", default="learned", choices=["learned", "fixed"],
                    help="--base: learn the base branch's gate a*exp(b) beside the new one (the paper), or keep it at 1")
-    p.add_argument("--host-text-dropout", type=float, default=None,
-                   help="--base: share of samples whose base model's own text streams get the empty prompt while "
-                        f"the new LLM stream keeps the caption, so that the LLM branch has to carry the meaning "
-                        f"(default {HOST_TEXT_DROPOUT})")
+    adapter_recipe.add_flags(p, needs="--base")
     p.add_argument("--host-word-dropout", type=float, default=None,
                    help="--base with its own word encoder: share of the words of the base model's caption read as "
                         "<unk>, as it reads a word its training never had, while the LLM stream reads them; the "
                         "LLM branch learns to carry the words the base cannot read (default 0)")
-    p.add_argument("--llm-gate", type=float, default=None,
-                   help="--base: the new branches' gate a at the start: 0 closed (the paper), > 0 open with the value "
-                        f"projection at zero (adapters.diff_adapter.DecoupledCrossAttention; default {LLM_GATE})")
-    p.add_argument("--adapter-refiner-depth", type=int, default=None,
-                   help="--base: bidirectional token refiner blocks after the adapter's projection "
-                        f"(adapters.diff_adapter.LLMDiffAdapter; default {ADAPTER_REFINER_DEPTH})")
     p.add_argument("--layers", default="all", help="'all' (through the LLM Diff Adapter), 'last', '-3', ...")
     p.add_argument("--instruction", default="li-dit", choices=["li-dit", "none"])
     p.add_argument("--block-outputs", default="states", choices=["states", "contributions"],
@@ -173,31 +159,17 @@ def parse_args(argv=None):
         p.error("--init fine-tunes a whole LI-DiT model; --base trains an adapter onto a frozen one: give one of them")
     if args.base and (len(args.llm) != 1 or args.layers != "all"):
         p.error("--base trains one LLM Diff Adapter: give exactly one --llm and --layers all")
-    adapter_only = (args.host_text_dropout, args.host_word_dropout, args.llm_gate, args.adapter_refiner_depth)
-    if not args.base and any(a is not None for a in adapter_only):
-        p.error("--host-text-dropout, --host-word-dropout, --llm-gate and --adapter-refiner-depth shape adapter-only "
-                "training: they need --base")
+    adapter_only = adapter_recipe.given(args) + ["--host-word-dropout"] * (args.host_word_dropout is not None)
+    if not args.base and adapter_only:
+        p.error(f"{', '.join(adapter_only)}: these shape adapter-only training and need --base")
     if args.base:
-        args.host_text_dropout = HOST_TEXT_DROPOUT if args.host_text_dropout is None else args.host_text_dropout
+        adapter_recipe.fill_defaults(args)
         args.host_word_dropout = args.host_word_dropout or 0.0
-        args.llm_gate = LLM_GATE if args.llm_gate is None else args.llm_gate
-        args.adapter_refiner_depth = ADAPTER_REFINER_DEPTH if args.adapter_refiner_depth is None \
-            else args.adapter_refiner_depth
-        if not 0 <= args.host_text_dropout <= 1:
-            p.error("--host-text-dropout is a share of samples, from 0 to 1")
+        if error := adapter_recipe.problem(args):
+            p.error(error)
         if not 0 <= args.host_word_dropout <= 1:
             p.error("--host-word-dropout is a share of words, from 0 to 1")
-        if error := adapter_refiner_error(args.adapter_refiner_depth, args.context_dim):
-            p.error(error)
     return args
-
-
-def adapter_refiner_error(depth: int, context_dim: int) -> str | None:
-    """What is wrong with --adapter-refiner-depth for this --context-dim (both trainers), or None."""
-    if depth < 0 or (depth and context_dim % REFINER_HEAD_DIM):
-        return (f"--adapter-refiner-depth is a number of blocks (>= 0), and a refiner needs --context-dim divisible "
-                f"by {REFINER_HEAD_DIM} (got depth {depth}, context dim {context_dim})")
-    return None
 
 
 class Trainable(torch.nn.Module):
@@ -220,7 +192,7 @@ class Trainable(torch.nn.Module):
         return flow_matching_loss(self.lidit, x0, self.contexts(inputs, masks), masks, noise=noise, t=t)
 
 
-def text_streams(args, all_captions: list[str], train_captions: list[str], accelerator):
+def new_text_streams(args, all_captions: list[str], train_captions: list[str], accelerator):
     """Per text stream: a function captions -> (input, mask) for Trainable.contexts, its encoder module (adapter,
     WordEncoder or None), its context size and its settings (the model file's metadata)."""
     if args.text_encoder == "learned":
@@ -243,7 +215,7 @@ def text_streams(args, all_captions: list[str], train_captions: list[str], accel
 
 
 def base_streams(base_info: dict, base_path: str, all_captions: list[str], args, accelerator):
-    """The frozen text streams of a --base model, as text_streams gives them: its learned word encoder or its
+    """The frozen text streams of a --base model, as new_text_streams gives them: its learned word encoder or its
     LLM(s) (looked up beside --llm) through its own adapters, all frozen; their files next to the model or where
     training.ship puts them."""
     streams = []
@@ -274,16 +246,16 @@ def host_adapter_of(trainable: Trainable) -> HostAdapter:
     return host
 
 
-def heldout_scenes(num: int) -> list[shapes_world.Scene]:
+def progress_scenes(num: int) -> list[shapes_world.Scene]:
     """The trainer's progress check: single objects in combinations training never shows, in seen wordings."""
     rng = random.Random(1234)
     return [captions.generate(rng, "single", "seen", "unseen") for _ in range(num)]
 
 
 @torch.no_grad()
-def evaluate(model: Trainable, batch_inputs, args, device, num: int) -> float:
-    """Held-out single-object prompts (heldout_scenes), Euler 20 steps, CFG 3: share the checker passes."""
-    scenes = heldout_scenes(num)
+def progress_check(model: Trainable, batch_inputs, args, device, num: int) -> float:
+    """Held-out single-object prompts (progress_scenes), Euler 20 steps, CFG 3: share the checker passes."""
+    scenes = progress_scenes(num)
     hidden = batch_inputs([s.caption for s in scenes])
     uncond = batch_inputs([""] * len(scenes))
     g = torch.Generator().manual_seed(1234)
@@ -405,7 +377,7 @@ def train(args, accelerator, model, raw, ema, opt, data, batch_inputs, ckpt: str
         acc = ""
         save_now = step % args.save_every == 0 or step == args.steps
         if save_now and accelerator.is_main_process and args.data == "shapes" and args.eval_samples:
-            acc = f"{evaluate(ema, batch_inputs, args, accelerator.device, args.eval_samples):.3f}"
+            acc = f"{progress_check(ema, batch_inputs, args, accelerator.device, args.eval_samples):.3f}"
             accelerator.print(f"step {step}: held-out single-object accuracy (EMA) {acc}")
         # every rank takes part in gathering the streams; the main process writes them
         rng = {k: accelerator.gather(v[None]) for k, v in rng_streams(data).items()} if save_now else None
@@ -456,10 +428,10 @@ def main(argv=None):
     data = ShapesData(args.pool_size, args.seed, args.resolution, args.mix, args.captions, args.open_color_pool,
                       args.open_color_share) \
         if args.data == "shapes" else FolderData(args.data, args.seed, args.resolution)
-    eval_captions = [s.caption for s in heldout_scenes(args.eval_samples)] if args.data == "shapes" else []
+    eval_captions = [s.caption for s in progress_scenes(args.eval_samples)] if args.data == "shapes" else []
     all_captions = list(dict.fromkeys(data.captions + eval_captions))
 
-    streams = text_streams(args, all_captions, data.captions, accelerator)
+    streams = new_text_streams(args, all_captions, data.captions, accelerator)
     base = None
     if args.base:  # the base model's own streams first, frozen; the new LLM stream feeds only the new branches
         base, base_info = load_lidit(args.base)

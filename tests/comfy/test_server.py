@@ -127,7 +127,7 @@ def test_over_long_prompt_is_cut_with_a_warning(comfy_server, default_prompt):
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda p: p[node_id(p, "LLMAdapterLoader")]["inputs"].update(adapter_name="mismatched-adapter.safetensors"),
-     "trained for an LLM with 5 hidden states of size 64"),
+     "trained on 5 hidden states of size 64"),
     (lambda p: p[node_id(p, "LIDiTLoader")]["inputs"].update(model_name="corrupt.safetensors"), "corrupt"),
     (lambda p: p[node_id(p, "LLMLoader")]["inputs"].update(llm_name="pickled-llm"), "pickled"),
     (lambda p: p[node_id(p, "LLMPromptEncode")]["inputs"].update(layers="-3"), "set layers to 'all'"),

@@ -106,6 +106,9 @@ def test_a_killed_run_resumes_to_the_same_weights_with_or_without_gradient_check
 @pytest.mark.parametrize("bad, message", [
     (["--checkpoint", "model.ckpt"], "only safetensors checkpoints are loaded"),
     (["--data", "/nonexistent/images"], "--data '/nonexistent/images' does not exist"),
+    (["--host-text-dropout", "1.5"], "--host-text-dropout is a share of samples, from 0 to 1"),
+    (["--adapter-refiner-depth", "1", "--context-dim", "48"],
+     "--adapter-refiner-depth 1 with --context-dim 48: a refiner needs a context size divisible by 32"),
 ])
 def test_bad_input_is_refused_naming_the_fix(trained, bad, message):
     args = {"--checkpoint": trained["checkpoint"], "--data": trained["data"]}

@@ -73,7 +73,7 @@ def test_shape_mismatch_names_both_shapes(shape, got):
         adapter(torch.zeros(shape))
     msg = str(err.value)
     assert f"{S} hidden states of size {D}" in msg
-    assert f"got {got}" in msg
+    assert f"gives {got}" in msg
 
 
 def test_hidden_states_to_context():
@@ -412,15 +412,17 @@ def test_an_adapter_file_from_before_refiners_loads_without_one(tmp_path):
 
 
 def test_llm_tokens_unpack_what_was_packed_and_padding_says_nothing():
-    from adapters.conditioning import llm_tokens_width, pack_llm_tokens, unpack_llm_tokens
+    from adapters.conditioning import llm_token_features, llm_tokens_width, pack_llm_tokens, unpack_llm_tokens
     S, D = 3, 4
     hidden = torch.randn(2, 5, S * D)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     tokens = pack_llm_tokens(hidden, mask, True)
     assert tokens.shape == (2, 5, llm_tokens_width(S, D))
-    states, got_mask, flagged, has_tokens = unpack_llm_tokens(tokens, S, D)
-    assert torch.equal(states, hidden.view(2, 5, S, D)) and torch.equal(got_mask, mask.bool())
-    assert flagged.tolist() == [True, True] and has_tokens.tolist() == [True, True]
+    unpacked = unpack_llm_tokens(tokens, S, D)
+    assert torch.equal(unpacked.states, hidden.view(2, 5, S, D).permute(0, 2, 1, 3))  # [B, S, T, D]
+    assert torch.equal(unpacked.mask, mask.bool())
+    assert unpacked.contributions.tolist() == [True, True] and unpacked.has_tokens.tolist() == [True, True]
+    assert llm_token_features(tokens) == S * D
     padded = torch.cat([pack_llm_tokens(hidden[:1], None, False), torch.zeros(1, 5, S * D + 2)])  # ComfyUI's padding
-    _, _, flagged, has_tokens = unpack_llm_tokens(padded, S, D)
-    assert flagged.tolist() == [False, False] and has_tokens.tolist() == [True, False]
+    unpacked = unpack_llm_tokens(padded, S, D)
+    assert unpacked.contributions.tolist() == [False, False] and unpacked.has_tokens.tolist() == [True, False]

@@ -410,7 +410,7 @@ def test_host_text_dropout_gives_the_base_the_empty_prompt_and_the_llm_the_capti
                     for f, *rest in streams_of(*a, **k)]
         return wrapped
     monkeypatch.setattr(trainer, "base_streams", recording(trainer.base_streams, "base"))
-    monkeypatch.setattr(trainer, "text_streams", recording(trainer.text_streams, "llm"))
+    monkeypatch.setattr(trainer, "new_text_streams", recording(trainer.new_text_streams, "llm"))
     base = train(tmp_path / "base", [], 1, "--text-encoder", "learned", "--eval-samples", "0")
     seen["base"].clear(), seen["llm"].clear()
     train(tmp_path / "adapter", [tiny_llm_dirs["llama"]], 2, "--base", os.path.join(base, "lidit.safetensors"),
@@ -483,12 +483,13 @@ def test_an_adapter_trains_on_a_shipped_base_whose_word_encoder_is_in_the_adapte
 
 
 def test_adapter_recipe_flags_need_base(capsys):
-    from training.train_lidit import ADAPTER_REFINER_DEPTH, HOST_TEXT_DROPOUT, LLM_GATE, parse_args
+    from training.adapter_recipe import ADAPTER_REFINER_DEPTH, HOST_TEXT_DROPOUT, LLM_GATE
+    from training.train_lidit import parse_args
     for flag, value in (("--host-text-dropout", "0.5"), ("--host-word-dropout", "0.3"), ("--llm-gate", "0.5"),
                         ("--adapter-refiner-depth", "1")):
         with pytest.raises(SystemExit):
             parse_args(["--out", "x", "--text-encoder", "learned", flag, value])
-        assert "they need --base" in capsys.readouterr().err
+        assert f"{flag}: these shape adapter-only training and need --base" in capsys.readouterr().err
     args = parse_args(["--out", "x", "--llm", "m.gguf", "--base", "b.safetensors"])
     assert (args.host_text_dropout, args.llm_gate, args.adapter_refiner_depth) == (
         HOST_TEXT_DROPOUT, LLM_GATE, ADAPTER_REFINER_DEPTH)  # the adapter recipe's
@@ -496,7 +497,7 @@ def test_adapter_recipe_flags_need_base(capsys):
         with pytest.raises(SystemExit):
             parse_args(["--out", "x", "--llm", "m.gguf", "--base", "b.safetensors", "--adapter-refiner-depth", depth,
                         "--context-dim", context])
-        assert f"got depth {depth}, context dim {context}" in capsys.readouterr().err
+        assert f"--adapter-refiner-depth {depth} with --context-dim {context}: a refiner" in capsys.readouterr().err
 
 
 def test_open_colour_captions_join_the_pool_at_their_share_and_leave_the_rest_as_it_was():
