@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from training.train_comfy_adapter import comfyui_folder, import_comfyui
+from training.comfyui import comfyui_folder, import_comfyui
 from training.adapter_recipe import ADAPTER_REFINER_DEPTH
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -179,15 +179,9 @@ def build_lidit(path: str, config, llm_name: str, seed: int) -> None:
 # ComfyUI in process
 
 def import_comfy(device: str):
-    """ComfyUI is a checkout, not an installed package, and the pack's nodes import their adapters relatively, so
-    they load only as the custom_nodes package `llm_diffusion` with ComfyUI on the path (ComfyUI first: its nodes.py
-    and the pack's nodes/ share a name), as tests/comfy/tiny_models.py sets it up."""
-    for path in (COMFY, os.path.join(COMFY, "custom_nodes")):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    from comfy.cli_args import args as comfy_args  # ComfyUI's defaults; argv is not parsed
-    if device == "cpu":
-        comfy_args.cpu = True  # as main.py --cpu; before the first import of comfy.model_management
+    """ComfyUI and the pack (as the package `llm_diffusion`) in this process, on `device`."""
+    from training.comfyui import import_comfyui
+    import_comfyui(COMFY, cpu=device == "cpu")
     import comfy.model_management as mm
     if mm.get_torch_device().type != device:
         raise SystemExit(f"--device {device}, but ComfyUI was already set up for {mm.get_torch_device()}.")

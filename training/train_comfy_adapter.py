@@ -20,23 +20,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
-import importlib.util
 import logging
 import os
-import pkgutil
-import sys
 import time
 
 import torch
 import torch.utils.checkpoint
 
-import adapters
 from adapters.checkpoint import DTYPES, save_host_adapter
 from adapters.conditioning import hidden_states_to_context
 from adapters.diff_adapter import HostAdapter
 from dataset.features import caption_features, encoder_settings
 from training import adapter_recipe
+from training.comfyui import comfyui_folder, import_comfyui
 from training.checkpoints import (STREAM_STRIDE, load_optimizer_state, load_training_state, recover_checkpoint,
                                   save_training_state, start_run)
 from training.data import FolderData
@@ -45,7 +41,6 @@ from training.loop import DivergedError, LossLog, check_gradients, diverged, ema
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 log = logging.getLogger("train_comfy_adapter")
-PACKAGE = "llm_diffusion"
 
 
 def parse_args(argv=None):
@@ -95,41 +90,6 @@ def parse_args(argv=None):
         if not os.path.exists(path):
             p.error(f"{flag} '{path}' does not exist.")
     return args
-
-
-def comfyui_folder(arg: str | None) -> str:
-    """--comfyui, else the ComfyUI this pack sits in (ComfyUI/custom_nodes/<pack>), else the repository's .comfyui."""
-    installed = [os.path.dirname(os.path.dirname(path)) for path in (ROOT, os.path.realpath(ROOT))]
-    for folder in ([arg] if arg else [*installed, os.path.join(ROOT, ".comfyui")]):
-        if os.path.isfile(os.path.join(folder, "comfy", "model_management.py")):
-            return os.path.abspath(folder)
-    raise SystemExit(f"No ComfyUI found ({arg or 'looked above the pack and in ' + os.path.join(ROOT, '.comfyui')}); "
-                     "give its folder with --comfyui.")
-
-
-def import_comfyui(folder: str):
-    """ComfyUI's modules and the pack as ComfyUI imports it (a package), on the CPU where there is no GPU."""
-    sys.path.insert(0, folder)
-    from comfy.cli_args import args as comfy_args
-    if not torch.cuda.is_available():
-        comfy_args.cpu = True  # as main.py --cpu; before comfy.model_management is imported
-    if PACKAGE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACKAGE, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        sys.modules[PACKAGE] = importlib.util.module_from_spec(spec)
-        share_adapters(sys.modules[PACKAGE])
-        spec.loader.exec_module(sys.modules[PACKAGE])
-    return importlib.import_module(f"{PACKAGE}.nodes.diff_adapter_nodes")
-
-
-def share_adapters(package) -> None:
-    """Makes the trainer's `adapters` modules the package's own adapters subpackage, before its nodes import it."""
-    # one copy of each class: an isinstance check or `except CheckpointError` here must match what the nodes use
-    for module in pkgutil.iter_modules(adapters.__path__):
-        importlib.import_module(f"adapters.{module.name}")
-    for name in [n for n in sys.modules if n == "adapters" or n.startswith("adapters.")]:
-        sys.modules[f"{package.__name__}.{name}"] = sys.modules[name]
-    package.adapters = adapters
 
 
 def weight_dtype(name: str) -> torch.dtype | None:

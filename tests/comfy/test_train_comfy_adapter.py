@@ -186,7 +186,7 @@ def test_a_finished_run_resumed_only_exports_and_leaves_no_log_open(trained, tmp
 ONE_IMPORT_ROOT = """
 import json, sys
 import adapters.checkpoint, adapters.diff_adapter
-from training.train_comfy_adapter import comfyui_folder, import_comfyui
+from training.comfyui import comfyui_folder, import_comfyui
 nodes = import_comfyui(comfyui_folder(None))
 caught = False
 try:
