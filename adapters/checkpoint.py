@@ -165,7 +165,7 @@ def trained_on_contributions(meta: dict) -> bool:
 
 def contributions_fix(trained_on: bool) -> str:
     """What an adapter trained on block contributions (or not) needs of LLM Prompt Encode."""
-    return (f"it was trained on each block's {'contribution' if trained_on else 'output'}: turn block_contributions "
+    return (f"was trained on each block's {'contribution' if trained_on else 'output'}: turn block_contributions "
             f"{'on' if trained_on else 'off'}")
 
 

@@ -72,8 +72,8 @@ class LLMDiffAdapter(nn.Module):
         # hidden_states: [B, S, T, D], S = embeddings + every block; mask: [B, T] (1 = token), for the refiner
         mismatch = self.size_mismatch(hidden_states.shape[1], hidden_states.shape[-1])
         if mismatch:
-            raise ValueError(f"{mismatch.capitalize()}: it was trained for another LLM, or LLM Prompt Encode is not "
-                             "set to layers='all'.")
+            raise ValueError(f"{mismatch[0].upper()}{mismatch[1:]}: it was trained for another LLM, or LLM Prompt "
+                             "Encode is not set to layers='all'.")
         # Hidden-state scale grows with depth (and a few channels carry huge activations), so each block is
         # normalised on its own before mixing; otherwise the last blocks drown the rest.
         per_block = F.layer_norm(hidden_states.float(), (self.llm_hidden_size,))

@@ -372,7 +372,7 @@ class LIDiT(nn.Module):
 
 
 def forward_bytes(config: LIDiTConfig, batch: int, height: int, width: int, element_size: int = 4) -> int:
-    """Peak activation memory of one forward at this size (an upper bound): the widest
+    """Peak activation memory of one forward at this size (a slight overestimate): the widest
     tensors of a block live at once (residual, modulated input, q/k/v, attention and FFN outputs), plus the
     attention scores of one chunk and a few copies of the input."""
     p = config.patch_size

@@ -498,7 +498,7 @@ def token_alone_states(model, prefix_ids: list[int], prompt_ids: list[list[int]]
 def no_forward_cycles(model):
     """transformers 4.5x records hidden states by swapping each block's forward and "restores" it as a bound method
     in the block's __dict__: block -> method -> block, a cycle that only the cyclic GC frees, so a replaced LLM
-    would stay in memory until it runs. Drop those leftovers."""
+    would stay in memory until the cyclic GC runs. Drop those leftovers."""
     try:
         yield
     finally:

@@ -26,9 +26,9 @@ Tables (every ratio is against a baseline measured in the same run, on the same 
     the CPU flash-attention kernel. MFU = achieved FLOP/s / (--peak-tflops x 1e12); 989 TFLOP/s is the H100 SXM
     dense bf16 peak. On the CPU the peak is measured in the same run: the GFLOP/s of a large square matmul
     (matmul_peak) in fp32, and in bf16 for the rows under bf16 autocast, which is what the training step's matmuls
-    could reach at best on this machine and thread count. "trainer step, plain" is the trainer step in fp32 with
-    PyTorch's SDPA; the rows after it add, one at a time, what the trainer does by default on a CPU with native
-    bf16 (--precision auto) and with --compile.
+    could reach at best on this machine and thread count. "trainer step, plain" is the trainer step in fp32 on the
+    CPU (bf16 autocast on CUDA) with PyTorch's SDPA; the rows after it add, one at a time, what the trainer does by
+    default on a CPU with native bf16 (--precision auto) and with --compile.
 
 (c) Forward FLOPs per image of the paper's presets (adapters.lidit.PRESETS) at 256 px (a 32x32x16 latent of an
     8x VAE) with --preset-tokens LLM tokens of width 4096, counted on the 'meta' device (nothing is allocated or
@@ -261,7 +261,7 @@ def training_cases(args, device, defaults) -> list[tuple]:
     else:
         cases.append(("trainer step, scores attention", step(True, True, False), f_full, True))
     if not args.no_compile:
-        cases.append(("trainer step now: + --compile", step(True, True, True), f_full, True))
+        cases.append(("trainer step, + --compile", step(True, True, True), f_full, True))
     return cases
 
 

@@ -161,9 +161,9 @@ def fuse_tokens(host: HostAdapter, tokens: torch.Tensor, name: str, llm: str, co
     flagged = llm_tokens.contributions
     wrong = (flagged != contributions) & (flagged | llm_tokens.has_tokens)
     if wrong.any():
-        raise AdapterError(f"'{name}': {contributions_fix(contributions)} in the LLM Prompt Encode nodes attached "
+        raise AdapterError(f"'{name}' {contributions_fix(contributions)} in the LLM Prompt Encode nodes attached "
                            f"to this model's conditioning ({int(wrong.sum())} of the {B} encodings in this batch "
-                           "do not).")
+                           f"have it {'off' if contributions else 'on'}).")
     weight = a.proj.weight
     mask = llm_tokens.mask.to(weight.device)
     return a(llm_tokens.states.to(weight.device, torch.float32).to(weight.dtype), mask), mask

@@ -410,7 +410,7 @@ def check_adapter(adapter, llm: LoadedLLM, layers: str, contributions: bool) -> 
                                    "'all', or disconnect the adapter.")
     trained_on = trained_on_contributions(adapter.meta)
     if trained_on != contributions:
-        raise llm_encoder.LLMError(f"Adapter '{adapter.name}': {contributions_fix(trained_on)}.")
+        raise llm_encoder.LLMError(f"Adapter '{adapter.name}' {contributions_fix(trained_on)}.")
 
 
 

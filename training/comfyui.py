@@ -34,10 +34,11 @@ def comfyui_folder(arg: str | None) -> str:
 def import_comfyui(folder: str, cpu: bool | None = None):
     """ComfyUI's modules and the pack (as PACKAGE); on the CPU when `cpu`, or when None and there is no GPU.
     Returns the pack's diff_adapter_nodes module."""
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
+    if folder in sys.path:  # first, before the repository root: ComfyUI's nodes.py and the pack's nodes/ share a name
+        sys.path.remove(folder)
+    sys.path.insert(0, folder)
     from comfy.cli_args import args as comfy_args  # ComfyUI's defaults; argv is not parsed
-    if not torch.cuda.is_available() if cpu is None else cpu:
+    if (not torch.cuda.is_available()) if cpu is None else cpu:
         comfy_args.cpu = True  # as main.py --cpu; before comfy.model_management is imported
     if PACKAGE not in sys.modules:
         spec = importlib.util.spec_from_file_location(PACKAGE, os.path.join(ROOT, "__init__.py"),

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import training.train_lidit as trainer  # noqa: E402
+import training.trainable as trainable  # noqa: E402
 from adapters.diff_adapter import LLMDiffAdapter  # noqa: E402
 from adapters.lidit import LIDiT, LIDiTConfig  # noqa: E402
 
@@ -27,7 +28,7 @@ def fixed_problem():
     torch.manual_seed(0)
     config = LIDiTConfig(patch_size=4, hidden_size=32, depth=2, num_heads=2, mlp_ratio=2.0, context_dims=(16,),
                          refiner_depth=1)
-    model = trainer.Trainable(LIDiT(config), [LLMDiffAdapter(HIDDEN, STATES, 16)])
+    model = trainable.Trainable(LIDiT(config), [LLMDiffAdapter(HIDDEN, STATES, 16)])
     for p in model.parameters():  # open the zero-initialised gates so that every parameter gets a gradient
         p.data.add_(0.05 * torch.randn_like(p))
     g = torch.Generator().manual_seed(1)
@@ -57,14 +58,14 @@ def digest(t: torch.Tensor) -> str:
 
 def probe_training(out: str, argv: list[str]) -> None:
     seen, modules = [], []
-    forward = trainer.Trainable.forward
+    forward = trainable.Trainable.forward
 
     def recording_forward(self, x0, hidden, masks, noise=None, t=None):
         modules[:] = [self]
         seen.append({"x0": digest(x0), "rng": digest(torch.random.get_rng_state())})
         return forward(self, x0, hidden, masks, noise, t)
 
-    trainer.Trainable.forward = recording_forward
+    trainable.Trainable.forward = recording_forward
     trainer.main(argv)
     rank = int(os.environ.get("RANK", 0))
     save_file({k: v.contiguous() for k, v in modules[0].state_dict().items()}, os.path.join(out, f"rank{rank}.safetensors"))

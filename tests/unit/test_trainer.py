@@ -369,10 +369,10 @@ def test_a_new_run_into_an_out_holding_one_is_refused_without_resume(run6, tmp_p
 
 def test_feature_noise_reaches_the_adapter_of_an_adapter_only_run(monkeypatch, tmp_path, tiny_llm_dirs):
     """--base builds its adapter inside a HostAdapter: the noise must be on that one, the adapter that trains."""
-    import training.train_lidit as trainer
+    import training.trainable as trainable
     from adapters.diff_adapter import HostAdapter
     built = []
-    monkeypatch.setattr(trainer, "HostAdapter", lambda *a, **k: built.append(HostAdapter(*a, **k)) or built[-1])
+    monkeypatch.setattr(trainable, "HostAdapter", lambda *a, **k: built.append(HostAdapter(*a, **k)) or built[-1])
     base = train(tmp_path / "base", [], 1, "--text-encoder", "learned", "--eval-samples", "0")
     train(tmp_path / "adapter", [tiny_llm_dirs["llama"]], 1, "--base", os.path.join(base, "lidit.safetensors"),
           "--feature-noise", "0.2", "--eval-samples", "0", *ADAPTER)
@@ -489,10 +489,10 @@ def test_adapter_recipe_flags_need_base(capsys):
                         ("--adapter-refiner-depth", "1")):
         with pytest.raises(SystemExit):
             parse_args(["--out", "x", "--text-encoder", "learned", flag, value])
-        assert f"{flag}: these shape adapter-only training and need --base" in capsys.readouterr().err
+        assert f"{flag}: adapter-only training options, which need --base" in capsys.readouterr().err
     args = parse_args(["--out", "x", "--llm", "m.gguf", "--base", "b.safetensors"])
-    assert (args.host_text_dropout, args.llm_gate, args.adapter_refiner_depth) == (
-        HOST_TEXT_DROPOUT, LLM_GATE, ADAPTER_REFINER_DEPTH)  # the adapter recipe's
+    assert (args.host_text_dropout, args.llm_gate, args.adapter_refiner_depth, args.host_word_dropout) == (
+        HOST_TEXT_DROPOUT, LLM_GATE, ADAPTER_REFINER_DEPTH, 0.0) == (0.5, 1.0, 2, 0.0)  # the recipe chosen in results
     for depth, context in (("-1", "128"), ("2", "48")):
         with pytest.raises(SystemExit):
             parse_args(["--out", "x", "--llm", "m.gguf", "--base", "b.safetensors", "--adapter-refiner-depth", depth,

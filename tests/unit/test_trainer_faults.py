@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 import training.checkpoints as checkpoints
 import training.loop as loop
-import training.train_lidit as trainer
 from test_trainer import TINY, checkpoint_state, loss_rows, optimizer_steps, train
 
 NO_EVAL = ("--eval-samples", "0")
@@ -144,8 +143,9 @@ def test_torn_loss_log_row_is_dropped_on_resume(tmp_path):
 def test_nan_gradients_stop_the_run_before_the_weights_change(monkeypatch, tmp_path, tiny_llm_dirs, at_step_3):
     out = shutil.copytree(at_step_3, tmp_path / "diverged")
     saved = load_file(os.path.join(out, "checkpoint", "model.safetensors"))
-    real = trainer.flow_matching_loss
-    monkeypatch.setattr(trainer, "flow_matching_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    import training.trainable as trainable
+    real = trainable.flow_matching_loss
+    monkeypatch.setattr(trainable, "flow_matching_loss", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(SystemExit, match="diverged at step 4: the gradient norm is nan.*--resume continues from the "
                                          "last checkpoint"):
         train(out, [tiny_llm_dirs["llama"]], 6, *NO_EVAL, "--resume")
