@@ -54,6 +54,10 @@ def _text_flags(p: argparse.ArgumentParser) -> None:
                    help="--base with its own word encoder: share of the words of the base model's caption read as "
                         "<unk>, as it reads a word its training never had, while the LLM stream reads them; the "
                         "LLM branch learns to carry the words the base cannot read (default 0)")
+    p.add_argument("--host-word-dropout-samples", type=float, default=None,
+                   help="--host-word-dropout: the share of samples whose base caption loses words; the others keep "
+                        "every word, so the LLM branch also learns to add nothing where the base read all of it "
+                        "(default 1)")
     p.add_argument("--layers", default="all", help="'all' (through the LLM Diff Adapter), 'last', '-3', ...")
     p.add_argument("--instruction", default="li-dit", choices=["li-dit", "none"])
     p.add_argument("--block-outputs", default="states", choices=["states", "contributions"],
@@ -155,16 +159,21 @@ def parse_args(argv=None):
         p.error("--init fine-tunes a whole LI-DiT model; --base trains an adapter onto a frozen one: give one of them")
     if args.base and (len(args.llm) != 1 or args.layers != "all"):
         p.error("--base trains one LLM Diff Adapter: give exactly one --llm and --layers all")
-    adapter_only = adapter_recipe.given(args) + ["--host-word-dropout"] * (args.host_word_dropout is not None)
+    adapter_only = adapter_recipe.given(args) + [f for f, v in (("--host-word-dropout", args.host_word_dropout), (
+        "--host-word-dropout-samples", args.host_word_dropout_samples)) if v is not None]
     if not args.base and adapter_only:
         p.error(f"{', '.join(adapter_only)}: adapter-only training options, which need --base")
     if args.base:
         adapter_recipe.fill_defaults(args)
         args.host_word_dropout = args.host_word_dropout or 0.0
+        args.host_word_dropout_samples = 1.0 if args.host_word_dropout_samples is None \
+            else args.host_word_dropout_samples
         if error := adapter_recipe.problem(args):
             p.error(error)
         if not 0 <= args.host_word_dropout <= 1:
             p.error("--host-word-dropout is a share of words, from 0 to 1")
+        if not 0 <= args.host_word_dropout_samples <= 1:
+            p.error("--host-word-dropout-samples is a share of samples, from 0 to 1")
     return args
 
 
@@ -199,7 +208,8 @@ def train(args, accelerator, model, raw, ema, opt, data, batch_inputs, ckpt: str
             if args.host_text_dropout else None
         hidden = batch_inputs(batch_captions, host_captions)
         if args.base and args.host_word_dropout:  # the base's own streams come first, the new LLM stream last
-            hidden = [(unknown_words(x, a, args.host_word_dropout), m) if isinstance(a, WordEncoder) else (x, m)
+            hidden = [(unknown_words(x, a, args.host_word_dropout, args.host_word_dropout_samples), m)
+                      if isinstance(a, WordEncoder) else (x, m)
                       for (x, m), a in zip(hidden[:-1], raw.adapters[:-1])] + hidden[-1:]
         try:
             loss = train_step(model, opt, accelerator, x0, [h for h, _ in hidden], [m for _, m in hidden],

@@ -169,11 +169,14 @@ def init_from(path: str, model: Trainable, settings: list[dict]) -> str:
     return ", ".join(loaded)
 
 
-def unknown_words(ids: torch.Tensor, encoder: WordEncoder, share: float) -> torch.Tensor:
+def unknown_words(ids: torch.Tensor, encoder: WordEncoder, share: float, samples: float = 1.0) -> torch.Tensor:
     """--host-word-dropout: token ids [B, T] of a base model's word encoder with each word (not <pad>) replaced by
-    <unk> with probability `share`. Drawn from `random`, as the other per-sample choices, so that a resumed run
-    draws what an uninterrupted one would."""
-    drop = torch.tensor([[random.random() < share for _ in row] for row in ids.tolist()], dtype=torch.bool)
+    <unk> with probability `share`, in a share `samples` of the rows (the others keep every word). Drawn from
+    `random`, as the other per-sample choices, so that a resumed run draws what an uninterrupted one would; with
+    `samples` 1 no row draw is made, so runs without it draw as before."""
+    rows = [samples >= 1 or random.random() < samples for _ in range(ids.shape[0])]
+    drop = torch.tensor([[row_drops and random.random() < share for _ in row]
+                         for row_drops, row in zip(rows, ids.tolist())], dtype=torch.bool)
     return ids.masked_fill(drop.reshape(ids.shape) & (ids != 0), encoder.index[UNK])
 
 

@@ -455,6 +455,26 @@ def test_unknown_words_replaces_words_and_never_padding():
     assert torch.equal(dropped == 0, ids == 0) and bool((dropped[ids != 0] == encoder.index[UNK]).all())
 
 
+def test_host_word_dropout_samples_keeps_the_other_rows_whole():
+    """--host-word-dropout-samples: only that share of the captions lose words; the others reach the base whole, and
+    a share of 1 draws exactly as a run without the flag."""
+    import random
+    from adapters.word_encoder import UNK, WordEncoder
+    from training.train_lidit import unknown_words
+    encoder = WordEncoder(["<pad>", UNK, "a", "red", "circle"], 8)
+    ids, _ = encoder.tokenize(["a red circle"] * 64)
+    unk = encoder.index[UNK]
+    random.seed(0)
+    assert torch.equal(unknown_words(ids, encoder, 1.0, 0.0), ids)
+    dropped = unknown_words(ids, encoder, 1.0, 0.5)
+    whole, emptied = (dropped == ids).all(1), (dropped[:, :3] == unk).all(1)
+    assert bool((whole | emptied).all()) and 16 < int(emptied.sum()) < 48
+    random.seed(1)
+    once = unknown_words(ids, encoder, 0.3)
+    random.seed(1)
+    assert torch.equal(unknown_words(ids, encoder, 0.3, 1.0), once)
+
+
 def test_host_word_dropout_needs_a_base_with_its_own_word_encoder(tmp_path, tiny_llm_dirs, capsys):
     llm = [tiny_llm_dirs["llama"]]
     base = train(tmp_path / "base", llm, 1, "--eval-samples", "0")
@@ -465,6 +485,10 @@ def test_host_word_dropout_needs_a_base_with_its_own_word_encoder(tmp_path, tiny
     with pytest.raises(SystemExit):
         parse_args(["--out", "x", "--llm", "m.gguf", "--base", "b.safetensors", "--host-word-dropout", "2"])
     assert "--host-word-dropout is a share of words" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--llm", "m.gguf", "--base", "b.safetensors", "--host-word-dropout", "0.3",
+                    "--host-word-dropout-samples", "-0.1"])
+    assert "--host-word-dropout-samples is a share of samples" in capsys.readouterr().err
 
 
 def test_an_adapter_trains_on_a_shipped_base_whose_word_encoder_is_in_the_adapter_folder(monkeypatch, tmp_path,
@@ -486,13 +510,14 @@ def test_adapter_recipe_flags_need_base(capsys):
     from training.adapter_recipe import ADAPTER_REFINER_DEPTH, HOST_TEXT_DROPOUT, LLM_GATE
     from training.train_lidit import parse_args
     for flag, value in (("--host-text-dropout", "0.5"), ("--host-word-dropout", "0.3"), ("--llm-gate", "0.5"),
-                        ("--adapter-refiner-depth", "1")):
+                        ("--adapter-refiner-depth", "1"), ("--host-word-dropout-samples", "0.5")):
         with pytest.raises(SystemExit):
             parse_args(["--out", "x", "--text-encoder", "learned", flag, value])
         assert f"{flag}: adapter-only training options, which need --base" in capsys.readouterr().err
     args = parse_args(["--out", "x", "--llm", "m.gguf", "--base", "b.safetensors"])
-    assert (args.host_text_dropout, args.llm_gate, args.adapter_refiner_depth, args.host_word_dropout) == (
-        HOST_TEXT_DROPOUT, LLM_GATE, ADAPTER_REFINER_DEPTH, 0.0) == (0.5, 1.0, 2, 0.0)  # the recipe chosen in results
+    assert (args.host_text_dropout, args.llm_gate, args.adapter_refiner_depth, args.host_word_dropout,
+            args.host_word_dropout_samples) == (HOST_TEXT_DROPOUT, LLM_GATE, ADAPTER_REFINER_DEPTH, 0.0, 1.0) == (
+        0.5, 1.0, 2, 0.0, 1.0)  # the recipe chosen in results
     for depth, context in (("-1", "128"), ("2", "48")):
         with pytest.raises(SystemExit):
             parse_args(["--out", "x", "--llm", "m.gguf", "--base", "b.safetensors", "--adapter-refiner-depth", depth,
