@@ -371,19 +371,29 @@ def encode_prompts(model, tokenizer, prompts: Sequence[str], *, name: str | None
     enc = encode_one_pass(model, tokenizer, prompts, **options)
     if bool(torch.isfinite(enc.hidden_states).all()):
         return enc
-    name = name or getattr(model, "name_or_path", "") or model.config.model_type
-    if model.dtype == torch.float32:
-        raise LLMError(f"LLM '{name}' gives NaN or inf hidden states even in float32: its weights are broken. "
-                       "Download the model again, or use another file of it.")
-    log.warning("LLM '%s' gave NaN or inf hidden states in %s (an overflow of half precision, which would give a "
-                "black image); encoding again in float32. Load the LLM with dtype fp32 (or bf16) to skip the first "
-                "pass.", name, str(model.dtype).removeprefix("torch."))
-    with computing_in(model, torch.float32):
+    with in_float32_after_overflow(model, name, "hidden states", "a black image"):
         enc = encode_one_pass(model, tokenizer, prompts, **options)
     if not bool(torch.isfinite(enc.hidden_states).all()):
-        raise LLMError(f"LLM '{name}' gives NaN or inf hidden states even in float32: its weights are broken. "
-                       "Download the model again, or use another file of it.")
+        raise broken_weights(model, name, "hidden states")
     return enc
+
+
+def broken_weights(model, name: str | None, what: str) -> LLMError:
+    name = name or getattr(model, "name_or_path", "") or model.config.model_type
+    return LLMError(f"LLM '{name}' gives NaN or inf {what} even in float32: its weights are broken. Download the "
+                    "model again, or use another file of it.")
+
+
+def in_float32_after_overflow(model, name: str | None, what: str, harm: str):
+    """After a run whose `what` held NaN or inf: the context that runs it again in float32 (computing_in), with a
+    warning naming the LLM and its dtype; an LLM already in float32 is refused as broken."""
+    if model.dtype == torch.float32:
+        raise broken_weights(model, name, what)
+    log.warning("LLM '%s' gave NaN or inf %s in %s (an overflow of half precision, which would give %s); running "
+                "it again in float32. Load the LLM with dtype fp32 (or bf16) to skip the first pass.",
+                name or getattr(model, "name_or_path", "") or model.config.model_type, what,
+                str(model.dtype).removeprefix("torch."), harm)
+    return computing_in(model, torch.float32)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,24 @@ EXPAND_INSTRUCTION = (
 GENERATE_PRESETS = {"expand": EXPAND_INSTRUCTION, "li-dit": llm_encoder.LI_DIT_INSTRUCTION, "none": None}
 
 
+class _NotFinite(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _finite_logits(model):
+    """Stops the answer at the first LM-head output holding NaN or inf (a half-precision overflow), before sampling
+    turns it into an error or greedy decoding into an empty answer."""
+    def check(module, args, out):
+        if not bool(torch.isfinite(out).all()):
+            raise _NotFinite
+    handle = model.get_output_embeddings().register_forward_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class _EachToken(StoppingCriteria):
     """Called by `generate` after every new token: reports progress and lets the caller interrupt by raising."""
 
@@ -80,9 +98,10 @@ def stop_ids(model, tokenizer, instruction: str | None, use_chat_template: bool)
 def generate_text(model, tokenizer, prompt: str, *, instruction: str | None = EXPAND_INSTRUCTION,
                   use_chat_template: bool = True, max_new_tokens: int = 128, seed: int = 0,
                   temperature: float = 0.7, top_p: float = 0.9, device: torch.device | None = None,
-                  on_token: Callable[[int], None] | None = None) -> str:
+                  on_token: Callable[[int], None] | None = None, name: str | None = None) -> str:
     """The model's answer to `prompt` (special tokens removed). temperature 0: greedy decoding, the same for every
-    seed; above 0: sampling with nucleus top_p, the same text for the same seed."""
+    seed; above 0: sampling with nucleus top_p, the same text for the same seed. Logits that overflow half precision
+    write the answer again in float32, with a warning naming the LLM (`name`), as encode_prompts does."""
     if max_new_tokens < 1:
         raise llm_encoder.LLMError(f"max_new_tokens is {max_new_tokens}: generate at least 1 token.")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -98,10 +117,22 @@ def generate_text(model, tokenizer, prompt: str, *, instruction: str | None = EX
                               top_k=None, eos_token_id=stops or None,
                               pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                               else (stops[0] if stops else 0))
-    criteria = StoppingCriteriaList([_EachToken(on_token)] if on_token else [])
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            llm_encoder.no_forward_cycles(model), dense_head(model, device):
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                             stopping_criteria=criteria)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    def answer() -> str:
+        criteria = StoppingCriteriaList([_EachToken(on_token)] if on_token else [])
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                llm_encoder.no_forward_cycles(model), dense_head(model, device), _finite_logits(model):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                                 stopping_criteria=criteria)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    try:
+        return answer()
+    except _NotFinite:
+        pass
+    with llm_encoder.in_float32_after_overflow(model, name, "logits", "an empty or broken answer"):
+        try:
+            return answer()
+        except _NotFinite:
+            raise llm_encoder.broken_weights(model, name, "logits") from None

@@ -184,7 +184,7 @@ class LoadedLLM:
     def generate(self, prompt: str, on_token, **options) -> str:
         self.load()
         return llm_generate.generate_text(self.hf_model, self.tokenizer, prompt, device=self.patcher.load_device,
-                                          on_token=on_token, **options)
+                                          on_token=on_token, name=self.name, **options)
 
     def encode(self, prompts: list[str], on_block, **options) -> llm_encoder.PromptEncoding:
         self.load()

@@ -372,21 +372,32 @@ def test_the_llm_loader_removes_the_converted_gguf_copies_that_nothing_reads(com
 
 def test_a_half_precision_overflow_never_reaches_the_model(comfy_server):
     """An LLM whose activations overflow fp16 (conftest.make_overflowing_llm), loaded in fp16: LLM Prompt Encode
-    encodes again in float32, warns naming the LLM and the dtype, and passes on a finite encoding."""
+    encodes again in float32, warns naming the LLM and the dtype, and passes on a finite encoding; LLM Generate Text
+    (sampling, which fp16's NaN logits would make fail) writes its answer again in float32 the same way."""
+    prompt_inputs = {"llm": ["1", 0], "text": "a red circle", "instruction": "li-dit", "custom_instruction": "",
+                     "chat_template": True, "layers": "all", "max_tokens": 256}
     prompt = {"1": {"class_type": "LLMLoader", "inputs": {"llm_name": OVERFLOWING_LLM, "dtype": "fp16",
                                                           "device": "cpu"}},
-              "2": {"class_type": "LLMPromptEncode", "inputs": {"llm": ["1", 0], "text": "a red circle",
-                                                                "instruction": "li-dit", "custom_instruction": "",
-                                                                "chat_template": True, "layers": "all",
-                                                                "max_tokens": 256}},
+              "2": {"class_type": "LLMPromptEncode", "inputs": prompt_inputs},
               "3": {"class_type": "TestSaveConditioning", "inputs": {"conditioning": ["2", 0],
-                                                                     "filename": "overflowing-llm"}}}
+                                                                     "filename": "overflowing-llm"}},
+              "4": {"class_type": "LLMGenerateText", "inputs": {"llm": ["1", 0], "text": "a red circle",
+                                                                "instruction": "expand", "custom_instruction": "",
+                                                                "chat_template": True, "max_new_tokens": 4, "seed": 0,
+                                                                "temperature": 0.7, "top_p": 0.9}},
+              "5": {"class_type": "LLMPromptEncode", "inputs": {**prompt_inputs, "text": ["4", 0]}},
+              "6": {"class_type": "TestSaveConditioning", "inputs": {"conditioning": ["5", 0],
+                                                                     "filename": "overflowing-llm-answer"}}}
     entry = comfy_server.run(prompt)
-    (path,) = entry["outputs"]["3"]["text"]
-    context = load_file(path)["context"]
-    assert context.numel() and torch.isfinite(context).all()
+    for saved in ("3", "6"):
+        (path,) = entry["outputs"][saved]["text"]
+        context = load_file(path)["context"]
+        assert context.numel() and torch.isfinite(context).all()
+    assert "".join(entry["outputs"]["4"]["text"]).strip()
     log = comfy_server.log_tail(200_000)
-    assert f"LLM '{OVERFLOWING_LLM}' gave NaN or inf hidden states in float16" in log and "encoding again in float32" in log
+    for what in ("hidden states", "logits"):
+        assert f"LLM '{OVERFLOWING_LLM}' gave NaN or inf {what} in float16" in log
+    assert "running it again in float32" in log
 
 
 def saved_conditionings(comfy_server, default_prompt, texts: dict[str, str]) -> dict[str, torch.Tensor]:

@@ -197,6 +197,20 @@ def llm_loader(tiny_llm_dirs):
     return load
 
 
+@pytest.fixture(scope="session")
+def overflowing_half_llm(tiny_llm_dirs):
+    """() -> a fresh (model, tokenizer): the tiny llama in float16 with one norm scaled so far that its block's MLP input overflows half precision
+    (largest value 65504) while every weight stays representable: float32 runs it finitely."""
+    from adapters.llm_encoder import load_llm
+
+    def load():
+        model, tok = load_llm(tiny_llm_dirs["llama"], torch.float16)
+        with torch.no_grad():
+            model.model.layers[0].post_attention_layernorm.weight.mul_(3e4)
+        return model, tok
+    return load
+
+
 def activate_zero_init(module: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
     """Fills every all-zero parameter (adaLN-Zero modulations, zero gates, zero-init output layers) with small
     random values, so that every path of a freshly built model influences its output."""

@@ -676,17 +676,8 @@ def test_progress_and_interrupts_with_a_cached_prefix(arch_specs, llm_loader):
                                 encode_prompts(model, tok, [PROMPT]).hidden_states)
 
 
-def overflowing_half_llm(folder: str):
-    """The tiny llama in float16 with one norm scaled so far that its block's MLP input overflows half precision
-    (largest value 65504) while every weight stays representable: float32 encodes it finitely."""
-    model, tok = load_llm(folder, torch.float16)
-    with torch.no_grad():
-        model.model.layers[0].post_attention_layernorm.weight.mul_(3e4)
-    return model, tok
-
-
-def test_a_half_precision_overflow_is_encoded_again_in_float32_with_a_warning(tiny_llm_dirs, caplog):
-    model, tok = overflowing_half_llm(tiny_llm_dirs["llama"])
+def test_a_half_precision_overflow_is_encoded_again_in_float32_with_a_warning(overflowing_half_llm, caplog):
+    model, tok = overflowing_half_llm()
     options = dict(instruction=LI_DIT_INSTRUCTION, layers="all")
     once = llm_encoder.encode_one_pass(model, tok, [PROMPT], **options).hidden_states
     assert not torch.isfinite(once).all()  # what LLM Prompt Encode would have passed on

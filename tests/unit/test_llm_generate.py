@@ -113,3 +113,30 @@ def test_an_lm_head_in_gguf_blocks_is_dequantized_once_per_answer_and_gives_the_
         gguf_weights.GGUFLayer.dequantize_weight = original
     assert len(calls) == 1 and head.weight is blocks  # once for the whole answer, then the blocks again
     assert text == llm_generate.generate_text(dense, tok, "red circle", max_new_tokens=6, temperature=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logits_that_overflow_half_precision_are_written_again_in_float32_with_a_warning(
+        temperature, overflowing_half_llm, caplog):
+    """Left in fp16, greedy decoding of NaN logits gives an empty answer and sampling a torch error; the answer is
+    written again in float32 instead: the text of a float32 copy, and the model keeps its very tensors."""
+    import copy
+    model, tok = overflowing_half_llm()
+    options = dict(max_new_tokens=6, temperature=temperature, seed=3)
+    reference = llm_generate.generate_text(copy.deepcopy(model).float(), tok, "red circle", **options)
+    before = {name: (p.dtype, p.data_ptr()) for name, p in model.named_parameters()}
+    with caplog.at_level("WARNING"):
+        text = llm_generate.generate_text(model, tok, "red circle", name="tiny-llama.gguf", **options)
+    assert text == reference and text
+    assert "tiny-llama.gguf" in caplog.text and "logits in float16" in caplog.text and "float32" in caplog.text
+    assert {name: (p.dtype, p.data_ptr()) for name, p in model.named_parameters()} == before
+
+
+def test_an_llm_whose_logits_are_not_finite_even_in_float32_is_refused(llm_loader):
+    import copy
+    model, tok = llm_loader("llama")
+    model = copy.deepcopy(model).half()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(llm_encoder.LLMError, match="NaN or inf logits even in float32: its weights are broken"):
+        llm_generate.generate_text(model, tok, "red circle", max_new_tokens=3, temperature=0, name="broken.gguf")
