@@ -378,10 +378,13 @@ def encode_prompts(model, tokenizer, prompts: Sequence[str], *, name: str | None
     return enc
 
 
+def _llm_name(model, name: str | None) -> str:
+    return name or getattr(model, "name_or_path", "") or model.config.model_type
+
+
 def broken_weights(model, name: str | None, what: str) -> LLMError:
-    name = name or getattr(model, "name_or_path", "") or model.config.model_type
-    return LLMError(f"LLM '{name}' gives NaN or inf {what} even in float32: its weights are broken. Download the "
-                    "model again, or use another file of it.")
+    return LLMError(f"LLM '{_llm_name(model, name)}' gives NaN or inf {what} even in float32: its weights are "
+                    "broken. Download the model again, or use another file of it.")
 
 
 def in_float32_after_overflow(model, name: str | None, what: str, harm: str):
@@ -391,8 +394,7 @@ def in_float32_after_overflow(model, name: str | None, what: str, harm: str):
         raise broken_weights(model, name, what)
     log.warning("LLM '%s' gave NaN or inf %s in %s (an overflow of half precision, which would give %s); running "
                 "it again in float32. Load the LLM with dtype fp32 (or bf16) to skip the first pass.",
-                name or getattr(model, "name_or_path", "") or model.config.model_type, what,
-                str(model.dtype).removeprefix("torch."), harm)
+                _llm_name(model, name), what, str(model.dtype).removeprefix("torch."), harm)
     return computing_in(model, torch.float32)
 
 
