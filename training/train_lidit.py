@@ -159,15 +159,16 @@ def parse_args(argv=None):
         p.error("--init fine-tunes a whole LI-DiT model; --base trains an adapter onto a frozen one: give one of them")
     if args.base and (len(args.llm) != 1 or args.layers != "all"):
         p.error("--base trains one LLM Diff Adapter: give exactly one --llm and --layers all")
-    adapter_only = adapter_recipe.given(args) + [f for f, v in (("--host-word-dropout", args.host_word_dropout), (
-        "--host-word-dropout-samples", args.host_word_dropout_samples)) if v is not None]
+    word_dropout = {"--host-word-dropout": args.host_word_dropout,
+                    "--host-word-dropout-samples": args.host_word_dropout_samples}
+    adapter_only = adapter_recipe.given(args) + [flag for flag, v in word_dropout.items() if v is not None]
     if not args.base and adapter_only:
         p.error(f"{', '.join(adapter_only)}: adapter-only training options, which need --base")
     if args.base:
         adapter_recipe.fill_defaults(args)
         args.host_word_dropout = args.host_word_dropout or 0.0
-        args.host_word_dropout_samples = 1.0 if args.host_word_dropout_samples is None \
-            else args.host_word_dropout_samples
+        if args.host_word_dropout_samples is None:
+            args.host_word_dropout_samples = 1.0
         if error := adapter_recipe.problem(args):
             p.error(error)
         if not 0 <= args.host_word_dropout <= 1:

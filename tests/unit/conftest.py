@@ -199,8 +199,9 @@ def llm_loader(tiny_llm_dirs):
 
 @pytest.fixture(scope="session")
 def overflowing_half_llm(tiny_llm_dirs):
-    """() -> a fresh (model, tokenizer): the tiny llama in float16 with one norm scaled so far that its block's MLP input overflows half precision
-    (largest value 65504) while every weight stays representable: float32 runs it finitely."""
+    """() -> a fresh (model, tokenizer): the tiny llama in float16 with one norm scaled so far that its block's MLP
+    input overflows half precision (largest value 65504) while every weight stays representable: float32 runs it
+    finitely."""
     from adapters.llm_encoder import load_llm
 
     def load():
